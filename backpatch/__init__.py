@@ -1,0 +1,31 @@
+"""backpatch: make audio LLMs listen to the audio again.
+
+Back-patching routes late-layer hidden states back into an earlier decoder layer during the prefill of
+``generate()`` (training-free), to reduce *text dominance*: following a misleading prompt over the audio.
+See DESIGN.md for the semantics and the README for a quickstart.
+"""
+
+from ._engine import BackpatchRuntimeError
+from .bundled import list_presets, load_preset
+from .preset import AudioSpan, Calibration, Match, ModelFacts, Patch, Preset, PresetError
+from .wrapper import BackpatchedModel, apply, backpatch_hook_count, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AudioSpan",
+    "BackpatchRuntimeError",
+    "BackpatchedModel",
+    "Calibration",
+    "Match",
+    "ModelFacts",
+    "Patch",
+    "Preset",
+    "PresetError",
+    "apply",
+    "backpatch_hook_count",
+    "list_presets",
+    "load_preset",
+    "wrap",
+    "__version__",
+]

@@ -1,0 +1,198 @@
+"""Per-architecture facts as a table, and their resolution against a live model.
+
+The engine never branches on ``model_type``. What differs between audio LLMs (where the decoder blocks are,
+which submodule generates text, where the audio token id lives) is data in :data:`ARCHITECTURES`; anything
+not listed falls back to a search of the module tree and the common config attributes. Presets can override
+the layer path (``model.layers``) and the audio span (``audio_span``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .preset import Patch, Preset, PresetError
+
+logger = logging.getLogger(__name__)
+
+# Config attributes that hold the audio placeholder token id, tried in order (DESIGN section 3).
+DEFAULT_AUDIO_TOKEN_CONFIG_PATHS = ("audio_token_index", "audio_token_id", "audio_config.audio_token_id")
+
+# Module-name fragments that mark a ModuleList as part of an encoder rather than the text decoder.
+_NON_DECODER_HINTS = ("audio", "encoder", "vision", "visual", "tower", "talker", "token2wav", "projector", "speech")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Facts about one model family. All paths are dotted attribute paths from the wrapped (top) model."""
+
+    layers: str
+    #: the submodule whose ``generate()``/``forward()`` produces text; "" = the model itself
+    generator: str = ""
+    audio_token_config_paths: tuple[str, ...] = DEFAULT_AUDIO_TOKEN_CONFIG_PATHS
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "qwen2_audio": Architecture(layers="model.language_model.layers"),
+}
+
+
+def get_attr_path(obj: Any, path: str) -> Any:
+    """``get_attr_path(model, "model.language_model.layers")``; "" returns ``obj``. Raises AttributeError."""
+    for part in filter(None, path.split(".")):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class ResolvedPatch:
+    """A patch with layer indices made non-negative for a concrete model."""
+
+    source: int
+    target: int
+    scale: float
+    mode: str
+    positions: str
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Everything the engine needs to patch one concrete model with one preset."""
+
+    generator: nn.Module
+    text_model: nn.Module
+    layers: nn.ModuleList
+    layers_path: str
+    audio_token_id: int
+    patches: tuple[ResolvedPatch, ...]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def deepest_source(self) -> int:
+        return max(p.source for p in self.patches)
+
+
+def _find_decoder_layers(model: nn.Module) -> str:
+    """Fallback for unlisted architectures: the one ``*.layers`` ModuleList outside encoders and towers."""
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and name.split(".")[-1] == "layers"
+        and not any(hint in name.lower() for hint in _NON_DECODER_HINTS)
+    ]
+    if len(candidates) == 1:
+        return candidates[0]
+    found = ", ".join(candidates) if candidates else "none"
+    raise PresetError(
+        f"cannot tell which ModuleList holds the text decoder layers of {type(model).__name__} "
+        f"(candidates: {found}); set `model.layers` in the preset to its dotted path, e.g. model.language_model.layers"
+    )
+
+
+def _resolve_audio_token_id(model: nn.Module, preset: Preset, arch: Architecture | None, processor: Any) -> int:
+    span = preset.audio_span
+    origin = f"{preset.origin}: " if preset.origin else ""
+    if span is not None and span.token_id is not None:
+        return span.token_id
+    if span is not None and span.token is not None:
+        tokenizer = getattr(processor, "tokenizer", processor)
+        if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+            raise PresetError(
+                f"{origin}audio_span.token: {span.token!r} needs a tokenizer to resolve; pass "
+                "wrap(model, preset, processor=processor) (a processor or a tokenizer), or use audio_span.token_id"
+            )
+        vocab = tokenizer.get_vocab()
+        if span.token not in vocab:
+            raise PresetError(
+                f"{origin}audio_span.token: the tokenizer does not know {span.token!r}; use the model's audio "
+                "placeholder token (e.g. <|AUDIO|>) or give audio_span.token_id"
+            )
+        return int(vocab[span.token])
+    paths = (span.config,) if span is not None and span.config is not None else (
+        arch.audio_token_config_paths if arch is not None else DEFAULT_AUDIO_TOKEN_CONFIG_PATHS
+    )
+    for path in paths:
+        try:
+            value = get_attr_path(model.config, path)
+        except AttributeError:
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    if span is not None and span.config is not None:
+        raise PresetError(f"{origin}audio_span.config: model.config has no integer attribute {span.config!r}")
+    raise PresetError(
+        f"{origin}audio_span: could not find the audio token id in the model config (tried {', '.join(paths)}); "
+        "set audio_span.token_id, audio_span.token or audio_span.config in the preset"
+    )
+
+
+def _resolve_patch(patch: Patch, index: int, num_layers: int, layers_path: str, origin: str) -> ResolvedPatch:
+    resolved = {}
+    for key in ("source", "target"):
+        value = getattr(patch, key)
+        absolute = value + num_layers if value < 0 else value
+        if not 0 <= absolute < num_layers:
+            raise PresetError(
+                f"{origin}patches[{index}].{key}: layer {value} is out of range for this model, which has "
+                f"{num_layers} decoder layers at {layers_path} (allowed: {-num_layers}..{num_layers - 1})"
+            )
+        resolved[key] = absolute
+    if resolved["source"] <= resolved["target"]:
+        raise PresetError(
+            f"{origin}patches[{index}]: source {patch.source} (layer {resolved['source']}) must be later than target "
+            f"{patch.target} (layer {resolved['target']}) in this {num_layers}-layer model"
+        )
+    return ResolvedPatch(resolved["source"], resolved["target"], patch.scale, patch.mode, patch.positions)
+
+
+def architecture_for(model: nn.Module) -> Architecture | None:
+    return ARCHITECTURES.get(getattr(model.config, "model_type", ""))
+
+
+def resolve(model: nn.Module, preset: Preset, processor: Any = None) -> Resolved:
+    """Check ``preset`` against ``model`` and find the modules to hook; raise :class:`PresetError` on mismatch."""
+    origin = f"{preset.origin}: " if preset.origin else ""
+    arch = architecture_for(model)
+    model_type = getattr(model.config, "model_type", None)
+    if preset.match is not None and model_type != preset.match.model_type:
+        logger.warning(
+            "preset %r is meant for model_type %r but this model is %r; applying it anyway",
+            preset.name, preset.match.model_type, model_type,
+        )
+    layers_path = (preset.model.layers if preset.model and preset.model.layers else None) or (
+        arch.layers if arch is not None else _find_decoder_layers(model)
+    )
+    try:
+        layers = get_attr_path(model, layers_path)
+    except (AttributeError, IndexError):
+        raise PresetError(f"{origin}model.layers: {type(model).__name__} has no module at {layers_path!r}") from None
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or "." not in layers_path:
+        raise PresetError(
+            f"{origin}model.layers: {layers_path!r} is not a non-empty nn.ModuleList inside a text model"
+        )
+    num_layers = len(layers)
+    if preset.model is not None and preset.model.num_layers is not None and preset.model.num_layers != num_layers:
+        raise PresetError(
+            f"{origin}model.num_layers: the preset is for a model with {preset.model.num_layers} decoder layers, "
+            f"but this model has {num_layers} at {layers_path}; use a preset made for this checkpoint"
+        )
+    generator = get_attr_path(model, arch.generator) if arch is not None and arch.generator else model
+    text_model = get_attr_path(model, layers_path.rsplit(".", 1)[0])
+    patches = tuple(
+        _resolve_patch(p, i, num_layers, layers_path, origin) for i, p in enumerate(preset.patches)
+    )
+    return Resolved(
+        generator=generator,
+        text_model=text_model,
+        layers=layers,
+        layers_path=layers_path,
+        audio_token_id=_resolve_audio_token_id(model, preset, arch, processor),
+        patches=patches,
+    )

@@ -1,0 +1,272 @@
+"""The back-patching engine: prefill-only hooks that capture late states and route them into early layers.
+
+One :class:`PatchSession` serves one forward pass of the text-generating module: the prefill of a
+``generate()`` call, or one plain forward call. It works with three hooks and removes every one of them the
+moment the prefill is over, so decode steps run on an unhooked model:
+
+1. a pre-hook on the generating module reads ``input_ids`` of the prefill and computes the position masks
+   (after ``generate`` has expanded the batch for beams or ``num_return_sequences``);
+2. a pre-hook on the text model (the parent of the decoder ``ModuleList``) receives the input embeddings,
+   with the audio features already merged, and runs the **capture pass**: the same text model, unpatched,
+   without a KV cache, stopped by an exception right after the deepest source layer. Re-entering at the
+   text model (not the top model) is what keeps the audio encoder to one run per ``generate()`` call;
+3. forward hooks on the target layers apply the patches during the real prefill, and a forward hook on the
+   text model removes everything when the prefill returns.
+
+A per-model lock keeps two threads from installing hooks on one model at once (:func:`model_lock`).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._architectures import Resolved, ResolvedPatch
+from ._positions import position_masks
+
+__all__ = ["BackpatchRuntimeError", "PatchSession", "model_lock", "patch_session"]
+
+# Keyword names a text model may receive its KV cache under (transformers 5.x renamed past_key_values to cache).
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+
+class BackpatchRuntimeError(RuntimeError):
+    """A call that back-patching cannot serve as asked (e.g. no ``input_ids``, a pre-filled cache)."""
+
+
+class _StopCapture(Exception):
+    """Raised after the deepest source layer to end the capture pass early (no later layers, no LM head)."""
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    if isinstance(output, tuple):
+        return (hidden, *output[1:])
+    if isinstance(output, list):
+        return [hidden, *output[1:]]
+    return hidden
+
+
+def _select(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """States at ``mask`` positions. Decoder states are ``[B, T, H]``; Gemma 3n's AltUp states are
+    ``[K, B, T, H]`` and every stream is patched."""
+    return hidden[:, mask] if hidden.dim() == 4 else hidden[mask]
+
+
+def _combine(current: torch.Tensor, captured: torch.Tensor, patch: ResolvedPatch) -> torch.Tensor:
+    if patch.mode == "add":
+        return current + patch.scale * captured
+    if patch.mode == "replace":
+        return patch.scale * captured
+    return (1.0 - patch.scale) * current + patch.scale * captured  # interpolate
+
+
+def _cache_length(kwargs: dict[str, Any]) -> int:
+    for key in _CACHE_KWARGS:
+        cache = kwargs.get(key)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+    return 0
+
+
+def _cache_is_static(kwargs: dict[str, Any]) -> bool:
+    return any(getattr(kwargs.get(key), "is_compileable", False) for key in _CACHE_KWARGS)
+
+
+class PatchSession:
+    """Hooks for one patched prefill; always used through :func:`patch_session`, which removes them."""
+
+    def __init__(self, resolved: Resolved) -> None:
+        self.resolved = resolved
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._patch_handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._masks: dict[str, torch.Tensor] | None = None
+        self._captured: dict[int, torch.Tensor] = {}
+        self._capturing = False
+        #: how many prefills this session patched (0 or 1); a deterministic handle for tests and benchmarks
+        self.patched_prefills = 0
+
+    # ------------------------------------------------------------------------------------------ install
+    def install(self) -> None:
+        r = self.resolved
+        self._handles.append(r.generator.register_forward_pre_hook(self._on_generator_call, with_kwargs=True))
+        self._handles.append(r.text_model.register_forward_pre_hook(self._on_text_model_call, with_kwargs=True))
+        self._handles.append(r.text_model.register_forward_hook(self._on_text_model_done))
+
+    def remove(self) -> None:
+        for handle in self._patch_handles + self._handles:
+            handle.remove()
+        self._patch_handles.clear()
+        self._handles.clear()
+        self._captured.clear()
+        self._masks = None
+
+    # --------------------------------------------------------------------------------------------- hooks
+    def _on_generator_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._masks is not None:
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is None:
+            raise BackpatchRuntimeError(
+                "back-patching finds audio positions from input_ids, but this call has none (inputs_embeds only?); "
+                "pass input_ids as produced by the processor"
+            )
+        if _cache_length(kwargs) > 0:
+            raise BackpatchRuntimeError(
+                "back-patching needs a fresh prefill, but this call continues a non-empty KV cache; generate without "
+                "passing a filled cache, or run it inside `with model.disabled():`"
+            )
+        if _cache_is_static(kwargs):
+            raise BackpatchRuntimeError(
+                "back-patching does not support static (compileable) caches yet; use the default dynamic cache "
+                "(leave cache_implementation unset)"
+            )
+        kinds = {p.positions for p in self.resolved.patches}
+        self._masks = position_masks(input_ids, kwargs.get("attention_mask"), self.resolved.audio_token_id, kinds)
+
+    def _on_text_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._capturing or self._masks is None:
+            return
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise BackpatchRuntimeError(
+                f"{type(module).__name__} was called without inputs_embeds; back-patching expects the generating "
+                "model to merge audio features into the embeddings before the text model runs"
+            )
+        mask_shape = next(iter(self._masks.values())).shape
+        if tuple(embeds.shape[:2]) != tuple(mask_shape):
+            raise BackpatchRuntimeError(
+                f"the text model received {tuple(embeds.shape[:2])} embeddings for {tuple(mask_shape)} input ids; "
+                "prefill chunking and similar input splitting are not supported with back-patching"
+            )
+        if not any(bool(m.any()) for m in self._masks.values()):
+            self.remove()  # no row has audio: nothing to patch, leave the whole call untouched
+            return
+        self._capture(module, args, kwargs)
+        for target in sorted({p.target for p in self.resolved.patches}):
+            hook = self._make_patch_hook(target)
+            self._patch_handles.append(self.resolved.layers[target].register_forward_hook(hook))
+
+    def _on_text_model_done(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._capturing or self._masks is None:
+            return
+        self.patched_prefills += 1
+        self.remove()
+
+    # ------------------------------------------------------------------------------------------- capture
+    def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Run the text model unpatched up to the deepest source layer and keep only the patched positions."""
+        resolved = self.resolved
+        masks = self._masks
+        deepest = resolved.deepest_source
+        handles = []
+
+        def make_hook(layer: int):
+            def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+                hidden = _hidden(output)
+                for index, patch in enumerate(resolved.patches):
+                    if patch.source == layer:
+                        self._captured[index] = _select(hidden, masks[patch.positions].to(hidden.device)).detach()
+                if layer == deepest:
+                    raise _StopCapture
+
+            return hook
+
+        for layer in sorted({p.source for p in resolved.patches}):
+            handles.append(resolved.layers[layer].register_forward_hook(make_hook(layer)))
+        capture_kwargs = dict(kwargs)
+        for key in _CACHE_KWARGS:
+            if key in capture_kwargs:
+                capture_kwargs[key] = None
+        capture_kwargs.update(use_cache=False, output_hidden_states=False, output_attentions=False)
+        self._capturing = True
+        try:
+            module(*args, **capture_kwargs)
+        except _StopCapture:
+            pass
+        finally:
+            self._capturing = False
+            for handle in handles:
+                handle.remove()
+        if len(self._captured) != len(resolved.patches):
+            raise BackpatchRuntimeError(
+                f"the capture pass did not reach source layer {deepest} of {resolved.layers_path}; does "
+                f"{type(module).__name__}.forward run every layer in that ModuleList?"
+            )
+
+    def _make_patch_hook(self, target: int):
+        resolved = self.resolved
+        masks = self._masks
+        items = [(i, p) for i, p in enumerate(resolved.patches) if p.target == target]
+
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+            hidden = _hidden(output)
+            patched = hidden.clone()
+            for index, patch in items:
+                mask = masks[patch.positions].to(hidden.device)
+                captured = self._captured[index].to(device=hidden.device, dtype=hidden.dtype)
+                current = _select(patched, mask)
+                if hidden.dim() == 4:
+                    patched[:, mask] = _combine(current, captured, patch)
+                else:
+                    patched[mask] = _combine(current, captured, patch)
+            return _with_hidden(output, patched)
+
+        return hook
+
+
+# ------------------------------------------------------------------------------------------------ locking
+class _ModelLock:
+    """A lock per model that also refuses same-thread re-entry (which would stack two sessions' hooks)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        if self._owner == threading.get_ident():
+            raise BackpatchRuntimeError(
+                "a back-patched call on this model is already running in this thread (nested generate()); "
+                "nested back-patched calls on one model are not supported"
+            )
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
+
+
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, _ModelLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(module: nn.Module) -> _ModelLock:
+    """The lock shared by every wrapper and ``apply()`` of this module: one patched call at a time."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = _ModelLock()
+        return lock
+
+
+@contextmanager
+def patch_session(resolved: Resolved) -> Iterator[PatchSession]:
+    """Install a session's hooks for the duration of one call; they are gone afterwards, whatever happens."""
+    with model_lock(resolved.generator).hold():
+        session = PatchSession(resolved)
+        try:
+            session.install()
+            yield session
+        finally:
+            session.remove()

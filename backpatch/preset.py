@@ -1,0 +1,348 @@
+"""Presets: back-patching settings as data (DESIGN.md section 3).
+
+A preset is plain data, like PEFT's ``LoraConfig``: dataclasses with defaults, validated on construction,
+with ``to_dict``/``from_dict`` and YAML I/O at the edges. Every validation error is a :class:`PresetError`
+that names the file (when there is one), the key path (``patches[1].mode``), what was given and what is
+allowed, so a user can fix a hand-written YAML file without reading our code.
+
+Checks that need the real model (layer ranges, ``num_layers``, the audio token) happen at ``wrap()`` time,
+in :mod:`backpatch._resolve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "MODES",
+    "POSITIONS",
+    "AudioSpan",
+    "Calibration",
+    "Match",
+    "ModelFacts",
+    "Patch",
+    "Preset",
+    "PresetError",
+]
+
+MODES = ("add", "replace", "interpolate")
+POSITIONS = ("audio", "last", "audio+last")
+CALIBRATION_STATUSES = ("uncalibrated", "calibrated")
+SCHEMA_VERSION = 1
+
+
+class PresetError(ValueError):
+    """An invalid preset, or a preset that does not fit the model it is applied to."""
+
+
+def _fail(where: str, message: str, origin: str | None = None) -> PresetError:
+    prefix = f"{origin}: " if origin else ""
+    return PresetError(f"{prefix}{where}: {message}")
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _check_int(value: Any, where: str, origin: str | None) -> int:
+    # bool is an int subclass; `source: true` is a typo, not layer 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(where, f"expected an integer, got {value!r} ({_type_name(value)})", origin)
+    return value
+
+
+def _check_float(value: Any, where: str, origin: str | None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(where, f"expected a number, got {value!r} ({_type_name(value)})", origin)
+    if not math.isfinite(value):
+        raise _fail(where, f"expected a finite number, got {value!r}", origin)
+    return float(value)
+
+
+def _check_str(value: Any, where: str, origin: str | None) -> str:
+    if not isinstance(value, str) or not value:
+        raise _fail(where, f"expected a non-empty string, got {value!r} ({_type_name(value)})", origin)
+    return value
+
+
+def _check_choice(value: Any, allowed: tuple[str, ...], where: str, origin: str | None) -> str:
+    if value not in allowed:
+        raise _fail(where, f"{value!r} is not allowed; use one of: {', '.join(allowed)}", origin)
+    return value
+
+
+def _check_mapping(value: Any, where: str, origin: str | None, allowed_keys: tuple[str, ...]) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise _fail(where, f"expected a mapping with keys {', '.join(allowed_keys)}, got {_type_name(value)}", origin)
+    unknown = [k for k in value if k not in allowed_keys]
+    if unknown:
+        raise _fail(
+            f"{where}.{unknown[0]}" if where else str(unknown[0]),
+            f"unknown key; allowed keys here: {', '.join(allowed_keys)}",
+            origin,
+        )
+    return value
+
+
+def _require(data: Mapping, key: str, where: str, origin: str | None) -> Any:
+    if key not in data:
+        raise _fail(f"{where}.{key}" if where else key, "required key is missing", origin)
+    return data[key]
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+@dataclass
+class Patch:
+    """One back-patch: route layer ``source``'s output back into layer ``target`` at ``positions``.
+
+    Layer indices refer to decoder blocks of the language model and may be negative (``-1`` = last block).
+    Whether they fit the model is checked at ``wrap()`` time; here we only reject what can never be valid.
+    """
+
+    source: int
+    target: int
+    scale: float = 1.0
+    mode: str = "add"
+    positions: str = "audio"
+
+    def __post_init__(self) -> None:
+        self._validate("Patch", None)
+
+    def _validate(self, where: str, origin: str | None) -> None:
+        _check_int(self.source, _join(where, "source"), origin)
+        _check_int(self.target, _join(where, "target"), origin)
+        self.scale = _check_float(self.scale, _join(where, "scale"), origin)
+        _check_choice(self.mode, MODES, _join(where, "mode"), origin)
+        _check_choice(self.positions, POSITIONS, _join(where, "positions"), origin)
+        # With both indices on the same side of zero the order is known without the model.
+        if (self.source >= 0) == (self.target >= 0) and self.source <= self.target:
+            raise _fail(
+                _join(where, "source"),
+                f"source ({self.source}) must be a later layer than target ({self.target}): back-patching routes "
+                "late states back into an earlier layer",
+                origin,
+            )
+
+
+@dataclass
+class Match:
+    """How ``wrap(model)`` finds this preset automatically: ``model.config.model_type`` and a name glob."""
+
+    model_type: str
+    name_or_path: str | None = None
+
+    def __post_init__(self) -> None:
+        self._validate("match", None)
+
+    def _validate(self, where: str, origin: str | None) -> None:
+        _check_str(self.model_type, _join(where, "model_type"), origin)
+        if self.name_or_path is not None:
+            _check_str(self.name_or_path, _join(where, "name_or_path"), origin)
+
+    def matches(self, model_type: str, name_or_path: str | None) -> bool:
+        if model_type != self.model_type:
+            return False
+        if self.name_or_path is None:
+            return True
+        return fnmatch.fnmatch(name_or_path or "", self.name_or_path)
+
+
+@dataclass
+class ModelFacts:
+    """Optional architecture facts: where the decoder layers are, and how many the real checkpoint has."""
+
+    layers: str | None = None
+    num_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        self._validate("model", None)
+
+    def _validate(self, where: str, origin: str | None) -> None:
+        if self.layers is not None:
+            _check_str(self.layers, _join(where, "layers"), origin)
+        if self.num_layers is not None:
+            _check_int(self.num_layers, _join(where, "num_layers"), origin)
+            if self.num_layers < 1:
+                raise _fail(_join(where, "num_layers"), f"must be >= 1, got {self.num_layers}", origin)
+
+
+@dataclass
+class AudioSpan:
+    """How audio positions are found: exactly one of a token id, a token string, or a config attribute path.
+
+    All unset means "auto-detect from the model config" (``audio_token_index``, ``audio_token_id``,
+    ``audio_config.audio_token_id``).
+    """
+
+    token_id: int | None = None
+    token: str | None = None
+    config: str | None = None
+
+    def __post_init__(self) -> None:
+        self._validate("audio_span", None)
+
+    def _validate(self, where: str, origin: str | None) -> None:
+        if self.token_id is not None:
+            _check_int(self.token_id, _join(where, "token_id"), origin)
+            if self.token_id < 0:
+                raise _fail(_join(where, "token_id"), f"must be >= 0, got {self.token_id}", origin)
+        if self.token is not None:
+            _check_str(self.token, _join(where, "token"), origin)
+        if self.config is not None:
+            _check_str(self.config, _join(where, "config"), origin)
+        given = [k for k in ("token_id", "token", "config") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise _fail(where, f"give only one of token_id, token, config (got {', '.join(given)})", origin)
+
+
+@dataclass
+class Calibration:
+    """Provenance of the patch settings; ``backpatch calibrate`` fills it. Never claim unmeasured numbers."""
+
+    status: str = "uncalibrated"
+    data: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._validate("calibration", None)
+
+    def _validate(self, where: str, origin: str | None) -> None:
+        _check_choice(self.status, CALIBRATION_STATUSES, _join(where, "status"), origin)
+        if self.data is not None:
+            _check_str(self.data, _join(where, "data"), origin)
+        if not isinstance(self.metrics, Mapping):
+            raise _fail(_join(where, "metrics"), f"expected a mapping of name: number, got {_type_name(self.metrics)}",
+                        origin)
+        for key, value in self.metrics.items():
+            _check_str(key, _join(where, "metrics"), origin)
+            self.metrics[key] = _check_float(value, _join(_join(where, "metrics"), str(key)), origin)
+
+
+_SECTIONS: dict[str, type] = {"match": Match, "model": ModelFacts, "audio_span": AudioSpan, "calibration": Calibration}
+
+
+def _section_from_dict(cls: type, data: Any, where: str, origin: str | None) -> Any:
+    """Build one schema dataclass from a mapping, validating with key paths relative to the file."""
+    keys = tuple(f.name for f in dataclasses.fields(cls))
+    data = _check_mapping(data, where, origin, keys)
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            _require(data, f.name, where, origin)
+    obj = cls.__new__(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            setattr(obj, f.name, dict(value) if isinstance(value, Mapping) else value)
+        elif f.default_factory is not dataclasses.MISSING:
+            setattr(obj, f.name, f.default_factory())
+        else:
+            setattr(obj, f.name, f.default)
+    obj._validate(where, origin)
+    return obj
+
+
+@dataclass
+class Preset:
+    """A named set of patches plus the facts needed to apply them to one model family."""
+
+    patches: list[Patch] = field(default_factory=list)
+    name: str = "custom"
+    description: str | None = None
+    match: Match | None = None
+    model: ModelFacts | None = None
+    audio_span: AudioSpan | None = None
+    calibration: Calibration | None = None
+    #: where this preset was read from (a file path or ``bundled:NAME``); used in error messages, not saved.
+    origin: str | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._validate(self.origin)
+
+    def _validate(self, origin: str | None) -> None:
+        _check_str(self.name, "name", origin)
+        if self.description is not None and not isinstance(self.description, str):
+            raise _fail("description", f"expected a string, got {_type_name(self.description)}", origin)
+        if not isinstance(self.patches, list) or not self.patches:
+            raise _fail("patches", "a preset needs at least one patch (a list of {source, target, ...})", origin)
+        for i, patch in enumerate(self.patches):
+            if not isinstance(patch, Patch):
+                raise _fail(f"patches[{i}]", f"expected a Patch, got {_type_name(patch)}", origin)
+        for key, cls in _SECTIONS.items():
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, cls):
+                raise _fail(key, f"expected a {cls.__name__}, got {_type_name(value)}", origin)
+
+    # ----------------------------------------------------------------------------------------- dict I/O
+    @classmethod
+    def from_dict(cls, data: Any, origin: str | None = None) -> Preset:
+        """Build a preset from plain data (e.g. parsed YAML); ``origin`` names the source in error messages."""
+        keys = ("version", "name", "description", *_SECTIONS, "patches")
+        data = _check_mapping(data, "", origin, keys)
+        if "version" in data and data["version"] != SCHEMA_VERSION:
+            raise _fail("version", f"unsupported schema version {data['version']!r}; this backpatch reads version "
+                        f"{SCHEMA_VERSION}", origin)
+        name = _check_str(_require(data, "name", "", origin), "name", origin)
+        raw_patches = _require(data, "patches", "", origin)
+        if not isinstance(raw_patches, list) or not raw_patches:
+            raise _fail("patches", "expected a non-empty list of patches ({source, target, scale, mode, positions})",
+                        origin)
+        patches = [_section_from_dict(Patch, p, f"patches[{i}]", origin) for i, p in enumerate(raw_patches)]
+        sections = {
+            key: _section_from_dict(section_cls, data[key], key, origin)
+            for key, section_cls in _SECTIONS.items()
+            if data.get(key) is not None
+        }
+        return cls(patches=patches, name=name, description=data.get("description"), origin=origin, **sections)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data in schema order, leaving out unset optional fields, so YAML files stay readable."""
+        out: dict[str, Any] = {"name": self.name}
+        if self.description is not None:
+            out["description"] = self.description
+        for key in ("match", "model", "audio_span"):
+            section = getattr(self, key)
+            if section is not None:
+                out[key] = {k: v for k, v in dataclasses.asdict(section).items() if v is not None}
+        out["patches"] = [dataclasses.asdict(p) for p in self.patches]
+        if self.calibration is not None:
+            cal = dataclasses.asdict(self.calibration)
+            out["calibration"] = {k: v for k, v in cal.items() if v is not None and v != {}}
+        return out
+
+    # ----------------------------------------------------------------------------------------- YAML I/O
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Preset:
+        """Read a preset file (``yaml.safe_load`` only: a preset can never run code)."""
+        path = Path(path)
+        origin = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PresetError(f"{origin}: file not found") from None
+        return cls.from_yaml_text(text, origin=origin)
+
+    @classmethod
+    def from_yaml_text(cls, text: str, origin: str | None = None) -> Preset:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise PresetError(f"{origin or '<yaml>'}: not valid YAML: {exc}") from None
+        return cls.from_dict(data, origin=origin)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """Serialize to YAML; write it to ``path`` when given. Returns the text either way."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        if path is not None:
+            Path(path).write_text(text, encoding="utf-8")
+        return text

@@ -1,0 +1,172 @@
+"""``wrap()`` and ``apply()``: back-patched ``generate()`` with the Hugging Face interface unchanged.
+
+Like PEFT's ``PeftModel``, :class:`BackpatchedModel` holds the base model, forwards every attribute it does
+not override, and gives the model back clean with :meth:`BackpatchedModel.unwrap`. It never touches weights:
+all it adds are hooks that live for one prefill (see :mod:`backpatch._engine`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ._architectures import Resolved, resolve
+from ._engine import patch_session
+from .bundled import find_matching_preset, load_preset
+from .preset import Preset
+
+__all__ = ["BackpatchedModel", "apply", "backpatch_hook_count", "wrap"]
+
+logger = logging.getLogger(__name__)
+
+
+def _as_preset(model: nn.Module, preset: Preset | str | Path | None) -> Preset:
+    if isinstance(preset, Preset):
+        return preset
+    if preset is not None:
+        return load_preset(preset)
+    config = model.config
+    found = find_matching_preset(getattr(config, "model_type", ""), getattr(config, "_name_or_path", None))
+    logger.info("backpatch: using bundled preset %r for %s", found.name, type(model).__name__)
+    return found
+
+
+class BackpatchedModel:
+    """A Hugging Face audio LLM whose ``generate()`` (and forward) are back-patched.
+
+    ``generate`` takes the same arguments and returns the same types as the base model's. Everything else
+    (``config``, ``device``, ``save_pretrained``, ...) falls through to :attr:`base_model`.
+    """
+
+    def __init__(self, model: nn.Module, preset: Preset | str | Path | None = None, processor: Any = None) -> None:
+        if isinstance(model, BackpatchedModel):
+            raise TypeError("this model is already wrapped by backpatch; call .unwrap() first or pass the base model")
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"wrap() expects a Hugging Face model (nn.Module with .config), got {type(model).__name__}")
+        self._model = model
+        self.preset = _as_preset(model, preset)
+        self._resolved = resolve(model, self.preset, processor)
+        self._local = threading.local()
+        #: the session of the most recent patched call (for deterministic counts in tests and benchmarks)
+        self.last_session = None
+
+    # ------------------------------------------------------------------------------------------- access
+    @property
+    def base_model(self) -> nn.Module:
+        """The wrapped Hugging Face model."""
+        return self._model
+
+    @property
+    def resolved(self) -> Resolved:
+        """The preset resolved against this model: absolute layer indices, audio token id, hooked modules."""
+        return self._resolved
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called when normal lookup fails: everything we do not override belongs to the base model.
+        return getattr(object.__getattribute__(self, "_model"), name)
+
+    def __repr__(self) -> str:
+        patches = ", ".join(
+            f"{p.source}->{p.target} {p.mode} x{p.scale:g} @{p.positions}" for p in self._resolved.patches
+        )
+        return f"BackpatchedModel({type(self._model).__name__}, preset={self.preset.name!r}, patches=[{patches}])"
+
+    # ------------------------------------------------------------------------------------------ calling
+    @property
+    def is_disabled(self) -> bool:
+        return getattr(self._local, "disabled", 0) > 0
+
+    @contextmanager
+    def disabled(self) -> Iterator[BackpatchedModel]:
+        """Plain (unpatched) calls inside this block, in this thread: for A/B comparisons."""
+        self._local.disabled = getattr(self._local, "disabled", 0) + 1
+        try:
+            yield self
+        finally:
+            self._local.disabled -= 1
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """Hugging Face ``generate()``, with the preset's patches applied to the prefill.
+
+        Decode steps run unpatched from the patched KV cache. One back-patched call per model at a time
+        (a per-model lock serializes threads).
+        """
+        generator = self._resolved.generator
+        plain_generate = type(generator).generate  # the class method: skips an instance override by apply()
+        if self.is_disabled:
+            return plain_generate(generator, *args, **kwargs)
+        with patch_session(self._resolved) as session:
+            self.last_session = session
+            return plain_generate(generator, *args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """One forward pass of the text-generating model with the patches applied (unpatched when disabled)."""
+        generator = self._resolved.generator
+        if self.is_disabled:
+            return generator(*args, **kwargs)
+        with patch_session(self._resolved) as session:
+            self.last_session = session
+            return generator(*args, **kwargs)
+
+    __call__ = forward
+
+    def unwrap(self) -> nn.Module:
+        """Return the base model. Hooks only live inside a call, so it is hook-free; this is checked."""
+        leftover = backpatch_hook_count(self._model)
+        if leftover:  # pragma: no cover - would be a bug in the engine
+            raise RuntimeError(f"backpatch left {leftover} hooks on the model; please report this")
+        return self._model
+
+
+def wrap(model: nn.Module, preset: Preset | str | Path | None = None, processor: Any = None) -> BackpatchedModel:
+    """Wrap a Hugging Face audio LLM so that its ``generate()`` is back-patched.
+
+    ``preset`` is a :class:`Preset`, a bundled preset name, a path to a YAML file, or ``None`` to pick the
+    bundled preset matching ``model.config``. ``processor`` (or a tokenizer) is needed only when the preset
+    names its audio token as a string (``audio_span.token``). Raises :class:`PresetError` when the preset
+    does not fit the model (layer range, ``num_layers``, audio token).
+    """
+    return BackpatchedModel(model, preset, processor)
+
+
+@contextmanager
+def apply(
+    model: nn.Module, preset: Preset | str | Path | None = None, processor: Any = None
+) -> Iterator[BackpatchedModel]:
+    """Back-patch ``model.generate`` in place for the duration of the block.
+
+    For apps and pipelines that hold the model object: inside, every ``generate()`` on the text-generating
+    module is back-patched; on exit (also on exceptions) the original method is back and no hook is left.
+    """
+    wrapped = wrap(model, preset, processor)
+    generator = wrapped.resolved.generator
+    had_own = "generate" in generator.__dict__
+    previous = generator.__dict__.get("generate")
+    generator.generate = wrapped.generate
+    try:
+        yield wrapped
+    finally:
+        if had_own:
+            generator.generate = previous
+        else:
+            del generator.generate
+
+
+def backpatch_hook_count(model: nn.Module) -> int:
+    """Number of forward hooks and pre-hooks on ``model``'s modules that backpatch installed (should be 0
+    outside a call)."""
+    count = 0
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for hook in hooks.values():
+                fn = getattr(hook, "__func__", hook)
+                if getattr(fn, "__module__", "").startswith("backpatch"):
+                    count += 1
+    return count
+
