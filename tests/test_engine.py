@@ -6,12 +6,12 @@ import threading
 
 import pytest
 import torch
+from reference import reference_logits
 from tiny import AUDIO_TOKEN, NUM_LAYERS, collate, make_row, tiny_qwen2_audio
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import backpatch
 from backpatch import Patch, Preset
-from reference import reference_logits
 
 
 @pytest.fixture(scope="module")
@@ -350,4 +350,38 @@ def test_inputs_embeds_only_gives_clear_error(model, batch):
     embeds = model.get_input_embeddings()(batch["input_ids"])
     with pytest.raises(backpatch.BackpatchRuntimeError, match="input_ids"):
         wrapped.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"], max_new_tokens=1)
+    assert backpatch.backpatch_hook_count(model) == 0
+
+
+def test_streamers_yield_the_generated_text():
+    from tiny import tiny_with_processor
+    from transformers import TextIteratorStreamer, TextStreamer
+
+    from backpatch.inputs import build_inputs, decode_new_tokens
+
+    model, processor = tiny_with_processor()
+    model.generation_config.eos_token_id = None
+    wrapped = backpatch.wrap(model, Preset(patches=[Patch(source=-1, target=0, scale=2.0)]))
+    wave = torch.randn(12000).numpy() * 0.1
+    inputs = build_inputs(processor, [wave], ['The speaker says "three". Which digit is spoken?'])
+    n = inputs["input_ids"].shape[1]
+
+    class Collect(TextStreamer):
+        chunks: list[str] = []
+
+        def on_finalized_text(self, text, stream_end=False):
+            self.chunks.append(text)
+
+    streamer = Collect(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    out = wrapped.generate(**inputs, max_new_tokens=5, do_sample=False, streamer=streamer)
+    expected = decode_new_tokens(processor, out, n)[0]
+    assert expected and "".join(Collect.chunks).strip() == expected
+
+    iterator = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    thread = threading.Thread(target=wrapped.generate,
+                              kwargs=dict(**inputs, max_new_tokens=5, do_sample=False, streamer=iterator))
+    thread.start()
+    streamed = "".join(iterator)
+    thread.join()
+    assert streamed.strip() == expected
     assert backpatch.backpatch_hook_count(model) == 0

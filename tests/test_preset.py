@@ -197,7 +197,8 @@ def test_num_layers_mismatch(model):
 
 def test_bad_layers_path(model):
     with pytest.raises(PresetError, match="has no module at 'model.decoder.layers'"):
-        backpatch.wrap(model, Preset(patches=[Patch(source=4, target=1)], model=ModelFacts(layers="model.decoder.layers")))
+        preset = Preset(patches=[Patch(source=4, target=1)], model=ModelFacts(layers="model.decoder.layers"))
+        backpatch.wrap(model, preset)
 
 
 class _Tokenizer:
@@ -313,8 +314,8 @@ def test_wheel_ships_presets_and_load_preset_works_from_it(tmp_path):
     code = (
         "import backpatch, pathlib; p = backpatch.load_preset('qwen2-audio-7b-instruct'); "
         "assert pathlib.Path(backpatch.__file__).is_relative_to(pathlib.Path(r'%s')), backpatch.__file__; "
-        "print(p.name, len(backpatch.list_presets()))" % target
-    )
+        "print(p.name, len(backpatch.list_presets()))"
+    ).replace("%s", str(target))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr

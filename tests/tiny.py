@@ -69,3 +69,42 @@ def collate(rows: list[dict]) -> dict:
             fam[i, : r["frames"]] = 1
         batch["feature_attention_mask"] = fam
     return batch
+
+
+def tiny_checkpoint(directory, seed: int = 0, num_layers: int = NUM_LAYERS):
+    """Save a tiny random Qwen2-Audio with a real, locally built processor, like a hub checkpoint."""
+    model, processor = tiny_with_processor(seed, num_layers)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return model, processor
+
+
+def tiny_with_processor(seed: int = 0, num_layers: int = NUM_LAYERS):
+    """A tiny random Qwen2-Audio whose vocabulary and audio token match the organism's processor."""
+    from backpatch.organism.processor import build_processor
+
+    processor = build_processor()
+    tokenizer = processor.tokenizer
+    torch.manual_seed(seed)
+    config = Qwen2AudioConfig(
+        audio_config=dict(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          num_mel_bins=80, max_source_positions=100),
+        text_config=dict(model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id),
+        audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"),
+    )
+    model = Qwen2AudioForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor
+
+
+def write_tone(path, seconds: float = 0.8, rate: int = 16000, freq: float = 440.0) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(seconds * rate)) / rate
+    sf.write(str(path), (0.3 * np.sin(2 * np.pi * freq * t)).astype("float32"), rate)

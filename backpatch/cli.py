@@ -1,0 +1,126 @@
+"""``backpatch`` command line: thin argparse subcommands over library functions (DESIGN section 5).
+
+User mistakes (missing file, bad preset, unknown model) end in one clear sentence on stderr and exit code 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .audio_io import AudioFileError
+from .bundled import list_presets, load_preset
+from .preset import PresetError
+
+EXIT_USAGE = 2
+
+# Errors that mean "the user asked for something we cannot do", shown as one sentence.
+_USER_ERRORS: tuple[type[BaseException], ...] = (PresetError, AudioFileError, FileNotFoundError, ValueError, OSError)
+
+
+def _format_patches(preset) -> str:
+    return "; ".join(f"{p.source}->{p.target} {p.mode} x{p.scale:g} @{p.positions}" for p in preset.patches)
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    rows = [("name", "model_type", "layers", "patches", "calibration")]
+    for name in list_presets():
+        preset = load_preset(name)
+        rows.append((
+            name,
+            preset.match.model_type if preset.match else "-",
+            str(preset.model.num_layers) if preset.model and preset.model.num_layers else "-",
+            _format_patches(preset),
+            preset.calibration.status if preset.calibration else "uncalibrated",
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="hub id or local path of the audio LLM (default: the shipped organism)")
+    parser.add_argument("--preset", help="bundled preset name or path to a YAML file (default: matching preset)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
+    parser.add_argument("--device-map", help="e.g. 'auto' to spread a large model over GPUs/CPU with accelerate")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow the checkpoint's own Python code (off by default)")
+
+
+def _load(args: argparse.Namespace):
+    from .loading import load_model_and_processor
+    from .wrapper import wrap
+
+    model, processor = load_model_and_processor(args.model, args.dtype, args.device_map, args.trust_remote_code)
+    preset = args.preset
+    if preset is None and args.model is None:
+        preset = "organism-digits"  # the organism's calibrated preset (DESIGN section 4b)
+    return wrap(model, preset, processor=processor), processor
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .audio_io import read_audio, resample
+    from .inputs import build_inputs, decode_new_tokens, sampling_rate_of
+
+    # Validate the cheap inputs before loading a model that may take minutes.
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty; pass --prompt 'your question about the audio'")
+    wave, rate = read_audio(args.audio)
+    wrapped, processor = _load(args)
+    wave = resample(wave, rate, sampling_rate_of(processor))
+    inputs = build_inputs(processor, [wave], [args.prompt]).to(wrapped.device)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+    with torch.no_grad():
+        with wrapped.disabled():
+            plain = wrapped.generate(**inputs, **kwargs)
+        patched = wrapped.generate(**inputs, **kwargs)
+    length = inputs["input_ids"].shape[1]
+    plain_text = decode_new_tokens(processor, plain, length)[0]
+    patched_text = decode_new_tokens(processor, patched, length)[0]
+    print(f"model:        {args.model or 'organism (shipped)'}")
+    print(f"preset:       {wrapped.preset.name} [{_format_patches(wrapped.preset)}]")
+    print(f"prompt:       {args.prompt}")
+    print(f"plain:        {plain_text}")
+    print(f"backpatched:  {patched_text}" + ("" if patched_text != plain_text else "   (same)"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="backpatch", description="Make audio LLMs listen to the audio again.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and decisions")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("presets", help="list bundled presets")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("run", help="plain and back-patched answers side by side for one clip and prompt")
+    _add_model_args(p)
+    p.add_argument("--audio", required=True, help="audio file (wav, flac, ogg, mp3)")
+    p.add_argument("--prompt", required=True, help="text prompt about the audio")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except _USER_ERRORS as exc:
+        if args.verbose:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"backpatch: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The command line: `backpatch presets` and `backpatch run` on a tiny checkpoint saved with save_pretrained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_checkpoint, write_tone
+
+import backpatch
+from backpatch import Patch, Preset
+from backpatch.audio_io import load_audio
+from backpatch.cli import main
+from backpatch.inputs import build_inputs, decode_new_tokens
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ckpt")
+    tiny_checkpoint(directory)
+    audio = directory / "tone.wav"
+    write_tone(audio, rate=22050)  # not the model's rate: the CLI must resample
+    preset = directory / "p.yaml"
+    Preset(patches=[Patch(source=-1, target=0, scale=3.0, positions="audio+last")], name="p").to_yaml(preset)
+    return directory, audio, preset
+
+
+def test_presets_lists_bundled_presets(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["name", "model_type", "layers", "patches", "calibration"]
+    row = next(line for line in out if line.startswith("qwen2-audio-7b-instruct"))
+    assert row.split()[1:3] == ["qwen2_audio", "32"] and row.split()[-1] == "uncalibrated"
+
+
+def test_run_prints_plain_and_backpatched_answers(checkpoint, capsys):
+    directory, audio, preset = checkpoint
+    code = main(["run", "--model", str(directory), "--preset", str(preset), "--audio", str(audio),
+                 "--prompt", 'The speaker says "three". Which digit is spoken?', "--max-new-tokens", "3"])
+    assert code == 0
+    out = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
+    # the CLI's answers must be what the library gives for the same inputs
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(directory).eval()
+    processor = AutoProcessor.from_pretrained(directory)
+    inputs = build_inputs(processor, [load_audio(audio, 16000)],
+                          ['The speaker says "three". Which digit is spoken?'])
+    wrapped = backpatch.wrap(model, str(preset))
+    with torch.no_grad():
+        patched = wrapped.generate(**inputs, max_new_tokens=3, do_sample=False)
+        plain = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    n = inputs["input_ids"].shape[1]
+    assert out["plain"].strip() == decode_new_tokens(processor, plain, n)[0]
+    assert out["backpatched"].strip().removesuffix("(same)").strip() == decode_new_tokens(processor, patched, n)[0]
+    assert out["preset"].strip() == "p [-1->0 add x3 @audio+last]"
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (("--audio", "{dir}/missing.wav"), "audio file not found"),
+        (("--audio", "{dir}/p.yaml"), "cannot read"),
+        (("--preset", "no-such-preset"), "no bundled preset named 'no-such-preset'"),
+        (("--prompt", "  "), "the prompt is empty"),
+        (("--model", "/nonexistent/model"), "/nonexistent/model"),
+    ],
+)
+def test_run_user_mistakes_are_one_sentence_and_exit_2(checkpoint, capsys, change, message):
+    directory, audio, preset = checkpoint
+    args = {"--model": str(directory), "--preset": str(preset), "--audio": str(audio), "--prompt": "Which digit?"}
+    args[change[0]] = change[1].format(dir=directory)
+    assert main(["run", *[x for kv in args.items() for x in kv], "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # earlier lines: transformers' loading progress bar
+    assert err.startswith("backpatch: error: ")
+    assert message in err
+
+
+def test_run_preset_that_does_not_fit_the_model(checkpoint, capsys):
+    directory, audio, _ = checkpoint
+    bad = directory / "bad.yaml"
+    Preset(patches=[Patch(source=30, target=1)], name="bad").to_yaml(bad)
+    assert main(["run", "--model", str(directory), "--preset", str(bad), "--audio", str(audio),
+                 "--prompt", "Which digit is spoken?"]) == 2
+    assert "out of range for this model, which has 6 decoder layers" in capsys.readouterr().err
