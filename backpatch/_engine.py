@@ -145,8 +145,10 @@ class PatchSession:
         mask_shape = next(iter(self._masks.values())).shape
         if tuple(embeds.shape[:2]) != tuple(mask_shape):
             raise BackpatchRuntimeError(
-                f"the text model received {tuple(embeds.shape[:2])} embeddings for {tuple(mask_shape)} input ids; "
-                "prefill chunking and similar input splitting are not supported with back-patching"
+                f"the text model received {tuple(embeds.shape[:2])} embeddings for {tuple(mask_shape)} input ids, so "
+                "positions in input_ids do not map to decoder positions. Let the processor expand the audio "
+                "placeholder (one token per audio embedding; e.g. Qwen2-Audio's legacy single-token path expands "
+                "it inside the model); prefill chunking is not supported either"
             )
         if not any(bool(m.any()) for m in self._masks.values()):
             self.remove()  # no row has audio: nothing to patch, leave the whole call untouched

@@ -385,3 +385,16 @@ def test_streamers_yield_the_generated_text():
     thread.join()
     assert streamed.strip() == expected
     assert backpatch.backpatch_hook_count(model) == 0
+
+
+def test_unexpanded_audio_placeholder_gives_clear_error(model):
+    """Qwen2-Audio expands a single audio token inside the model (legacy path): positions would not line up."""
+    row = make_row(0, 40)
+    n = sum(1 for t in row["ids"] if t == AUDIO_TOKEN)
+    row["ids"] = [t for t in row["ids"] if t != AUDIO_TOKEN]
+    row["ids"].insert(1, AUDIO_TOKEN)
+    assert n > 1
+    wrapped = backpatch.wrap(model, Preset(patches=[Patch(source=-1, target=0)]))
+    with pytest.raises(backpatch.BackpatchRuntimeError, match="expand the audio placeholder"):
+        wrapped(**collate([row]))
+    assert backpatch.backpatch_hook_count(model) == 0
