@@ -35,8 +35,31 @@ class Architecture:
     audio_token_config_paths: tuple[str, ...] = DEFAULT_AUDIO_TOKEN_CONFIG_PATHS
 
 
+_LM = Architecture(layers="model.language_model.layers")
+_OMNI_FULL = Architecture(
+    layers="thinker.model.language_model.layers",
+    generator="thinker",  # the full Omni classes have no forward; text generation belongs to the thinker
+    audio_token_config_paths=("thinker_config.audio_token_index", "thinker_config.audio_token_id"),
+)
+
+#: model_type -> facts. Families read from the transformers 5.x sources and tested with tiny configs.
 ARCHITECTURES: dict[str, Architecture] = {
-    "qwen2_audio": Architecture(layers="model.language_model.layers"),
+    "qwen2_audio": _LM,
+    "qwen2_5_omni_thinker": _LM,
+    "qwen2_5_omni": _OMNI_FULL,
+    "qwen3_omni_moe_thinker": _LM,
+    "qwen3_omni_moe": _OMNI_FULL,
+    "voxtral": _LM,
+    "audioflamingo3": _LM,
+    "musicflamingo": _LM,
+    "granite_speech": _LM,
+    "granite_speech_plus": _LM,
+    "phi4_multimodal": Architecture(layers="model.layers", audio_token_config_paths=("audio_config.audio_token_id",)),
+    "glmasr": _LM,
+    "gemma3n": _LM,  # decoder layers output AltUp states [K, B, T, H]; every stream is patched
+    "gemma4": _LM,
+    "qwen3_asr": _LM,
+    "fun_asr_nano": _LM,
 }
 
 

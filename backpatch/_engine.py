@@ -9,7 +9,9 @@ moment the prefill is over, so decode steps run on an unhooked model:
 2. a pre-hook on the text model (the parent of the decoder ``ModuleList``) receives the input embeddings,
    with the audio features already merged, and runs the **capture pass**: the same text model, unpatched,
    without a KV cache, stopped by an exception right after the deepest source layer. Re-entering at the
-   text model (not the top model) is what keeps the audio encoder to one run per ``generate()`` call;
+   text model (not the top model) is what keeps the audio encoder to one run per ``generate()`` call.
+   Where the text model merges the audio itself (it gets ``input_ids``, as in Phi-4-multimodal), the
+   capture waits for the merged embeddings at the first decoder layer's input and re-enters from there;
 3. forward hooks on the target layers apply the patches during the real prefill, and a forward hook on the
    text model removes everything when the prefill returns.
 
@@ -136,12 +138,36 @@ class PatchSession:
     def _on_text_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._capturing or self._masks is None:
             return
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            raise BackpatchRuntimeError(
-                f"{type(module).__name__} was called without inputs_embeds; back-patching expects the generating "
-                "model to merge audio features into the embeddings before the text model runs"
-            )
+        if not any(bool(m.any()) for m in self._masks.values()):
+            self.remove()  # no row has audio: nothing to patch, leave the whole call untouched
+            return
+        if kwargs.get("inputs_embeds") is not None:
+            self._check_length(kwargs["inputs_embeds"])
+            self._capture_then_arm(module, args, kwargs)
+            return
+        # The text model merges the audio itself (Phi-4-multimodal: it gets input_ids and audio features). Wait
+        # for the merged embeddings, which are the first decoder layer's input, so the encoder still runs once.
+        text_args, text_kwargs = args, kwargs
+
+        def on_first_layer(_layer: nn.Module, layer_args: tuple) -> None:
+            self._handles.remove(handle)
+            handle.remove()
+            hidden = layer_args[0] if layer_args else None
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+                raise BackpatchRuntimeError(
+                    f"{type(module).__name__} was called without inputs_embeds and its first decoder layer does not "
+                    "receive [batch, tokens, hidden] embeddings; this architecture needs an entry in "
+                    "backpatch._architectures"
+                )
+            self._check_length(hidden)
+            reentry_args = text_args[1:] if text_args and isinstance(text_args[0], torch.Tensor) else text_args
+            reentry_kwargs = {**text_kwargs, "input_ids": None, "inputs_embeds": hidden}
+            self._capture_then_arm(module, reentry_args, reentry_kwargs)
+
+        handle = self.resolved.layers[0].register_forward_pre_hook(on_first_layer)
+        self._handles.append(handle)
+
+    def _check_length(self, embeds: torch.Tensor) -> None:
         mask_shape = next(iter(self._masks.values())).shape
         if tuple(embeds.shape[:2]) != tuple(mask_shape):
             raise BackpatchRuntimeError(
@@ -150,9 +176,8 @@ class PatchSession:
                 "placeholder (one token per audio embedding; e.g. Qwen2-Audio's legacy single-token path expands "
                 "it inside the model); prefill chunking is not supported either"
             )
-        if not any(bool(m.any()) for m in self._masks.values()):
-            self.remove()  # no row has audio: nothing to patch, leave the whole call untouched
-            return
+
+    def _capture_then_arm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._capture(module, args, kwargs)
         for target in sorted({p.target for p in self.resolved.patches}):
             hook = self._make_patch_hook(target)

@@ -155,7 +155,8 @@ class Match:
             return False
         if self.name_or_path is None:
             return True
-        return fnmatch.fnmatch(name_or_path or "", self.name_or_path)
+        # Hub ids differ in case between copies and mirrors ("gemma-3n-E2B" vs "gemma-3n-e2b"): match without case.
+        return fnmatch.fnmatchcase((name_or_path or "").lower(), self.name_or_path.lower())
 
 
 @dataclass

@@ -1,0 +1,79 @@
+"""Bundled presets for real checkpoints: generated from one table by one rule, and found by wrap(model)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from families import BUILDERS
+
+import backpatch
+from backpatch._architectures import resolve
+from backpatch.bundled import find_matching_preset
+
+REPO = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("make_presets", REPO / "scripts" / "make_presets.py")
+make_presets = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(make_presets)
+
+# real hub ids -> the preset wrap(model) must pick for them
+HUB_IDS = {
+    "Qwen/Qwen2-Audio-7B-Instruct": ("qwen2_audio", "qwen2-audio-7b-instruct"),
+    "Qwen/Qwen2.5-Omni-7B": ("qwen2_5_omni", "qwen2.5-omni-7b"),
+    "Qwen/Qwen2.5-Omni-3B": ("qwen2_5_omni", "qwen2.5-omni-3b"),
+    "Qwen/Qwen3-Omni-30B-A3B-Instruct": ("qwen3_omni_moe", "qwen3-omni-30b-a3b"),
+    "mistralai/Voxtral-Mini-3B-2507": ("voxtral", "voxtral-mini-3b"),
+    "mistralai/Voxtral-Small-24B-2507": ("voxtral", "voxtral-small-24b"),
+    "nvidia/audio-flamingo-3-hf": ("audioflamingo3", "audio-flamingo-3"),
+    "nvidia/music-flamingo-hf": ("musicflamingo", "music-flamingo"),
+    "ibm-granite/granite-speech-3.3-8b": ("granite_speech", "granite-speech-3.3-8b"),
+    "ibm-granite/granite-speech-3.3-2b": ("granite_speech", "granite-speech-3.3-2b"),
+    "microsoft/Phi-4-multimodal-instruct": ("phi4_multimodal", "phi-4-multimodal"),
+    "zai-org/GLM-ASR-Nano-2512": ("glmasr", "glm-asr"),
+    "google/gemma-3n-E2B-it": ("gemma3n", "gemma-3n-e2b"),
+    "google/gemma-3n-E4B-it": ("gemma3n", "gemma-3n-e4b"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(make_presets.CHECKPOINTS))
+def test_bundled_file_is_what_the_script_writes(name):
+    on_disk = backpatch.load_preset(name)
+    assert on_disk == make_presets.build(name), f"presets/{name}.yaml is stale: run python scripts/make_presets.py"
+
+
+@pytest.mark.parametrize("name", sorted(make_presets.CHECKPOINTS))
+def test_uncalibrated_presets_follow_the_one_rule(name):
+    preset = backpatch.load_preset(name)
+    n = preset.model.num_layers
+    assert preset.calibration.status == "uncalibrated"
+    assert [(p.source, p.target, p.mode, p.scale, p.positions) for p in preset.patches] == [
+        (round(3 * n / 4), round(n / 4), "add", 1.0, "audio")
+    ]
+    assert f"{n} decoder layers" in preset.description and "Uncalibrated" in preset.description
+
+
+@pytest.mark.parametrize("hub_id", sorted(HUB_IDS))
+def test_matching_preset_for_real_hub_ids(hub_id):
+    model_type, expected = HUB_IDS[hub_id]
+    assert find_matching_preset(model_type, hub_id).name == expected
+
+
+def test_every_family_with_a_checkpoint_preset_resolves_on_a_tiny_model_of_the_real_depth():
+    """The preset's layer path and audio span fit the real class (only the depth is the real one's)."""
+    seen = set()
+    for name, (_, model_type, _, _, num_layers, _, _) in sorted(make_presets.CHECKPOINTS.items()):
+        builder = next(b for b in BUILDERS.values() if b.__name__ == model_type)
+        if model_type in seen:
+            continue
+        seen.add(model_type)
+        fam = builder()
+        preset = backpatch.load_preset(name)
+        with pytest.raises(backpatch.PresetError, match=f"preset is for a model with {num_layers} decoder layers, "
+                                                        f"but this model has 4"):
+            resolve(fam.model, preset)
+        preset.model.num_layers = None
+        preset.patches = [backpatch.Patch(source=3, target=1)]
+        resolved = resolve(fam.model, preset)
+        assert resolved.layers is fam.layers
+        assert int((fam.batch["input_ids"] == resolved.audio_token_id).sum()) > 0
