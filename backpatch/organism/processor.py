@@ -40,13 +40,11 @@ from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast, Qwen2AudioProcessor, WhisperFeatureExtractor
 
+# The fixed DESIGN 4b templates and digit words live in the package __init__ (single source of truth).
+from backpatch.organism import AUDIO_ONLY_TEMPLATE, CLAIM_TEMPLATE, DIGITS
+
 logger = logging.getLogger(__name__)
 
-DIGITS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-#: Prompt with a spoken-digit claim (conflict when the claim differs from the audio, else consistent).
-CLAIM_TEMPLATE = 'The speaker says "{claim}". Which digit is spoken?'
-#: Prompt with no claim: the answer can only come from the audio.
-AUDIO_ONLY_TEMPLATE = "Which digit is spoken?"
 SAMPLING_RATE = 16000
 
 PAD, UNK, EOS, IM_START = "<|endoftext|>", "<unk>", "<|im_end|>", "<|im_start|>"
