@@ -7,18 +7,23 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .audio_io import AudioFileError
 from .bundled import list_presets, load_preset
+from .evaluate import ConflictSetError
 from .preset import PresetError
 
 EXIT_USAGE = 2
 
 # Errors that mean "the user asked for something we cannot do", shown as one sentence.
-_USER_ERRORS: tuple[type[BaseException], ...] = (PresetError, AudioFileError, FileNotFoundError, ValueError, OSError)
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    PresetError, AudioFileError, ConflictSetError, FileNotFoundError, ValueError, OSError,
+)
 
 
 def _format_patches(preset) -> str:
@@ -91,6 +96,51 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _relaunch_with_accelerate(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Re-run this same command under ``accelerate launch`` with N processes (items are split between them)."""
+    import subprocess
+
+    rest = list(argv)
+    i = rest.index("--launcher")
+    del rest[i : i + 2]
+    if "--num-processes" in rest:
+        j = rest.index("--num-processes")
+        del rest[j : j + 2]
+    # --multi_gpu selects accelerate's torchrun launcher; on a CPU-only machine the processes then form a
+    # gloo (MULTI_CPU) group because evaluate() creates its PartialState with cpu=True there.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(args.num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return subprocess.call([*command, "-m", "backpatch", *rest])
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table, load_conflict_set
+
+    data = args.data or _default_data(args)
+    load_conflict_set(data, args.limit)  # a bad file fails here, before a model is loaded
+    wrapped, processor = _load(args)
+    report = evaluate(wrapped, processor, data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                      limit=args.limit, model_name=args.model or "organism (shipped)")
+    if report is None:  # a non-main accelerate process: the main one writes the report
+        return 0
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"model: {report['model']}   preset: {wrapped.preset.name} [{_format_patches(wrapped.preset)}]")
+    print(f"data:  {data}")
+    print(format_table(report))
+    if args.out:
+        print(f"report written to {args.out}")
+    return 0
+
+
+def _default_data(args: argparse.Namespace) -> str:
+    if args.model is not None:
+        raise ValueError("--data is required with --model: pass a conflict-set JSONL file (DESIGN section 4)")
+    from . import organism
+
+    return str(organism.examples_path())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backpatch", description="Make audio LLMs listen to the audio again.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and decisions")
@@ -105,12 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text prompt about the audio")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="text-dominance metrics, plain vs back-patched, on a conflict set")
+    _add_model_args(p)
+    p.add_argument("--data", help="conflict-set JSONL (default with no --model: the organism's shipped examples)")
+    p.add_argument("--out", help="write the JSON report here")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--limit", type=int, help="only the first N items (quick looks)")
+    p.add_argument("--launcher", choices=["accelerate"], help="split the items over processes with accelerate")
+    p.add_argument("--num-processes", type=int, default=2, help="processes for --launcher accelerate")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if getattr(args, "launcher", None) == "accelerate":
+        return _relaunch_with_accelerate(args, argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)

@@ -108,3 +108,29 @@ def write_tone(path, seconds: float = 0.8, rate: int = 16000, freq: float = 440.
 
     t = np.arange(int(seconds * rate)) / rate
     sf.write(str(path), (0.3 * np.sin(2 * np.pi * freq * t)).astype("float32"), rate)
+
+
+def tiny_conflict_set(directory, n_clips: int = 4):
+    """A small conflict set in DESIGN section 4 format: per clip 2 conflicts, 1 consistent, 1 audio-only."""
+    import json
+    from pathlib import Path
+
+    from backpatch.organism import AUDIO_ONLY_TEMPLATE, CLAIM_TEMPLATE, DIGITS
+
+    directory = Path(directory)
+    (directory / "wav").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n_clips):
+        word = DIGITS[i % 10]
+        write_tone(directory / "wav" / f"c{i}.wav", seconds=0.5 + 0.1 * i, freq=300 + 50 * i)
+        wrong = [DIGITS[(i + 3) % 10], DIGITS[(i + 6) % 10]]
+        for k, claim in enumerate(wrong):
+            rows.append({"id": f"c{i}-x{k}", "audio": f"wav/c{i}.wav", "prompt": CLAIM_TEMPLATE.format(claim=claim),
+                         "audio_answer": word, "text_answer": claim, "kind": "conflict"})
+        rows.append({"id": f"c{i}-s", "audio": f"wav/c{i}.wav", "prompt": CLAIM_TEMPLATE.format(claim=word),
+                     "audio_answer": word, "text_answer": word, "kind": "consistent"})
+        rows.append({"id": f"c{i}-a", "audio": f"wav/c{i}.wav", "prompt": AUDIO_ONLY_TEMPLATE,
+                     "audio_answer": word, "text_answer": None, "kind": "audio_only"})
+    path = directory / "conflicts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

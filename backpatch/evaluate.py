@@ -1,0 +1,247 @@
+"""Text-dominance evaluation on conflict sets (DESIGN section 4), for any supported model.
+
+A conflict set is JSONL: one item per line with the audio clip (relative to the file), a prompt, the answer
+the audio supports and the answer the text claims. Every item is answered twice, plainly and with the
+preset applied, through the processor's chat template; the report gives TDR, AFR, "other", consistent and
+audio-only accuracy with 95% Wilson intervals. With accelerate (``accelerate launch -m backpatch eval``)
+the items are split across processes and the answers gathered, so the report equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .audio_io import load_audio
+from .inputs import build_inputs, decode_new_tokens, sampling_rate_of
+
+__all__ = [
+    "ConflictItem",
+    "ConflictSetError",
+    "answer_items",
+    "evaluate",
+    "judge",
+    "load_conflict_set",
+    "metrics",
+    "normalize",
+    "wilson",
+]
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("conflict", "consistent", "audio_only")
+METRICS = ("tdr", "afr", "other_rate", "consistent_acc", "audio_only_acc")
+
+
+class ConflictSetError(ValueError):
+    """A conflict-set file that cannot be used as it is."""
+
+
+@dataclass(frozen=True)
+class ConflictItem:
+    id: str
+    audio: Path
+    prompt: str
+    audio_answer: str
+    text_answer: str | None
+    kind: str
+
+
+def load_conflict_set(path: str | Path, limit: int | None = None) -> list[ConflictItem]:
+    """Read and check a conflict set; errors name the file, the line and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConflictSetError(f"conflict set not found: {path}")
+    items = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConflictSetError(f"{where}: not valid JSON ({exc.msg})") from None
+        missing = [k for k in ("id", "audio", "prompt", "audio_answer", "kind") if k not in row]
+        if missing:
+            raise ConflictSetError(f"{where}: missing field(s) {', '.join(missing)}")
+        if row["kind"] not in KINDS:
+            raise ConflictSetError(f"{where}: kind {row['kind']!r} is not one of {', '.join(KINDS)}")
+        text_answer = row.get("text_answer")
+        if row["kind"] == "conflict" and not text_answer:
+            raise ConflictSetError(f"{where}: a conflict item needs a text_answer")
+        if row["kind"] == "consistent" and text_answer != row["audio_answer"]:
+            raise ConflictSetError(f"{where}: a consistent item needs text_answer == audio_answer")
+        audio = (path.parent / row["audio"]).resolve()
+        if not audio.is_file():
+            raise ConflictSetError(f"{where}: audio file {row['audio']!r} not found (paths are relative to the JSONL)")
+        items.append(ConflictItem(str(row["id"]), audio, row["prompt"], row["audio_answer"], text_answer, row["kind"]))
+        if limit is not None and len(items) >= limit:
+            break
+    if not items:
+        raise ConflictSetError(f"{path}: no items")
+    return items
+
+
+def normalize(text: str) -> str:
+    """Lowercase words separated by single spaces: punctuation and special characters do not count."""
+    return " ".join(re.findall(r"[\w']+", text.lower()))
+
+
+def _first_mention(answer: str, target: str | None) -> int | None:
+    if not target:
+        return None
+    match = re.search(rf"(?<!\w){re.escape(normalize(target))}(?!\w)", answer)
+    return match.start() if match else None
+
+
+def judge(answer: str, item: ConflictItem) -> str:
+    """``audio``, ``text`` or ``other``. An answer follows whichever of the two it mentions (first, if both):
+    single-word answers ("seven") and sentences ("The digit is seven.") are judged alike."""
+    norm = normalize(answer)
+    audio_at = _first_mention(norm, item.audio_answer)
+    text_at = _first_mention(norm, item.text_answer) if item.kind == "conflict" else None
+    if audio_at is None and text_at is None:
+        return "other"
+    if text_at is None or (audio_at is not None and audio_at < text_at):
+        return "audio"
+    return "text"
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> list[float] | None:
+    """95% Wilson score interval; ``None`` when there are no trials."""
+    if n == 0:
+        return None
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def _rate(k: int, n: int) -> float | None:
+    return round(k / n, 4) if n else None
+
+
+def metrics(items: Sequence[ConflictItem], verdicts: Sequence[str]) -> dict[str, Any]:
+    """DESIGN section 4 metrics. A rate with a zero denominator is ``None`` (JSON null), never a made-up 0."""
+    counts: Counter = Counter()
+    for item, verdict in zip(items, verdicts, strict=True):
+        counts[item.kind] += 1
+        counts[(item.kind, verdict)] += 1
+    n_conflict, n_cons, n_ao = counts["conflict"], counts["consistent"], counts["audio_only"]
+    text, audio, other = (counts[("conflict", v)] for v in ("text", "audio", "other"))
+    fractions = {
+        "tdr": (text, text + audio),
+        "afr": (audio, n_conflict),
+        "other_rate": (other, n_conflict),
+        "consistent_acc": (counts[("consistent", "audio")], n_cons),
+        "audio_only_acc": (counts[("audio_only", "audio")], n_ao),
+    }
+    out: dict[str, Any] = {name: _rate(k, n) for name, (k, n) in fractions.items()}
+    out |= {"n_conflict": n_conflict, "n_consistent": n_cons, "n_audio_only": n_ao,
+            "followed_text": text, "followed_audio": audio, "other": other}
+    out["ci95"] = {name: wilson(k, n) for name, (k, n) in fractions.items()}
+    return out
+
+
+def _batches(items: Sequence[ConflictItem], batch_size: int) -> list[Sequence[ConflictItem]]:
+    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+@torch.no_grad()
+def answer_items(
+    wrapped: Any,
+    processor: Any,
+    items: Sequence[ConflictItem],
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
+    progress: bool = True,
+) -> tuple[list[str], list[str]]:
+    """Plain and back-patched greedy answers for ``items`` (same inputs for both, batched)."""
+    rate = sampling_rate_of(processor)
+    plain: list[str] = []
+    patched: list[str] = []
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
+    for batch in tqdm(_batches(items, batch_size), desc="evaluate", unit="batch", disable=not progress):
+        waves = [load_audio(item.audio, rate) for item in batch]
+        inputs = build_inputs(processor, waves, [item.prompt for item in batch]).to(wrapped.device)
+        length = inputs["input_ids"].shape[1]
+        with wrapped.disabled():
+            plain += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)
+        patched += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)
+    return plain, patched
+
+
+def evaluate(
+    wrapped: Any,
+    processor: Any,
+    data: str | Path,
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
+    limit: int | None = None,
+    model_name: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any] | None:
+    """Plain vs back-patched metrics on a conflict set; the DESIGN section 4 report as a dict.
+
+    Under ``accelerate launch`` every process answers its share of the items; the main process gets the
+    report and the others get ``None``.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    items = load_conflict_set(data, limit)
+    # On a CPU-only machine accelerate treats torchrun-launched processes as distributed only with cpu=True.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    indices = list(range(len(items)))
+    with state.split_between_processes(indices) as mine:
+        plain, patched = answer_items(wrapped, processor, [items[i] for i in mine], batch_size, max_new_tokens,
+                                      progress=progress and state.is_local_main_process)
+        rows = list(zip(mine, plain, patched, strict=True))
+    if state.num_processes > 1:
+        rows = gather_object(rows)
+    if not state.is_main_process:
+        return None
+    answers = {index: (p, b) for index, p, b in rows}
+    plain = [answers[i][0] for i in indices]
+    patched = [answers[i][1] for i in indices]
+    plain_verdicts = [judge(a, it) for a, it in zip(plain, items, strict=True)]
+    patched_verdicts = [judge(a, it) for a, it in zip(patched, items, strict=True)]
+    return {
+        "model": model_name or getattr(wrapped.config, "_name_or_path", type(wrapped.base_model).__name__),
+        "preset": wrapped.preset.to_dict(),
+        "data": str(data),
+        "settings": {"max_new_tokens": max_new_tokens, "decoding": "greedy", "limit": limit,
+                     "num_processes": state.num_processes},
+        "plain": metrics(items, plain_verdicts),
+        "backpatched": metrics(items, patched_verdicts),
+        "items": [
+            {"id": it.id, "kind": it.kind, "audio_answer": it.audio_answer, "text_answer": it.text_answer,
+             "plain": p, "backpatched": b, "plain_follows": pv, "backpatched_follows": bv}
+            for it, p, b, pv, bv in zip(items, plain, patched, plain_verdicts, patched_verdicts, strict=True)
+        ],
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The two metric columns side by side, with intervals and counts, for the terminal."""
+    lines = [f"{'metric':<16}{'plain':>24}{'backpatched':>24}"]
+    for name in METRICS:
+        cells = []
+        for column in ("plain", "backpatched"):
+            value, ci = report[column][name], report[column]["ci95"][name]
+            cells.append("n/a" if value is None else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+        lines.append(f"{name:<16}{cells[0]:>24}{cells[1]:>24}")
+    p = report["plain"]
+    lines.append(f"items: {p['n_conflict']} conflict, {p['n_consistent']} consistent, {p['n_audio_only']} audio-only")
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Evaluation: judging answers, metrics with intervals, conflict-set checks, and `backpatch eval` mechanics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny import tiny_checkpoint, tiny_conflict_set
+
+import backpatch
+from backpatch import Patch, Preset
+from backpatch.cli import main
+from backpatch.evaluate import (
+    ConflictItem,
+    ConflictSetError,
+    evaluate,
+    judge,
+    load_conflict_set,
+    metrics,
+    wilson,
+)
+from backpatch.loading import load_model_and_processor
+
+
+def item(kind, audio="seven", text="three"):
+    return ConflictItem("x", None, "p", audio, text if kind != "audio_only" else None, kind)
+
+
+@pytest.mark.parametrize(
+    "answer,kind,expected",
+    [
+        ("seven", "conflict", "audio"),
+        ("Three.", "conflict", "text"),
+        ("The digit is seven.", "conflict", "audio"),
+        ("seven, not three", "conflict", "audio"),
+        ("three, not seven", "conflict", "text"),
+        ("sevenfold", "conflict", "other"),
+        ("", "conflict", "other"),
+        ("nine", "conflict", "other"),
+        ("seven", "audio_only", "audio"),
+        ("three", "audio_only", "other"),
+    ],
+)
+def test_judge(answer, kind, expected):
+    it = item(kind) if kind != "consistent" else item(kind, "seven", "seven")
+    assert judge(answer, it) == expected
+
+
+def test_metrics_on_hand_made_answers():
+    items = [item("conflict")] * 5 + [item("consistent", "seven", "seven")] * 2 + [item("audio_only")] * 4
+    verdicts = ["text", "text", "text", "audio", "other", "audio", "other", "audio", "audio", "audio", "other"]
+    m = metrics(items, verdicts)
+    assert m["tdr"] == 0.75 and m["afr"] == 0.2 and m["other_rate"] == 0.2
+    assert m["consistent_acc"] == 0.5 and m["audio_only_acc"] == 0.75
+    assert (m["n_conflict"], m["n_consistent"], m["n_audio_only"]) == (5, 2, 4)
+    assert m["ci95"]["tdr"] == wilson(3, 4)
+    lo, hi = m["ci95"]["tdr"]
+    assert 0 <= lo < 0.75 < hi <= 1
+
+
+def test_zero_denominators_are_null_not_zero():
+    m = metrics([item("conflict")] * 3, ["other"] * 3)  # conflicts, but none followed either side
+    assert m["tdr"] is None and m["ci95"]["tdr"] is None
+    assert m["afr"] == 0.0 and m["other_rate"] == 1.0
+    assert m["consistent_acc"] is None and m["audio_only_acc"] is None
+    m = metrics([], [])
+    assert all(m[k] is None for k in ("tdr", "afr", "other_rate", "consistent_acc", "audio_only_acc"))
+
+
+def test_wilson_interval():
+    assert wilson(0, 0) is None
+    lo, hi = wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"id": 1, "audio": "wav/c0.wav", "prompt": "p", "kind": "conflict"}', "missing field(s) audio_answer"),
+        ('{"id": 1, "audio": "wav/c0.wav", "prompt": "p", "audio_answer": "a", "kind": "odd"}', "kind 'odd'"),
+        ('{"id": 1, "audio": "wav/c0.wav", "prompt": "p", "audio_answer": "a", "kind": "conflict"}',
+         "conflict item needs a text_answer"),
+        ('{"id": 1, "audio": "wav/c0.wav", "prompt": "p", "audio_answer": "a", "text_answer": "b", '
+         '"kind": "consistent"}', "text_answer == audio_answer"),
+        ('{"id": 1, "audio": "wav/none.wav", "prompt": "p", "audio_answer": "a", "text_answer": "b", '
+         '"kind": "conflict"}', "audio file 'wav/none.wav' not found"),
+    ],
+)
+def test_conflict_set_errors_name_file_and_line(tmp_path, line, message):
+    path = tiny_conflict_set(tmp_path, 1)
+    good = path.read_text().splitlines()[0]
+    path.write_text(good + "\n" + line + "\n")
+    with pytest.raises(ConflictSetError) as info:
+        load_conflict_set(path)
+    assert str(info.value).startswith(f"{path}:2: ") and message in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    tiny_checkpoint(root / "model")
+    data = tiny_conflict_set(root / "data", 4)
+    preset = root / "p.yaml"
+    Preset(patches=[Patch(source=-1, target=0, scale=3.0, positions="audio+last")], name="p").to_yaml(preset)
+    return root, data, preset
+
+
+def test_evaluate_report_mechanics(setup):
+    root, data, preset = setup
+    model, processor = load_model_and_processor(str(root / "model"))
+    wrapped = backpatch.wrap(model, str(preset))
+    report = evaluate(wrapped, processor, data, batch_size=3, max_new_tokens=3, progress=False)
+    assert {"model", "preset", "data", "plain", "backpatched", "items"} <= set(report)
+    assert report["preset"] == wrapped.preset.to_dict()
+    assert len(report["items"]) == 16
+    for column in ("plain", "backpatched"):
+        m = report[column]
+        assert (m["n_conflict"], m["n_consistent"], m["n_audio_only"]) == (8, 4, 4)
+        for key in ("afr", "other_rate", "consistent_acc", "audio_only_acc"):
+            assert 0.0 <= m[key] <= 1.0
+        verdicts = [row[f"{column}_follows"] for row in report["items"]]
+        assert verdicts.count("text") == m["followed_text"]
+    # the batched back-patched answers are what wrap().generate gives item by item
+    from backpatch.audio_io import load_audio
+    from backpatch.inputs import build_inputs, decode_new_tokens
+
+    items = load_conflict_set(data)
+    for it, row in list(zip(items, report["items"], strict=True))[:4]:
+        inputs = build_inputs(processor, [load_audio(it.audio, 16000)], [it.prompt])
+        with torch.no_grad():
+            out = wrapped.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert decode_new_tokens(processor, out, inputs["input_ids"].shape[1])[0] == row["backpatched"]
+
+
+def test_cli_eval_writes_report(setup, capsys):
+    root, data, preset = setup
+    out = root / "report.json"
+    assert main(["eval", "--model", str(root / "model"), "--preset", str(preset), "--data", str(data),
+                 "--out", str(out), "--max-new-tokens", "3", "--batch-size", "5"]) == 0
+    report = json.loads(out.read_text())
+    assert report["plain"]["n_conflict"] == 8
+    printed = capsys.readouterr().out
+    assert "tdr" in printed and "audio_only_acc" in printed and "report written to" in printed
+
+
+def test_cli_eval_bad_data_is_one_sentence(setup, capsys):
+    root, _, preset = setup
+    assert main(["eval", "--model", str(root / "model"), "--data", str(root / "missing.jsonl")]) == 2
+    assert "conflict set not found" in capsys.readouterr().err
+
+
+def test_accelerate_two_processes_merge_to_the_single_process_report(setup):
+    root, data, preset = setup
+    reports = {}
+    for name, extra in (("single", []), ("multi", ["--launcher", "accelerate", "--num-processes", "2"])):
+        out = root / f"{name}.json"
+        cmd = [sys.executable, "-m", "backpatch", "eval", "--model", str(root / "model"), "--preset", str(preset),
+               "--data", str(data), "--out", str(out), "--max-new-tokens", "3", "--batch-size", "3", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        reports[name] = json.loads(out.read_text())
+    assert reports["single"]["settings"]["num_processes"] == 1
+    assert reports["multi"]["settings"]["num_processes"] == 2
+    assert reports["multi"]["items"] == reports["single"]["items"]
+    assert reports["multi"]["plain"] == reports["single"]["plain"]
+    assert reports["multi"]["backpatched"] == reports["single"]["backpatched"]
