@@ -87,8 +87,11 @@ def _cache_is_static(kwargs: dict[str, Any]) -> bool:
 class PatchSession:
     """Hooks for one patched prefill; always used through :func:`patch_session`, which removes them."""
 
-    def __init__(self, resolved: Resolved) -> None:
+    def __init__(self, resolved: Resolved, precaptured: dict[tuple[int, str], torch.Tensor] | None = None) -> None:
         self.resolved = resolved
+        #: source states already captured for this exact batch, keyed by (source layer, positions): a sweep over
+        #: targets and scales (calibration) then skips the capture pass and reuses one capture per batch
+        self._precaptured = precaptured
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._patch_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._masks: dict[str, torch.Tensor] | None = None
@@ -178,7 +181,11 @@ class PatchSession:
             )
 
     def _capture_then_arm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._capture(module, args, kwargs)
+        if self._precaptured is not None:
+            patches = self.resolved.patches
+            self._captured = {i: self._precaptured[(p.source, p.positions)] for i, p in enumerate(patches)}
+        else:
+            self._capture(module, args, kwargs)
         for target in sorted({p.target for p in self.resolved.patches}):
             hook = self._make_patch_hook(target)
             self._patch_handles.append(self.resolved.layers[target].register_forward_hook(hook))
@@ -288,10 +295,12 @@ def model_lock(module: nn.Module) -> _ModelLock:
 
 
 @contextmanager
-def patch_session(resolved: Resolved) -> Iterator[PatchSession]:
+def patch_session(
+    resolved: Resolved, precaptured: dict[tuple[int, str], torch.Tensor] | None = None
+) -> Iterator[PatchSession]:
     """Install a session's hooks for the duration of one call; they are gone afterwards, whatever happens."""
     with model_lock(resolved.generator).hold():
-        session = PatchSession(resolved)
+        session = PatchSession(resolved, precaptured)
         try:
             session.install()
             yield session

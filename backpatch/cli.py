@@ -133,6 +133,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str | None) -> list[int] | None:
+    return None if text is None else [int(x) for x in text.split(",") if x.strip()]
+
+
+def _float_list(text: str | None) -> list[float] | None:
+    return None if text is None else [float(x) for x in text.split(",") if x.strip()]
+
+
+def _str_list(text: str | None) -> list[str] | None:
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate
+    from .evaluate import load_conflict_set
+    from .loading import load_model_and_processor
+
+    data = args.data or _default_data(args)
+    load_conflict_set(data, args.limit)
+    model, processor = load_model_and_processor(args.model, args.dtype, args.device_map, args.trust_remote_code)
+    grid = {key: value for key, value in {
+        "sources": _int_list(args.sources), "targets": _int_list(args.targets), "scales": _float_list(args.scales),
+        "modes": _str_list(args.modes), "positions": _str_list(args.positions)}.items() if value is not None}
+    base = args.preset or ("organism-digits" if args.model is None else None)
+    summary = calibrate(model, processor, data, args.out, base_preset=base, grid=grid, batch_size=args.batch_size,
+                        verify_top=args.verify_top, max_new_tokens=args.max_new_tokens, name=args.name,
+                        limit=args.limit)
+    print(f"swept {summary['n_settings']} settings on {summary['n_items']} items in {summary['sweep_seconds']} s "
+          f"(total with verification {summary['total_seconds']} s)")
+    for row in summary["verified"]:
+        p, b = row["plain"], row["backpatched"]
+        print(f"  verified {row['setting']:<32} TDR {p['tdr']} -> {b['tdr']}   audio-only {p['audio_only_acc']} -> "
+              f"{b['audio_only_acc']}   consistent {p['consistent_acc']} -> {b['consistent_acc']}")
+    print(f"chosen: {summary['chosen']}{'' if summary['no_harm'] else '  (fails the no-harm rule!)'}")
+    print(f"wrote {summary['preset']}, {summary['heatmap']} and {Path(args.out).with_suffix('.sweep.json')}")
+    return 0
+
+
 def _default_data(args: argparse.Namespace) -> str:
     if args.model is not None:
         raise ValueError("--data is required with --model: pass a conflict-set JSONL file (DESIGN section 4)")
@@ -166,6 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=["accelerate"], help="split the items over processes with accelerate")
     p.add_argument("--num-processes", type=int, default=2, help="processes for --launcher accelerate")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="sweep source x target x scale x mode x positions, write the best preset")
+    _add_model_args(p)
+    p.add_argument("--data", help="validation conflict-set JSONL (default with no --model: the organism's examples)")
+    p.add_argument("--out", required=True, help="preset YAML to write (a heatmap .png and .sweep.json go beside it)")
+    p.add_argument("--name", help="preset name (default: the file name)")
+    p.add_argument("--sources", help="comma-separated source layers (default: the later half)")
+    p.add_argument("--targets", help="comma-separated target layers (default: the earlier half)")
+    p.add_argument("--scales", help="comma-separated scales (default: 0.5,1,2; replace uses 1)")
+    p.add_argument("--modes", help="comma-separated modes (default: add,replace)")
+    p.add_argument("--positions", help="comma-separated positions (default: audio,last)")
+    p.add_argument("--verify-top", type=int, default=3, help="best no-harm settings to verify with generate()")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--limit", type=int, help="only the first N items")
+    p.set_defaults(func=cmd_calibrate)
     return parser
 
 
