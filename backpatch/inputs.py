@@ -32,9 +32,12 @@ def build_inputs(processor: Any, audios: Sequence[np.ndarray], prompts: Sequence
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"
+    # Pad only the text: a top-level padding=True would also reach the feature extractor and pad the mel
+    # features to the longest clip instead of the encoder's window (Audio Flamingo 3, Music Flamingo and GLM-ASR
+    # encoders need whole windows).
     return processor(
         text=list(texts), audio=list(audios), sampling_rate=sampling_rate_of(processor), return_tensors="pt",
-        padding=True,
+        text_kwargs={"padding": True},
     )
 
 
