@@ -33,6 +33,8 @@ class Architecture:
     #: the submodule whose ``generate()``/``forward()`` produces text; "" = the model itself
     generator: str = ""
     audio_token_config_paths: tuple[str, ...] = DEFAULT_AUDIO_TOKEN_CONFIG_PATHS
+    #: generate()/forward keyword(s) holding the audio features (replaced by null audio in contrastive decoding)
+    audio_feature_keys: tuple[str, ...] = ("input_features",)
 
 
 _LM = Architecture(layers="model.language_model.layers")
@@ -54,7 +56,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "musicflamingo": _LM,
     "granite_speech": _LM,
     "granite_speech_plus": _LM,
-    "phi4_multimodal": Architecture(layers="model.layers", audio_token_config_paths=("audio_config.audio_token_id",)),
+    "phi4_multimodal": Architecture(layers="model.layers", audio_token_config_paths=("audio_config.audio_token_id",),
+                                    audio_feature_keys=("audio_input_features",)),
     "glmasr": _LM,
     "gemma3n": _LM,  # decoder layers output AltUp states [K, B, T, H]; every stream is patched
     "gemma4": _LM,
@@ -96,9 +99,11 @@ class Resolved:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    audio_feature_keys: tuple[str, ...] = ("input_features",)
+
     @property
     def deepest_source(self) -> int:
-        return max(p.source for p in self.patches)
+        return max((p.source for p in self.patches), default=-1)
 
 
 def _find_decoder_layers(model: nn.Module) -> str:
@@ -218,4 +223,5 @@ def resolve(model: nn.Module, preset: Preset, processor: Any = None) -> Resolved
         layers_path=layers_path,
         audio_token_id=_resolve_audio_token_id(model, preset, arch, processor),
         patches=patches,
+        audio_feature_keys=arch.audio_feature_keys if arch is not None else ("input_features",),
     )

@@ -32,7 +32,7 @@ from torch import nn
 from ._architectures import Resolved, ResolvedPatch
 from ._positions import position_masks
 
-__all__ = ["BackpatchRuntimeError", "PatchSession", "model_lock", "patch_session"]
+__all__ = ["BackpatchRuntimeError", "PatchSession", "generation_session", "model_lock", "patch_session"]
 
 # Keyword names a text model may receive its KV cache under (transformers 5.x renamed past_key_values to cache).
 _CACHE_KWARGS = ("cache", "past_key_values")
@@ -87,8 +87,15 @@ def _cache_is_static(kwargs: dict[str, Any]) -> bool:
 class PatchSession:
     """Hooks for one patched prefill; always used through :func:`patch_session`, which removes them."""
 
-    def __init__(self, resolved: Resolved, precaptured: dict[tuple[int, str], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        resolved: Resolved,
+        precaptured: dict[tuple[int, str], torch.Tensor] | None = None,
+        doubled: bool = False,
+    ) -> None:
         self.resolved = resolved
+        #: contrastive decoding appends a null-audio copy of every row: only the first half is patched
+        self._doubled = doubled
         #: source states already captured for this exact batch, keyed by (source layer, positions): a sweep over
         #: targets and scales (calibration) then skips the capture pass and reuses one capture per batch
         self._precaptured = precaptured
@@ -137,6 +144,9 @@ class PatchSession:
             )
         kinds = {p.positions for p in self.resolved.patches}
         self._masks = position_masks(input_ids, kwargs.get("attention_mask"), self.resolved.audio_token_id, kinds)
+        if self._doubled:
+            for mask in self._masks.values():
+                mask[input_ids.shape[0] // 2 :] = False
 
     def _on_text_model_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._capturing or self._masks is None:
@@ -299,10 +309,36 @@ def patch_session(
     resolved: Resolved, precaptured: dict[tuple[int, str], torch.Tensor] | None = None
 ) -> Iterator[PatchSession]:
     """Install a session's hooks for the duration of one call; they are gone afterwards, whatever happens."""
+    with generation_session(resolved, precaptured=precaptured) as (session, _):
+        yield session
+
+
+@contextmanager
+def generation_session(
+    resolved: Resolved,
+    contrastive: Any = None,
+    silence: Any = None,
+    precaptured: dict[tuple[int, str], torch.Tensor] | None = None,
+) -> Iterator[tuple[PatchSession | None, Any]]:
+    """Back-patching and/or contrastive decoding hooks for one call, under the model's lock.
+
+    The contrastive hooks go on first, so that the patch session sees the doubled batch and patches only the
+    main rows. Everything is removed in ``finally``.
+    """
+    from ._contrastive import ContrastiveSession
+
     with model_lock(resolved.generator).hold():
-        session = PatchSession(resolved, precaptured)
+        use_contrastive = contrastive is not None and contrastive.alpha > 0
+        cs = ContrastiveSession(resolved, contrastive, silence) if use_contrastive else None
+        ps = PatchSession(resolved, precaptured, doubled=use_contrastive) if resolved.patches else None
         try:
-            session.install()
-            yield session
+            if cs is not None:
+                cs.install()
+            if ps is not None:
+                ps.install()
+            yield ps, cs
         finally:
-            session.remove()
+            if ps is not None:
+                ps.remove()
+            if cs is not None:
+                cs.remove()

@@ -26,6 +26,7 @@ __all__ = [
     "POSITIONS",
     "AudioSpan",
     "Calibration",
+    "Contrastive",
     "Match",
     "ModelFacts",
     "Patch",
@@ -230,7 +231,41 @@ class Calibration:
             self.metrics[key] = _check_float(value, _join(_join(where, "metrics"), str(key)), origin)
 
 
-_SECTIONS: dict[str, type] = {"match": Match, "model": ModelFacts, "audio_span": AudioSpan, "calibration": Calibration}
+NULL_AUDIO = ("silence", "zeros")
+
+
+@dataclass
+class Contrastive:
+    """Audio-aware contrastive decoding: ``(1 + alpha) * l(audio) - alpha * l(null audio)`` at every step.
+
+    ``plausibility`` (optional) keeps only tokens with ``p(y | audio) >= plausibility * max p`` eligible.
+    """
+
+    alpha: float = 1.0
+    null_audio: str = "silence"
+    plausibility: float | None = None
+
+    def __post_init__(self) -> None:
+        self._validate("contrastive", None)
+
+    def _validate(self, where: str, origin: str | None) -> None:
+        self.alpha = _check_float(self.alpha, _join(where, "alpha"), origin)
+        if self.alpha < 0:
+            raise _fail(_join(where, "alpha"), f"must be >= 0 (0 turns it off), got {self.alpha}", origin)
+        _check_choice(self.null_audio, NULL_AUDIO, _join(where, "null_audio"), origin)
+        if self.plausibility is not None:
+            self.plausibility = _check_float(self.plausibility, _join(where, "plausibility"), origin)
+            if not 0.0 <= self.plausibility <= 1.0:
+                raise _fail(_join(where, "plausibility"), f"must be in [0, 1], got {self.plausibility}", origin)
+
+
+_SECTIONS: dict[str, type] = {
+    "match": Match,
+    "model": ModelFacts,
+    "audio_span": AudioSpan,
+    "contrastive": Contrastive,
+    "calibration": Calibration,
+}
 
 
 def _section_from_dict(cls: type, data: Any, where: str, origin: str | None) -> Any:
@@ -263,6 +298,7 @@ class Preset:
     match: Match | None = None
     model: ModelFacts | None = None
     audio_span: AudioSpan | None = None
+    contrastive: Contrastive | None = None
     calibration: Calibration | None = None
     #: where this preset was read from (a file path or ``bundled:NAME``); used in error messages, not saved.
     origin: str | None = field(default=None, compare=False, repr=False)
@@ -274,8 +310,11 @@ class Preset:
         _check_str(self.name, "name", origin)
         if self.description is not None and not isinstance(self.description, str):
             raise _fail("description", f"expected a string, got {_type_name(self.description)}", origin)
-        if not isinstance(self.patches, list) or not self.patches:
-            raise _fail("patches", "a preset needs at least one patch (a list of {source, target, ...})", origin)
+        if not isinstance(self.patches, list):
+            raise _fail("patches", f"expected a list of patches, got {_type_name(self.patches)}", origin)
+        if not self.patches and self.contrastive is None:
+            raise _fail("patches", "a preset needs at least one patch (a list of {source, target, ...}) or a "
+                        "contrastive block", origin)
         for i, patch in enumerate(self.patches):
             if not isinstance(patch, Patch):
                 raise _fail(f"patches[{i}]", f"expected a Patch, got {_type_name(patch)}", origin)
@@ -294,10 +333,15 @@ class Preset:
             raise _fail("version", f"unsupported schema version {data['version']!r}; this backpatch reads version "
                         f"{SCHEMA_VERSION}", origin)
         name = _check_str(_require(data, "name", "", origin), "name", origin)
-        raw_patches = _require(data, "patches", "", origin)
-        if not isinstance(raw_patches, list) or not raw_patches:
-            raise _fail("patches", "expected a non-empty list of patches ({source, target, scale, mode, positions})",
-                        origin)
+        if data.get("contrastive") is None:
+            raw_patches = _require(data, "patches", "", origin)
+            if not isinstance(raw_patches, list) or not raw_patches:
+                raise _fail("patches", "expected a non-empty list of patches ({source, target, scale, mode, "
+                            "positions}), or a contrastive block", origin)
+        else:
+            raw_patches = data.get("patches") or []
+            if not isinstance(raw_patches, list):
+                raise _fail("patches", "expected a list of patches ({source, target, scale, mode, positions})", origin)
         patches = [_section_from_dict(Patch, p, f"patches[{i}]", origin) for i, p in enumerate(raw_patches)]
         sections = {
             key: _section_from_dict(section_cls, data[key], key, origin)
@@ -315,7 +359,10 @@ class Preset:
             section = getattr(self, key)
             if section is not None:
                 out[key] = {k: v for k, v in dataclasses.asdict(section).items() if v is not None}
-        out["patches"] = [dataclasses.asdict(p) for p in self.patches]
+        if self.patches or self.contrastive is None:
+            out["patches"] = [dataclasses.asdict(p) for p in self.patches]
+        if self.contrastive is not None:
+            out["contrastive"] = {k: v for k, v in dataclasses.asdict(self.contrastive).items() if v is not None}
         if self.calibration is not None:
             cal = dataclasses.asdict(self.calibration)
             out["calibration"] = {k: v for k, v in cal.items() if v is not None and v != {}}

@@ -17,9 +17,9 @@ from typing import Any
 from torch import nn
 
 from ._architectures import Resolved, resolve
-from ._engine import patch_session
+from ._engine import generation_session
 from .bundled import find_matching_preset, load_preset
-from .preset import Preset
+from .preset import Preset, PresetError
 
 __all__ = ["BackpatchedModel", "apply", "backpatch_hook_count", "wrap"]
 
@@ -37,6 +37,22 @@ def _as_preset(model: nn.Module, preset: Preset | str | Path | None) -> Preset:
     return found
 
 
+def _silence_for(preset: Preset, processor: Any) -> Any:
+    """Silent-clip features for contrastive decoding with ``null_audio: silence`` (needs the processor)."""
+    block = preset.contrastive
+    if block is None or block.alpha == 0 or block.null_audio != "silence":
+        return None
+    if processor is None or getattr(processor, "feature_extractor", None) is None:
+        origin = f"{preset.origin}: " if preset.origin else ""
+        raise PresetError(
+            f"{origin}contrastive.null_audio: silence needs the processor to compute silent features; pass "
+            "wrap(model, preset, processor=processor), or use null_audio: zeros"
+        )
+    from ._contrastive import silence_frame
+
+    return silence_frame(processor)
+
+
 class BackpatchedModel:
     """A Hugging Face audio LLM whose ``generate()`` (and forward) are back-patched.
 
@@ -52,9 +68,11 @@ class BackpatchedModel:
         self._model = model
         self.preset = _as_preset(model, preset)
         self._resolved = resolve(model, self.preset, processor)
+        self._silence = _silence_for(self.preset, processor)
         self._local = threading.local()
-        #: the session of the most recent patched call (for deterministic counts in tests and benchmarks)
+        #: the sessions of the most recent call (for deterministic counts in tests and benchmarks)
         self.last_session = None
+        self.last_contrastive = None
 
     # ------------------------------------------------------------------------------------------- access
     @property
@@ -75,7 +93,9 @@ class BackpatchedModel:
         patches = ", ".join(
             f"{p.source}->{p.target} {p.mode} x{p.scale:g} @{p.positions}" for p in self._resolved.patches
         )
-        return f"BackpatchedModel({type(self._model).__name__}, preset={self.preset.name!r}, patches=[{patches}])"
+        contrastive = f", contrastive alpha={self.preset.contrastive.alpha:g}" if self.preset.contrastive else ""
+        return (f"BackpatchedModel({type(self._model).__name__}, preset={self.preset.name!r}, "
+                f"patches=[{patches}]{contrastive})")
 
     # ------------------------------------------------------------------------------------------ calling
     @property
@@ -101,8 +121,8 @@ class BackpatchedModel:
         plain_generate = type(generator).generate  # the class method: skips an instance override by apply()
         if self.is_disabled:
             return plain_generate(generator, *args, **kwargs)
-        with patch_session(self._resolved) as session:
-            self.last_session = session
+        with generation_session(self._resolved, self.preset.contrastive, self._silence) as sessions:
+            self.last_session, self.last_contrastive = sessions
             return plain_generate(generator, *args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -110,8 +130,8 @@ class BackpatchedModel:
         generator = self._resolved.generator
         if self.is_disabled:
             return generator(*args, **kwargs)
-        with patch_session(self._resolved) as session:
-            self.last_session = session
+        with generation_session(self._resolved, self.preset.contrastive, self._silence) as sessions:
+            self.last_session, self.last_contrastive = sessions
             return generator(*args, **kwargs)
 
     __call__ = forward

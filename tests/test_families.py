@@ -110,3 +110,26 @@ def test_gemma3n_patches_every_altup_stream():
     finally:
         handle.remove()
     assert seen[0] == 4  # [K, B, T, H]; equality with the reference above covers all K streams
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_contrastive_decoding_equals_two_forward_reference(name):
+    """The null stream rides along as extra batch rows; M-RoPE positions, features re-sent on decode (Phi-4)
+    and per-family feature keys must all survive the doubling."""
+    fam = family(name)
+    preset = Preset(patches=[Patch(source=-1, target=0, scale=0.5)],
+                    contrastive=backpatch.Contrastive(alpha=1.0, null_audio="zeros"))
+    wrapped = backpatch.wrap(fam.model, preset)
+    null = {k: torch.zeros_like(v) if k in wrapped.resolved.audio_feature_keys else v for k, v in fam.batch.items()}
+    assert any(k in wrapped.resolved.audio_feature_keys for k in fam.batch)
+    with torch.no_grad():
+        out = wrapped.generate(**fam.batch, max_new_tokens=3, **KWARGS)
+        main = reference_logits(
+            fam.model, fam.layers, fam.batch,
+            [{"source": len(fam.layers) - 1, "target": 0, "scale": 0.5, "mode": "add", "positions": "audio"}],
+            wrapped.resolved.audio_token_id, forward=fam.logits,
+        )
+        want = 2 * main - fam.logits(null)[:, -1].float()
+    torch.testing.assert_close(out.logits[0], want, rtol=1e-4, atol=1e-4)
+    assert out.sequences.shape[0] == fam.batch["input_ids"].shape[0]
+    assert backpatch.backpatch_hook_count(fam.model) == 0
