@@ -1,4 +1,5 @@
-"""Calibration: sweep source x target x scale x mode x positions on a validation conflict set, write a preset.
+"""Calibration: sweep back-patching (source x target x scale x mode x positions) and contrastive decoding
+(alpha, alone and combined with the best patch settings) on a validation conflict set, write a preset.
 
 The sweep scores every setting by the model's first answer token (greedy argmax at the last prompt position),
 which is what decides single-word answers, and reuses work: one unpatched forward per batch yields the plain
@@ -24,16 +25,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ._architectures import resolve
-from ._engine import patch_session
+from ._contrastive import silence_frame
+from ._engine import generation_session
 from ._positions import position_masks
 from .audio_io import load_audio
 from .bundled import find_matching_preset, load_preset
 from .evaluate import evaluate, judge, load_conflict_set, metrics
 from .inputs import build_inputs, sampling_rate_of
-from .preset import AudioSpan, Calibration, Match, ModelFacts, Patch, Preset, PresetError
+from .preset import AudioSpan, Calibration, Contrastive, Match, ModelFacts, Patch, Preset, PresetError
 from .wrapper import BackpatchedModel, wrap
 
-__all__ = ["Setting", "calibrate", "default_grid", "passes_no_harm"]
+__all__ = ["Candidate", "Setting", "calibrate", "default_grid", "passes_no_harm"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,19 @@ class Setting:
         return f"{self.source}->{self.target} {self.mode} x{self.scale:g} @{self.positions}"
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """What a preset applies: an optional patch setting and an optional contrastive alpha."""
+
+    setting: Setting | None
+    alpha: float = 0.0
+
+    def label(self) -> str:
+        parts = ([self.setting.label()] if self.setting else []) + ([f"contrastive a={self.alpha:g}"] if self.alpha
+                                                                     else [])
+        return " + ".join(parts) or "plain"
+
+
 def default_grid(num_layers: int) -> dict[str, list]:
     """Late half as sources, early half as targets; add at three scales, replace at 1; audio and last."""
     half = num_layers // 2
@@ -62,6 +77,9 @@ def default_grid(num_layers: int) -> dict[str, list]:
         "scales": [0.5, 1.0, 2.0],
         "modes": ["add", "replace"],
         "positions": ["audio", "last"],
+        # contrastive decoding, alone and combined with the best patch settings (empty list: patches only)
+        "alphas": [1.0, 2.0, 4.0],
+        "null_audio": "silence",
     }
 
 
@@ -170,6 +188,8 @@ def calibrate(
     wrapped = wrap(model, _with_patches(base_preset, [Patch(source=1, target=0)]), processor=processor)
     num_layers = wrapped.resolved.num_layers
     grid = {**default_grid(num_layers), **(grid or {})}
+    if grid["alphas"] and grid["null_audio"] == "silence" and getattr(processor, "feature_extractor", None) is None:
+        raise ValueError("contrastive calibration with null_audio silence needs a processor with a feature extractor")
     grid["sources"] = [s + num_layers if s < 0 else s for s in grid["sources"]]
     grid["targets"] = [t + num_layers if t < 0 else t for t in grid["targets"]]
     settings = _settings(grid)
@@ -179,57 +199,74 @@ def calibrate(
 
     batches, plain_answers = _prepare(wrapped, processor, items, grid, batch_size, progress)
     plain = metrics(items, [judge(a, it) for a, it in zip(plain_answers, items, strict=True)])
-    results = []
-    for setting in tqdm(settings, desc="sweep", unit="setting", disable=not progress):
-        resolved = resolve(model, _with_patches(wrapped.preset, [setting.patch()]), processor)
+    silence = silence_frame(processor) if grid["alphas"] and grid["null_audio"] == "silence" else None
+
+    def score(candidate: Candidate) -> dict[str, Any]:
+        preset = _candidate_preset(wrapped.preset, candidate, grid["null_audio"])
+        resolved = resolve(model, preset, processor)
         answers = []
         for batch in batches:
-            with patch_session(resolved, precaptured=batch.states):
+            with generation_session(resolved, preset.contrastive, silence, precaptured=batch.states):
                 answers += _first_token_answers(resolved.generator, processor, batch.inputs)
-        m = metrics(items, [judge(a, it) for a, it in zip(answers, items, strict=True)])
-        results.append((setting, m))
+        return metrics(items, [judge(a, it) for a, it in zip(answers, items, strict=True)])
+
+    results = [(Candidate(s), score(Candidate(s))) for s in tqdm(settings, desc="sweep patches", unit="setting",
+                                                                  disable=not progress)]
+    best_patches = [c.setting for c, m in sorted(results, key=lambda r: _tdr_key(r[1]))
+                    if passes_no_harm(m, plain, max_harm)][:3]
+    contrastive = [Candidate(s, float(a)) for a in grid["alphas"] if a > 0 for s in (None, *best_patches)]
+    results += [(c, score(c)) for c in tqdm(contrastive, desc="sweep contrastive", unit="setting",
+                                            disable=not progress)]
     sweep_seconds = time.perf_counter() - started
 
     eligible = sorted((r for r in results if passes_no_harm(r[1], plain, max_harm)), key=lambda r: _tdr_key(r[1]))
     candidates = eligible[:verify_top] or sorted(results, key=lambda r: _tdr_key(r[1]))[:1]
     verified = []
-    for setting, proxy in candidates:
-        preset = _with_patches(wrapped.preset, [setting.patch()])
+    for candidate, proxy in candidates:
+        preset = _candidate_preset(wrapped.preset, candidate, grid["null_audio"])
         report = evaluate(wrap(model, preset, processor=processor), processor, data, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, limit=limit, progress=progress)
-        verified.append((setting, proxy, report))
+        verified.append((candidate, proxy, report))
     good = [v for v in verified if passes_no_harm(v[2]["backpatched"], v[2]["plain"], max_harm)]
     if not good:
         logger.warning("no verified setting passes the no-harm rule; writing the lowest-TDR one, marked as harmful")
-    best_setting, _, best_report = min(good or verified, key=lambda v: _tdr_key(v[2]["backpatched"]))
+    best, _, best_report = min(good or verified, key=lambda v: _tdr_key(v[2]["backpatched"]))
     total_seconds = time.perf_counter() - started
 
     heatmap = out.with_suffix(".png")
-    _plot_heatmap(results, best_setting, num_layers, heatmap, plain)
-    preset = _calibrated_preset(wrapped, model, best_setting, best_report, data, name or out.stem, len(settings),
-                                total_seconds, no_harm=bool(good))
+    patch_results = [(c.setting, m) for c, m in results if c.alpha == 0]
+    shown = best.setting or min(patch_results, key=lambda r: _tdr_key(r[1]))[0]
+    _plot_heatmap(patch_results, shown, num_layers, heatmap, plain)
+    preset = _calibrated_preset(wrapped, model, best, best_report, data, name or out.stem, len(results),
+                                total_seconds, grid["null_audio"], no_harm=bool(good))
     preset.to_yaml(out)
     summary = {
         "preset": str(out), "heatmap": str(heatmap), "data": str(data), "n_items": len(items),
-        "n_settings": len(settings), "grid": {k: list(v) for k, v in grid.items()},
+        "n_settings": len(results), "grid": grid,
         "sweep_seconds": round(sweep_seconds, 1), "total_seconds": round(total_seconds, 1),
-        "plain_first_token": plain, "chosen": best_setting.label(), "no_harm": bool(good),
+        "plain_first_token": plain, "chosen": best.label(), "no_harm": bool(good),
         "verified": [{"setting": s.label(), "proxy": p, "plain": r["plain"], "backpatched": r["backpatched"]}
                      for s, p, r in verified],
-        "sweep": [{"setting": s.label(), **{k: m[k] for k in ("tdr", "afr", "other_rate", "audio_only_acc",
-                                                                "consistent_acc")}} for s, m in results],
+        "sweep": [{"setting": c.label(), **{k: m[k] for k in ("tdr", "afr", "other_rate", "audio_only_acc",
+                                                                "consistent_acc")}} for c, m in results],
     }
     out.with_suffix(".sweep.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
 
 
-def _with_patches(preset: Preset, patches: list[Patch]) -> Preset:
+def _with_patches(preset: Preset, patches: list[Patch], contrastive: Contrastive | None = None) -> Preset:
     return Preset(patches=list(patches), name=preset.name, description=preset.description, match=preset.match,
-                  model=preset.model, audio_span=preset.audio_span, calibration=preset.calibration,
-                  origin=preset.origin)
+                  model=preset.model, audio_span=preset.audio_span, contrastive=contrastive,
+                  calibration=preset.calibration, origin=preset.origin)
 
 
-def _calibrated_preset(wrapped, model, setting, report, data, name, n_settings, seconds, no_harm) -> Preset:
+def _candidate_preset(base: Preset, candidate: Candidate, null_audio: str) -> Preset:
+    contrastive = Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.alpha else None
+    return _with_patches(base, [candidate.setting.patch()] if candidate.setting else [], contrastive)
+
+
+def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings, seconds, null_audio,
+                       no_harm) -> Preset:
     before, after = report["plain"], report["backpatched"]
     metric_values = {}
     for key in ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc"):
@@ -243,8 +280,9 @@ def _calibrated_preset(wrapped, model, setting, report, data, name, n_settings, 
     base = wrapped.preset
     description = (
         f"Calibrated by `backpatch calibrate` on {Path(data).name} ({before['n_conflict']} conflicts): "
-        f"{n_settings} settings scored by first answer token, the best no-harm ones verified with full greedy "
-        f"generate; chosen {setting.label()}. TDR {before['tdr']} -> {after['tdr']}, audio-only "
+        f"{n_settings} settings (back-patching, contrastive decoding and both) scored by first answer token, "
+        f"the best no-harm ones verified with full greedy "
+        f"generate; chosen {candidate.label()}. TDR {before['tdr']} -> {after['tdr']}, audio-only "
         f"{before['audio_only_acc']} -> {after['audio_only_acc']}, consistent {before['consistent_acc']} -> "
         f"{after['consistent_acc']} (validation){'' if no_harm else '; WARNING: fails the no-harm rule'}. "
         f"Run time {seconds:.0f} s."
@@ -255,7 +293,8 @@ def _calibrated_preset(wrapped, model, setting, report, data, name, n_settings, 
         match=base.match or Match(model_type=config.model_type, name_or_path=glob),
         model=ModelFacts(layers=wrapped.resolved.layers_path, num_layers=wrapped.resolved.num_layers),
         audio_span=base.audio_span or AudioSpan(token_id=wrapped.resolved.audio_token_id),
-        patches=[setting.patch()],
+        patches=[candidate.setting.patch()] if candidate.setting else [],
+        contrastive=Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.alpha else None,
         calibration=Calibration(status="calibrated", data=str(data), metrics=metric_values),
     )
 

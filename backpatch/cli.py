@@ -155,7 +155,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model, processor = load_model_and_processor(args.model, args.dtype, args.device_map, args.trust_remote_code)
     grid = {key: value for key, value in {
         "sources": _int_list(args.sources), "targets": _int_list(args.targets), "scales": _float_list(args.scales),
-        "modes": _str_list(args.modes), "positions": _str_list(args.positions)}.items() if value is not None}
+        "modes": _str_list(args.modes), "positions": _str_list(args.positions), "alphas": _float_list(args.alphas),
+        "null_audio": args.null_audio}.items() if value is not None}
     base = args.preset or ("organism-digits" if args.model is None else None)
     summary = calibrate(model, processor, data, args.out, base_preset=base, grid=grid, batch_size=args.batch_size,
                         verify_top=args.verify_top, max_new_tokens=args.max_new_tokens, name=args.name,
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int, default=2, help="processes for --launcher accelerate")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("calibrate", help="sweep source x target x scale x mode x positions, write the best preset")
+    p = sub.add_parser("calibrate", help="sweep back-patching and contrastive settings, write the best preset")
     _add_model_args(p)
     p.add_argument("--data", help="validation conflict-set JSONL (default with no --model: the organism's examples)")
     p.add_argument("--out", required=True, help="preset YAML to write (a heatmap .png and .sweep.json go beside it)")
@@ -215,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", help="comma-separated scales (default: 0.5,1,2; replace uses 1)")
     p.add_argument("--modes", help="comma-separated modes (default: add,replace)")
     p.add_argument("--positions", help="comma-separated positions (default: audio,last)")
+    p.add_argument("--alphas", help="comma-separated contrastive alphas, alone and with the best patches "
+                   "(default: 1,2,4; empty string: back-patching only)")
+    p.add_argument("--null-audio", choices=["silence", "zeros"], help="null audio for contrastive (default: silence)")
     p.add_argument("--verify-top", type=int, default=3, help="best no-harm settings to verify with generate()")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=16)

@@ -32,6 +32,7 @@ def test_default_grid_and_settings():
     settings = _settings(grid)
     # 36 pairs x (3 add scales + 1 replace) x 2 positions
     assert len(settings) == 36 * 4 * 2
+    assert grid["alphas"] == [1.0, 2.0, 4.0] and grid["null_audio"] == "silence"
     assert all(s.source > s.target for s in settings)
     assert {s.scale for s in settings if s.mode == "replace"} == {1.0}
 
@@ -51,7 +52,7 @@ def test_reused_capture_gives_the_same_logits_as_a_fresh_capture(setup, setting)
     _, data, model, processor = setup
     items = load_conflict_set(data)
     wrapped = backpatch.wrap(model, backpatch.Preset(patches=[setting.patch()]), processor=processor)
-    grid = {"sources": [setting.source], "positions": [setting.positions]}
+    grid = {"sources": [setting.source], "positions": [setting.positions], "alphas": []}
     batches, _ = _prepare(wrapped, processor, items, grid, batch_size=5, progress=False)
     resolved = resolve(model, wrapped.preset, processor)
     with torch.no_grad():
@@ -68,12 +69,15 @@ def test_calibrate_cli_writes_valid_preset_heatmap_and_sweep(setup, capsys):
     out = root / "tiny-cal.yaml"
     code = main(["calibrate", "--model", str(root / "model"), "--data", str(data), "--out", str(out),
                  "--sources", "4,5", "--targets", "0,1", "--scales", "1,2", "--modes", "add,replace",
-                 "--positions", "audio,last", "--verify-top", "2", "--max-new-tokens", "2", "--batch-size", "6"])
+                 "--positions", "audio,last", "--alphas", "1,3", "--verify-top", "2", "--max-new-tokens", "2",
+                 "--batch-size", "6"])
     assert code == 0
     preset = backpatch.Preset.from_yaml(out)
     assert preset.name == "tiny-cal" and preset.calibration.status == "calibrated"
-    patch = preset.patches[0]
-    assert patch.source in (4, 5) and patch.target in (0, 1) and patch.mode in ("add", "replace")
+    assert preset.patches or preset.contrastive
+    for patch in preset.patches:
+        assert patch.source in (4, 5) and patch.target in (0, 1) and patch.mode in ("add", "replace")
+    assert preset.contrastive is None or preset.contrastive.alpha in (1.0, 3.0)
     # (TDR may be undefined on a random model: no answer names either digit; then it is left out, not faked)
     assert {"audio_only_acc_before", "audio_only_acc_after", "consistent_acc_before", "consistent_acc_after",
             "afr_before", "afr_after"} <= set(preset.calibration.metrics)
@@ -82,7 +86,10 @@ def test_calibrate_cli_writes_valid_preset_heatmap_and_sweep(setup, capsys):
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     sweep = json.loads(out.with_suffix(".sweep.json").read_text())
-    assert sweep["n_settings"] == 2 * 2 * 2 * 3  # pairs x positions x (2 add scales + 1 replace)
+    # pairs x positions x (2 add scales + 1 replace), then each alpha alone and with the 3 best patch settings
+    assert sweep["n_settings"] == 2 * 2 * 2 * 3 + 2 * 4
+    labels = [row["setting"] for row in sweep["sweep"]]
+    assert "contrastive a=1" in labels and sum("+ contrastive a=3" in label for label in labels) == 3
     assert len(sweep["sweep"]) == sweep["n_settings"] and len(sweep["verified"]) <= 2
     assert sweep["chosen"] in [row["setting"] for row in sweep["sweep"]]
     # the written preset loads back onto the model it was calibrated for
