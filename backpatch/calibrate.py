@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -247,8 +247,10 @@ def calibrate(
         "plain_first_token": plain, "chosen": best.label(), "no_harm": bool(good),
         "verified": [{"setting": s.label(), "proxy": p, "plain": r["plain"], "backpatched": r["backpatched"]}
                      for s, p, r in verified],
-        "sweep": [{"setting": c.label(), **{k: m[k] for k in ("tdr", "afr", "other_rate", "audio_only_acc",
-                                                                "consistent_acc")}} for c, m in results],
+        "sweep": [{"setting": c.label(), "patch": asdict(c.setting) if c.setting else None, "alpha": c.alpha,
+                   "no_harm": passes_no_harm(m, plain, max_harm),
+                   **{k: m[k] for k in ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc")}}
+                  for c, m in results],
     }
     out.with_suffix(".sweep.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
