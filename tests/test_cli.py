@@ -82,3 +82,25 @@ def test_run_preset_that_does_not_fit_the_model(checkpoint, capsys):
     assert main(["run", "--model", str(directory), "--preset", str(bad), "--audio", str(audio),
                  "--prompt", "Which digit is spoken?"]) == 2
     assert "out of range for this model, which has 6 decoder layers" in capsys.readouterr().err
+
+
+def test_run_with_dtype_and_device_map(checkpoint, capsys):
+    directory, audio, preset = checkpoint
+    code = main(["run", "--model", str(directory), "--preset", str(preset), "--audio", str(audio), "--prompt",
+                 "Which digit is spoken?", "--dtype", "bfloat16", "--device-map", "cpu", "--max-new-tokens", "2"])
+    assert code == 0
+    assert "backpatched:" in capsys.readouterr().out
+
+
+def test_load_model_and_processor_honours_dtype_and_device_map(checkpoint):
+    import torch
+
+    from backpatch.loading import load_model_and_processor
+
+    directory, _, _ = checkpoint
+    model, processor = load_model_and_processor(str(directory), dtype="float16", device_map="auto")
+    assert model.dtype == torch.float16 and model.device.type == "cpu"
+    assert type(model).__name__ == "Qwen2AudioForConditionalGeneration"
+    assert type(processor).__name__ == "Qwen2AudioProcessor"
+    with pytest.raises(ValueError, match="unknown dtype 'int3'"):
+        load_model_and_processor(str(directory), dtype="int3")
