@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import sys
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
+from backpatch.evaluate import ConflictItem, judge, metrics
 from backpatch.organism.corpus import DEFAULT_OUT as DEFAULT_CORPUS
 from backpatch.organism.corpus import load_manifest
 from backpatch.organism.processor import DIGITS, encode, first_word, make_prompt
@@ -118,51 +117,11 @@ def load_items(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval for k successes out of n."""
-    if n == 0:
-        return [0.0, 1.0]
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
-
-
 def score(items: Sequence[dict], answers: Sequence[str]) -> dict:
-    """DESIGN section 4 metrics from normalized answers (one per item, same order)."""
-    c: Counter = Counter()
-    for it, ans in zip(items, answers, strict=True):
-        kind = it["kind"]
-        c[f"n_{kind}"] += 1
-        if ans == it["audio_answer"]:
-            c[f"{kind}_audio"] += 1
-        elif it["text_answer"] is not None and ans == it["text_answer"]:
-            c[f"{kind}_text"] += 1
-        else:
-            c[f"{kind}_other"] += 1
-    n_c, t, a = c["n_conflict"], c["conflict_text"], c["conflict_audio"]
-    res = {
-        "tdr": t / (t + a) if t + a else 0.0,
-        "afr": a / n_c if n_c else 0.0,
-        "other_rate": c["conflict_other"] / n_c if n_c else 0.0,
-        "consistent_acc": c["consistent_audio"] / c["n_consistent"] if c["n_consistent"] else 0.0,
-        "audio_only_acc": c["audio_only_audio"] / c["n_audio_only"] if c["n_audio_only"] else 0.0,
-        "n_conflict": n_c,
-        "n_consistent": c["n_consistent"],
-        "n_audio_only": c["n_audio_only"],
-        "followed_text": t,
-        "followed_audio": a,
-        "other": c["conflict_other"],
-    }
-    res["ci95"] = {
-        "tdr": wilson(t, t + a),
-        "afr": wilson(a, n_c),
-        "other_rate": wilson(c["conflict_other"], n_c),
-        "consistent_acc": wilson(c["consistent_audio"], c["n_consistent"]),
-        "audio_only_acc": wilson(c["audio_only_audio"], c["n_audio_only"]),
-    }
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}
+    """DESIGN section 4 metrics (the library's :func:`backpatch.evaluate.metrics`) for JSONL rows and answers."""
+    judged = [ConflictItem(it["id"], None, it["prompt"], it["audio_answer"], it.get("text_answer"), it["kind"])
+              for it in items]
+    return metrics(judged, [judge(answer, item) for answer, item in zip(answers, judged, strict=True)])
 
 
 @torch.no_grad()

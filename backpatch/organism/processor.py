@@ -117,11 +117,11 @@ def conversation(prompt: str, audio: np.ndarray | str | None = None) -> list[dic
 
 
 def encode(processor: Qwen2AudioProcessor, waveforms: Sequence[np.ndarray], prompts: Sequence[str]):
-    """Batch recipe (b) from the module docstring: chat template to text, then the processor on text+audio."""
-    texts = [
-        processor.apply_chat_template(conversation(p), add_generation_prompt=True, tokenize=False) for p in prompts
-    ]
-    return processor(text=texts, audio=list(waveforms), sampling_rate=SAMPLING_RATE, return_tensors="pt", padding=True)
+    """Batch recipe (b) from the module docstring: the library's own (``backpatch.inputs.build_inputs``), so the
+    organism is trained and evaluated on exactly the inputs every command gives it."""
+    from backpatch.inputs import build_inputs
+
+    return build_inputs(processor, waveforms, prompts)
 
 
 def first_word(text: str) -> str:

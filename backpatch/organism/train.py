@@ -165,6 +165,7 @@ def in_band(m: dict) -> bool:
     return (
         m["audio_only_acc"] >= BAND["audio_only_acc"]
         and m["consistent_acc"] >= BAND["consistent_acc"]
+        and m["tdr"] is not None  # undefined when no conflict answer names either digit
         and lo <= m["tdr"] <= hi
     )
 
@@ -174,7 +175,7 @@ def select(history: list[dict]) -> dict:
 
     def key(h: dict) -> tuple:
         m = h["val"]
-        return (in_band(m), m["audio_only_acc"] + m["consistent_acc"], -abs(m["tdr"] - 0.8))
+        return (in_band(m), m["audio_only_acc"] + m["consistent_acc"], -abs((m["tdr"] or 0.0) - 0.8))
 
     return max(history, key=key)
 
