@@ -172,6 +172,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from .demo import launch
+    except ModuleNotFoundError as exc:
+        missing = exc.name
+        raise ValueError(f"the demo needs gradio ({missing} is not installed): pip install 'backpatch[demo]'") from None
+    launch(args.model, args.preset, host=args.host, port=args.port, dtype=args.dtype,
+           device_map=args.device_map, trust_remote_code=args.trust_remote_code)
+    return 0
+
+
 def _default_data(args: argparse.Namespace) -> str:
     if args.model is not None:
         raise ValueError("--data is required with --model: pass a conflict-set JSONL file (DESIGN section 4)")
@@ -224,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--limit", type=int, help="only the first N items")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("demo", help="Gradio side-by-side demo, plain vs back-patched (default: the shipped organism)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -104,3 +104,10 @@ def test_load_model_and_processor_honours_dtype_and_device_map(checkpoint):
     assert type(processor).__name__ == "Qwen2AudioProcessor"
     with pytest.raises(ValueError, match="unknown dtype 'int3'"):
         load_model_and_processor(str(directory), dtype="int3")
+
+
+def test_demo_subcommand_calls_launch(monkeypatch):
+    calls = []
+    monkeypatch.setattr("backpatch.demo.launch", lambda *a, **k: calls.append((a, k)))
+    assert main(["demo", "--port", "7999"]) == 0
+    assert calls[0][0] == (None, None) and calls[0][1]["port"] == 7999 and calls[0][1]["host"] == "127.0.0.1"

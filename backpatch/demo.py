@@ -1,0 +1,631 @@
+"""The Gradio side-by-side demo: plain vs preset answers for one clip and prompt (``backpatch demo``).
+
+One model instance serves every user. The compare action runs the plain and the patched ``generate()`` on the
+same processor inputs, under one lock and in a queue with ``concurrency_limit=1``, so two requests never patch
+the model at once. It is also the API endpoint ``/compare``: the first two inputs are the audio file and the
+prompt, the first two outputs the plain and the patched answer texts (``gradio_client`` can call it).
+
+Everything model-related lives in :class:`Demo`, which the tests drive without a browser; :func:`build_app` lays
+the Gradio Blocks over it and :func:`launch` loads the model (default: the shipped organism with its preset).
+Gradio is an optional dependency (the ``demo`` extra); it is imported only here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import organism
+from .audio_io import AudioFileError, read_audio, resample
+from .bundled import list_presets, load_preset
+from .evaluate import ConflictItem, judge, load_conflict_set, normalize
+from .inputs import build_inputs, decode_new_tokens, sampling_rate_of
+from .preset import MODES, POSITIONS, Calibration, Contrastive, Patch, Preset, PresetError
+from .wrapper import BackpatchedModel, wrap
+
+# No telemetry and no version check from a demo that must run offline (read when gradio builds the Blocks).
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402  (after the environment default above)
+
+__all__ = ["CompareResult", "Demo", "build_app", "launch"]
+
+logger = logging.getLogger(__name__)
+
+MAX_NEW_TOKENS = 32
+TOP_K = 5
+#: peak amplitude (full scale = 1.0) below which a clip counts as silent: about -80 dBFS
+SILENCE_PEAK = 1e-4
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _fail(message: str) -> gr.Error:
+    """A friendly error shown in the browser (and returned to API clients); the app keeps serving."""
+    return gr.Error(message, duration=None, title="Cannot compare", print_exception=False)
+
+
+def _describe(preset: Preset) -> str:
+    parts = [f"{p.source}→{p.target} {p.mode} ×{p.scale:g} @{p.positions}" for p in preset.patches]
+    text = "back-patching " + "; ".join(parts) if parts else "no back-patching"
+    if preset.contrastive is not None and preset.contrastive.alpha > 0:
+        text += f" + contrastive α={preset.contrastive.alpha:g} ({preset.contrastive.null_audio})"
+    return text
+
+
+@dataclass
+class Clip:
+    """One organism example clip with its prompts (conflict first)."""
+
+    key: str
+    path: Path
+    audio_answer: str
+    items: list[ConflictItem]
+    wave: np.ndarray
+
+    @property
+    def label(self) -> str:
+        voice = self.key.split("-")[2] if self.key.count("-") >= 2 else ""
+        return f"{self.audio_answer} · voice {voice} · {self.key}" if voice else f"{self.audio_answer} · {self.key}"
+
+    @property
+    def conflict_prompts(self) -> list[str]:
+        return [i.prompt for i in self.items if i.kind == "conflict"]
+
+
+@dataclass
+class CompareResult:
+    plain: str
+    patched: str
+    plain_top: dict[str, float]
+    patched_top: dict[str, float]
+    verdict_html: str
+    preset: Preset
+    #: for organism clips: "audio", "text" or "other" per side; None otherwise
+    plain_follows: str | None = None
+    patched_follows: str | None = None
+    clip: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_organism(model: torch.nn.Module) -> bool:
+    name = getattr(model.config, "_name_or_path", "") or ""
+    try:
+        return Path(name).resolve() == organism.path().resolve()
+    except OSError:  # pragma: no cover
+        return False
+
+
+class Demo:
+    """The demo's state and actions, without any UI: one model, its processor, the starting preset."""
+
+    def __init__(self, model: Any, processor: Any, preset: Preset | str | Path | None = None,
+                 model_name: str | None = None, max_new_tokens: int = MAX_NEW_TOKENS) -> None:
+        if isinstance(model, BackpatchedModel):
+            model = model.base_model
+        self.model = model
+        self.processor = processor
+        # Raises PresetError when it does not fit: launch() turns that into one sentence.
+        checked = wrap(model, preset, processor=processor)
+        self.preset = checked.preset
+        self.num_layers = checked.resolved.num_layers
+        self.model_name = model_name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+        self.max_new_tokens = max_new_tokens
+        self.sampling_rate = sampling_rate_of(processor)
+        self.max_seconds = self._max_seconds(processor)
+        self.is_organism = _is_organism(model)
+        self.presets: dict[str, Preset] = self._matching_presets()
+        self.clips: list[Clip] = self._load_clips() if self.is_organism else []
+        self._lock = threading.Lock()
+        self._save_dir = Path(tempfile.mkdtemp(prefix="backpatch-demo-"))
+
+    # ------------------------------------------------------------------------------------------- setup
+    @staticmethod
+    def _max_seconds(processor: Any) -> float | None:
+        """How long a clip the model accepts: the feature extractor's window (chunk_length, or n_samples)."""
+        fe = getattr(processor, "feature_extractor", None)
+        if fe is None:
+            return None
+        chunk = getattr(fe, "chunk_length", None)
+        if isinstance(chunk, (int, float)) and chunk > 0:
+            return float(chunk)
+        n_samples, rate = getattr(fe, "n_samples", None), getattr(fe, "sampling_rate", None)
+        if isinstance(n_samples, int) and n_samples > 0 and rate:
+            return n_samples / float(rate)
+        return None
+
+    def _matching_presets(self) -> dict[str, Preset]:
+        """The starting preset, then the bundled presets whose ``match`` fits this model."""
+        found = {self.preset.name: self.preset}
+        model_type = getattr(self.model.config, "model_type", "")
+        name = getattr(self.model.config, "_name_or_path", None)
+        for preset_name in list_presets():
+            if preset_name in found:
+                continue
+            try:
+                candidate = load_preset(preset_name)
+            except PresetError:  # pragma: no cover - bundled presets are tested
+                continue
+            if candidate.match is not None and candidate.match.matches(model_type, name):
+                found[preset_name] = candidate
+        return found
+
+    def _load_clips(self) -> list[Clip]:
+        clips: dict[str, Clip] = {}
+        for item in load_conflict_set(organism.examples_path()):
+            key = item.audio.stem
+            if key not in clips:
+                wave = resample(*read_audio(item.audio), self.sampling_rate)
+                clips[key] = Clip(key, item.audio, item.audio_answer, [], wave)
+            clips[key].items.append(item)
+        for clip in clips.values():
+            clip.items.sort(key=lambda i: ("conflict", "consistent", "audio_only").index(i.kind))
+        return list(clips.values())
+
+    def clip(self, key: str) -> Clip:
+        for clip in self.clips:
+            if clip.key == key:
+                return clip
+        raise _fail(f"No example clip named {key!r}.")
+
+    def showcase(self) -> tuple[Clip, str] | None:
+        """An organism example where the plain answer follows the text and the preset's follows the audio.
+
+        Scans the conflict items in one batch, then confirms candidates one at a time (as compare runs them).
+        """
+        items = [i for c in self.clips for i in c.items if i.kind == "conflict"]
+        if not items:
+            return None
+        waves = {c.key: c.wave for c in self.clips}
+        plain, patched = self._answers(self.preset, [waves[i.audio.stem] for i in items], [i.prompt for i in items])
+        for item, a, b in zip(items, plain, patched, strict=True):
+            if judge(a, item) == "text" and judge(b, item) == "audio":
+                p1, b1 = self._answers(self.preset, [waves[item.audio.stem]], [item.prompt])
+                if judge(p1[0], item) == "text" and judge(b1[0], item) == "audio":
+                    return self.clip(item.audio.stem), item.prompt
+        return None
+
+    # ---------------------------------------------------------------------------------------- controls
+    def controls(self, preset: Preset) -> dict[str, Any]:
+        """UI control values for ``preset``: its first patch (or the one-rule default when it has none)."""
+        n = self.num_layers
+        first = preset.patches[0] if preset.patches else Patch(source=round(3 * n / 4), target=round(n / 4))
+        alpha = preset.contrastive.alpha if preset.contrastive is not None else 0.0
+        return {"source": first.source, "target": first.target, "scale": first.scale, "mode": first.mode,
+                "positions": first.positions, "alpha": alpha, "patch_on": bool(preset.patches)}
+
+    def preset_from_controls(self, base_name: str | None, source: Any, target: Any, scale: Any, mode: Any,
+                             positions: Any, alpha: Any, patch_on: Any = True, uploaded: dict | None = None,
+                             name: str | None = None) -> Preset:
+        """The preset the controls describe: the base preset with its first patch and alpha replaced.
+
+        Further patches of the base preset are kept. Raises a friendly error for values no preset can hold.
+        """
+        base = self.base_preset(base_name, uploaded)
+
+        def integer(value: Any, what: str) -> int:
+            if value is None or isinstance(value, bool) or float(value) != int(float(value)):
+                raise _fail(f"The {what} layer must be a whole number, got {value!r}.")
+            return int(float(value))
+
+        def number(value: Any, what: str) -> float:
+            try:
+                out = float(value)
+            except (TypeError, ValueError):
+                raise _fail(f"The {what} must be a number, got {value!r}.") from None
+            if not np.isfinite(out):
+                raise _fail(f"The {what} must be a finite number, got {value!r}.")
+            return out
+
+        patches = list(base.patches)
+        if patch_on in (None, True) or patch_on == "true":
+            if mode not in MODES:
+                raise _fail(f"Mode {mode!r} is not one of: {', '.join(MODES)}.")
+            if positions not in POSITIONS:
+                raise _fail(f"Positions {positions!r} is not one of: {', '.join(POSITIONS)}.")
+            try:
+                first = Patch(source=integer(source, "source"), target=integer(target, "target"),
+                              scale=number(scale, "scale"), mode=mode, positions=positions)
+            except PresetError as exc:
+                raise _fail(f"These controls do not make a valid patch: {exc}") from None
+            patches = [first, *patches[1:]]
+        else:
+            patches = []
+        alpha = number(0.0 if alpha is None else alpha, "contrastive alpha")
+        if alpha < 0:
+            raise _fail(f"The contrastive alpha must be >= 0 (0 turns it off), got {alpha:g}.")
+        contrastive = None
+        if alpha > 0:
+            template = base.contrastive or Contrastive()
+            contrastive = Contrastive(alpha=alpha, null_audio=template.null_audio,
+                                      plausibility=template.plausibility)
+        if not patches and contrastive is None:
+            raise _fail("Nothing to compare: turn back-patching on or set a contrastive alpha above 0.")
+        unchanged = patches == base.patches and contrastive == (
+            base.contrastive if base.contrastive is not None and base.contrastive.alpha > 0 else None)
+        if unchanged and name in (None, base.name):
+            return base
+        description = base.description if unchanged else (
+            f"Edited in the backpatch demo from preset {base.name!r} on {self.model_name}; not calibrated.")
+        calibration = base.calibration if unchanged else Calibration(status="uncalibrated")
+        try:
+            return Preset(patches=patches, name=name or base.name, description=description, match=base.match,
+                          model=base.model, audio_span=base.audio_span, contrastive=contrastive,
+                          calibration=calibration)
+        except PresetError as exc:
+            raise _fail(f"These controls do not make a valid preset: {exc}") from None
+
+    def base_preset(self, name: str | None, uploaded: dict | None = None) -> Preset:
+        if name is None or name == "":
+            return self.preset
+        if uploaded and name in uploaded:
+            return uploaded[name]
+        if name in self.presets:
+            return self.presets[name]
+        try:
+            return load_preset(name)
+        except PresetError as exc:
+            raise _fail(f"Unknown preset: {exc}") from None
+
+    def fit(self, preset: Preset) -> BackpatchedModel:
+        """Wrap the one model with ``preset``; a preset that does not fit the model is a friendly error."""
+        try:
+            return wrap(self.model, preset, processor=self.processor)
+        except PresetError as exc:
+            raise _fail(f"The preset does not fit this model ({self.num_layers} decoder layers): {exc}") from None
+
+    def load_preset_file(self, path: str | Path) -> Preset:
+        """A user's preset YAML, checked against the model."""
+        try:
+            preset = Preset.from_yaml(path)
+        except PresetError as exc:
+            raise _fail(f"That preset file is not valid: {_shorten(str(exc), path)}") from None
+        self.fit(preset)
+        return preset
+
+    def save_preset(self, preset: Preset, name: str | None = None) -> Path:
+        """Write ``preset`` (renamed to ``name``) as YAML into a fresh file for download."""
+        name = (name or preset.name).strip()
+        if not _NAME_RE.match(name):
+            raise _fail("A preset name may hold only letters, digits, '.', '_' and '-' (it is also the file name).")
+        if name != preset.name:
+            preset = Preset(patches=preset.patches, name=name, description=preset.description, match=preset.match,
+                            model=preset.model, audio_span=preset.audio_span, contrastive=preset.contrastive,
+                            calibration=preset.calibration)
+        self.fit(preset)
+        folder = Path(tempfile.mkdtemp(dir=self._save_dir))
+        path = folder / f"{name}.yaml"
+        preset.to_yaml(path)
+        return path
+
+    # ------------------------------------------------------------------------------------------- audio
+    def load_clip(self, audio: Any) -> np.ndarray:
+        """The waveform at the model's rate; friendly errors for what the model cannot take."""
+        if audio is None or audio == "":
+            raise _fail("Choose an audio clip first: upload one, record one, or pick an example.")
+        if isinstance(audio, dict):  # a FileData payload from an API client that skipped preprocessing
+            audio = audio.get("path")
+        name = Path(str(audio)).name
+        try:
+            wave, rate = read_audio(audio)
+        except AudioFileError as exc:
+            if "no audio samples" in str(exc):
+                raise _fail(f"The audio clip {name} is empty (it has no samples).") from None
+            if "not found" in str(exc):
+                raise _fail(f"The audio file {name} was not found.") from None
+            raise _fail(f"{name} is not an audio file that can be read: use a wav, flac, ogg or mp3 file.") from None
+        seconds = len(wave) / rate
+        if self.max_seconds is not None and seconds > self.max_seconds + 1e-6:
+            raise _fail(f"The clip is {seconds:.2f} s long, but this model accepts at most {self.max_seconds:g} s "
+                        "of audio (its feature extractor's window). Trim the clip and try again.")
+        if not np.isfinite(wave).all() or float(np.max(np.abs(wave))) < SILENCE_PEAK:
+            raise _fail(f"The audio clip {name} is silent: there is nothing for the model to listen to.")
+        return resample(wave, rate, self.sampling_rate)
+
+    def match_clip(self, wave: np.ndarray) -> Clip | None:
+        """The organism example clip with this waveform (uploads and API calls are matched by content)."""
+        for clip in self.clips:
+            if len(clip.wave) == len(wave) and np.allclose(clip.wave, wave, atol=2e-3):
+                return clip
+        return None
+
+    # ------------------------------------------------------------------------------------------ running
+    def _inputs(self, waves: Sequence[np.ndarray], prompts: Sequence[str]) -> Any:
+        inputs = build_inputs(self.processor, waves, prompts).to(self.model.device)
+        dtype = getattr(self.model, "dtype", None)
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and dtype is not None:
+                inputs[key] = value.to(dtype)
+        return inputs
+
+    def _generate(self, wrapped: BackpatchedModel, inputs: Any) -> tuple[list[str], torch.Tensor]:
+        out = wrapped.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                               return_dict_in_generate=True, output_logits=True)
+        texts = decode_new_tokens(self.processor, out.sequences, inputs["input_ids"].shape[1])
+        return texts, out.logits[0].float()
+
+    def _answers(self, preset: Preset, waves: Sequence[np.ndarray], prompts: Sequence[str]):
+        wrapped = self.fit(preset)
+        inputs = self._inputs(waves, prompts)
+        with self._lock, torch.no_grad():
+            with wrapped.disabled():
+                plain, _ = self._generate(wrapped, inputs)
+            patched, _ = self._generate(wrapped, inputs)
+        return plain, patched
+
+    def top_tokens(self, logits: torch.Tensor, k: int = TOP_K) -> dict[str, float]:
+        """Top-k next-token probabilities as ``{token text: probability}`` (labels made unique and visible)."""
+        probs = torch.softmax(logits.float(), dim=-1)
+        values, ids = probs.topk(min(k, probs.shape[-1]))
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        out: dict[str, float] = {}
+        for p, i in zip(values.tolist(), ids.tolist(), strict=True):
+            text = tokenizer.decode([i])
+            label = text.strip() or repr(text)
+            if label in out:
+                label = f"{label} (#{i})"
+            out[label] = round(float(p), 4)
+        return out
+
+    def compare(self, audio: Any, prompt: Any, source: Any = None, target: Any = None, scale: Any = None,
+                mode: Any = None, positions: Any = None, alpha: Any = None, patch_on: Any = True,
+                preset_name: str | None = None, uploaded: dict | None = None) -> CompareResult:
+        """Plain and preset answers for one clip and prompt, from the same inputs; controls default to the
+        preset's values."""
+        base = self.base_preset(preset_name, uploaded)
+        defaults = self.controls(base)
+        given = {"source": source, "target": target, "scale": scale, "mode": mode, "positions": positions,
+                 "alpha": alpha}
+        values = {k: defaults[k] if v is None else v for k, v in given.items()}
+        prompt = "" if prompt is None else str(prompt)
+        if not prompt.strip():
+            raise _fail("The prompt is empty: type a question about the audio.")
+        wave = self.load_clip(audio)
+        preset = self.preset_from_controls(base.name, patch_on=patch_on, uploaded=uploaded, **values)
+        wrapped = self.fit(preset)
+        try:
+            inputs = self._inputs([wave], [prompt])
+            with self._lock, torch.no_grad():
+                with wrapped.disabled():
+                    (plain,), plain_logits = self._generate(wrapped, inputs)
+                (patched,), patched_logits = self._generate(wrapped, inputs)
+        except gr.Error:
+            raise
+        except Exception as exc:  # keep serving: show what went wrong instead of a bare "Error"
+            logger.exception("compare failed")
+            raise _fail(f"The model could not answer this input ({type(exc).__name__}: {exc}).") from None
+        result = CompareResult(plain, patched, self.top_tokens(plain_logits[0]), self.top_tokens(patched_logits[0]),
+                               "", preset)
+        clip = self.match_clip(wave) if self.clips else None
+        if clip is not None:
+            item = _item_for(clip, prompt)
+            result.clip = clip.key
+            result.plain_follows = judge(plain, item)
+            result.patched_follows = judge(patched, item)
+            result.extra["claim"] = item.text_answer
+        result.verdict_html = self._verdict(result, clip)
+        return result
+
+    def _verdict(self, r: CompareResult, clip: Clip | None) -> str:
+        differ = normalize(r.plain) != normalize(r.patched)
+        if differ:
+            banner = ('<div style="padding:.6em 1em;border-radius:8px;background:#fff3cd;border:2px solid #e0a800;'
+                      'font-size:1.15em"><b>≠ The answers differ</b></div>')
+        else:
+            banner = ('<div style="padding:.6em 1em;border-radius:8px;background:#eef1f4;border:2px solid #c5ccd3;'
+                      'font-size:1.15em"><b>= Same answer</b></div>')
+        lines = [banner, f"<p>With preset: <code>{_escape(r.preset.name)}</code>: {_escape(_describe(r.preset))}</p>"]
+        if clip is not None:
+            claim = r.extra.get("claim")
+            said = f"The clip says <b>{clip.audio_answer}</b> (example {clip.key})"
+            said += f"; the prompt claims <b>{claim}</b>." if claim and claim != clip.audio_answer else "."
+            lines.append(f"<p>{said}</p>")
+            marks = {"audio": "✓ matches the audio", "text": "✗ follows the text", "other": "✗ matches neither"}
+            lines.append("<ul>"
+                         f"<li>Plain: {marks[r.plain_follows or 'other']}</li>"
+                         f"<li>With preset: {marks[r.patched_follows or 'other']}</li></ul>")
+        return "\n".join(lines)
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _shorten(message: str, path: str | Path) -> str:
+    """Error messages name the uploaded temp file; show its base name instead."""
+    return message.replace(str(path), Path(str(path)).name)
+
+
+def _item_for(clip: Clip, prompt: str) -> ConflictItem:
+    """Judge an answer to ``prompt`` over an organism clip: the prompt's claim is the first digit word in it."""
+    words = normalize(prompt).split()
+    claim = next((w for w in words if w in organism.DIGITS), None)
+    if claim is None:
+        kind, claim = "audio_only", None
+    else:
+        kind = "consistent" if claim == clip.audio_answer else "conflict"
+    return ConflictItem(id=clip.key, audio=clip.path, prompt=prompt, audio_answer=clip.audio_answer,
+                        text_answer=claim, kind=kind)
+
+
+# ---------------------------------------------------------------------------------------------------- UI
+_INTRO = """# backpatch: plain vs back-patched, side by side
+**Model:** `{model}` · audio up to {limit}.
+Pick or upload a clip, write a prompt (a misleading one shows text dominance), press **Compare**.
+The left answer is the plain model; the right one has the preset applied. Bars: the top-5 probabilities of the
+first answer token."""
+
+
+def build_app(model: Any, processor: Any, preset: Preset | str | Path | None = None,
+              model_name: str | None = None) -> gr.Blocks:
+    """The Gradio Blocks app over one model instance (queued, one request at a time)."""
+    demo = Demo(model, processor, preset, model_name)
+    return _blocks(demo)
+
+
+def _blocks(demo: Demo) -> gr.Blocks:
+    start = demo.controls(demo.preset)
+    n = demo.num_layers
+    showcase = demo.showcase() if demo.clips else None
+    first_clip, first_prompt = showcase if showcase else ((demo.clips[0], demo.clips[0].conflict_prompts[0])
+                                                          if demo.clips else (None, ""))
+    limit = f"{demo.max_seconds:g} s" if demo.max_seconds else "the model's limit"
+
+    with gr.Blocks(title="backpatch demo", analytics_enabled=False) as app:
+        app.backpatch_demo = demo  # for tests and embedding apps
+        uploaded = gr.State({})
+        gr.Markdown(_INTRO.format(model=demo.model_name, limit=limit))
+        with gr.Row():
+            with gr.Column(scale=3):
+                audio = gr.Audio(value=str(first_clip.path) if first_clip else None, sources=["upload", "microphone"],
+                                 type="filepath", label="Audio clip", elem_id="bp-audio")
+                if demo.clips:
+                    with gr.Row():
+                        example = gr.Dropdown(choices=[(c.label, c.key) for c in demo.clips],
+                                              value=first_clip.key, label="Example clip (shipped with the organism)",
+                                              elem_id="bp-example", scale=2)
+                        example_prompt = gr.Dropdown(choices=[i.prompt for i in first_clip.items],
+                                                     value=first_prompt, label="Example prompt",
+                                                     elem_id="bp-example-prompt", scale=3)
+                prompt = gr.Textbox(value=first_prompt, label="Prompt", lines=2, elem_id="bp-prompt",
+                                    placeholder="Ask about the audio, e.g. a misleading 'The speaker says ...'")
+                compare_btn = gr.Button("Compare", variant="primary", elem_id="bp-compare")
+            with gr.Column(scale=2):
+                preset_dd = gr.Dropdown(choices=list(demo.presets), value=demo.preset.name,
+                                        label="Preset (bundled presets matching this model)", elem_id="bp-preset")
+                patch_on = gr.Checkbox(value=start["patch_on"], label="Back-patching on (first patch below)",
+                                       elem_id="bp-patch-on")
+                with gr.Row():
+                    source = gr.Slider(-n, n - 1, value=start["source"], step=1, label="Source layer",
+                                       info=f"{n} layers; negative counts from the end",
+                                       elem_id="bp-source")
+                    target = gr.Slider(-n, n - 1, value=start["target"], step=1, label="Target layer",
+                                       elem_id="bp-target")
+                with gr.Row():
+                    scale = gr.Number(value=start["scale"], label="Scale", elem_id="bp-scale")
+                    mode = gr.Dropdown(choices=list(MODES), value=start["mode"], label="Mode", elem_id="bp-mode")
+                    positions = gr.Dropdown(choices=list(POSITIONS), value=start["positions"], label="Positions",
+                                            elem_id="bp-positions")
+                alpha = gr.Number(value=start["alpha"], minimum=0, label="Contrastive alpha (0 = off)",
+                                  elem_id="bp-alpha")
+                extra = gr.Markdown(_extra_patches_note(demo.preset))
+                with gr.Accordion("Save or load a preset", open=False):
+                    save_name = gr.Textbox(value=f"{demo.preset.name}-custom", label="Name of the saved preset",
+                                           elem_id="bp-save-name")
+                    save_btn = gr.Button("Save controls as preset YAML", elem_id="bp-save")
+                    saved = gr.File(label="Preset YAML (download)", interactive=False, elem_id="bp-saved")
+                    upload = gr.File(label="Load a preset YAML", file_types=[".yaml", ".yml"], type="filepath",
+                                     elem_id="bp-upload")
+        verdict = gr.HTML(label="Verdict", elem_id="bp-verdict")
+        with gr.Row(equal_height=True):
+            with gr.Column():
+                plain_text = gr.Textbox(label="Plain model", interactive=False, elem_id="bp-plain-answer")
+                plain_top = gr.Label(num_top_classes=TOP_K, label="Plain: top-5 first-token probabilities",
+                                     show_heading=False, elem_id="bp-plain-top")
+            with gr.Column():
+                patched_text = gr.Textbox(label="With the preset", interactive=False, elem_id="bp-patched-answer")
+                patched_top = gr.Label(num_top_classes=TOP_K, label="With the preset: top-5 first-token probabilities",
+                                       show_heading=False, elem_id="bp-patched-top")
+
+        controls = [source, target, scale, mode, positions, alpha, patch_on]
+
+        # Parameter names become the API's argument names (gradio_client's view_api shows them).
+        def on_compare(audio, prompt, source, target, scale, mode, positions, alpha, patch_on, preset, uploaded):
+            r = demo.compare(audio, prompt, source, target, scale, mode, positions, alpha, patch_on, preset, uploaded)
+            return r.plain, r.patched, r.plain_top, r.patched_top, r.verdict_html
+
+        compare_btn.click(on_compare, inputs=[audio, prompt, *controls, preset_dd, uploaded],
+                          outputs=[plain_text, patched_text, plain_top, patched_top, verdict],
+                          api_name="compare", concurrency_limit=1, concurrency_id="model")
+        prompt.submit(on_compare, inputs=[audio, prompt, *controls, preset_dd, uploaded],
+                      outputs=[plain_text, patched_text, plain_top, patched_top, verdict],
+                      api_visibility="private", concurrency_limit=1, concurrency_id="model")
+
+        def on_preset(name, up):
+            base = demo.base_preset(name, up)
+            demo.fit(base)
+            c = demo.controls(base)
+            return (c["source"], c["target"], c["scale"], c["mode"], c["positions"], c["alpha"], c["patch_on"],
+                    _extra_patches_note(base), f"{base.name}-custom")
+
+        preset_outputs = [*controls, extra, save_name]
+        preset_dd.input(on_preset, inputs=[preset_dd, uploaded], outputs=preset_outputs, api_visibility="private")
+
+        def on_upload(path, up):
+            if not path:
+                return gr.skip()
+            preset = demo.load_preset_file(path)
+            up = {**(up or {}), preset.name: preset}
+            choices = list(dict.fromkeys([*demo.presets, *up]))
+            return (gr.update(choices=choices, value=preset.name), up, *on_preset(preset.name, up))
+
+        upload.upload(on_upload, inputs=[upload, uploaded], outputs=[preset_dd, uploaded, *preset_outputs],
+                      api_visibility="private")
+
+        def on_save(source, target, scale, mode, positions, alpha, patch_on, preset, uploaded, name):
+            made = demo.preset_from_controls(preset, source, target, scale, mode, positions, alpha, patch_on, uploaded)
+            return str(demo.save_preset(made, name))
+
+        save_btn.click(on_save, inputs=[*controls, preset_dd, uploaded, save_name], outputs=saved,
+                       api_name="save_preset")
+
+        if demo.clips:
+            def on_example(key):
+                clip = demo.clip(key)
+                first = clip.conflict_prompts[0] if clip.conflict_prompts else clip.items[0].prompt
+                return str(clip.path), gr.update(choices=[i.prompt for i in clip.items], value=first), first
+
+            example.input(on_example, inputs=example, outputs=[audio, example_prompt, prompt],
+                          api_visibility="private")
+            example_prompt.input(lambda p: p, inputs=example_prompt, outputs=prompt, api_visibility="private",
+                                 queue=False)
+
+            def on_prompt_typed(text, key):  # keep the example-prompt menu honest about what the prompt says
+                choices = [i.prompt for i in demo.clip(key).items] if key else []
+                return gr.update(value=text if text in choices else None)
+
+            prompt.input(on_prompt_typed, inputs=[prompt, example], outputs=example_prompt, api_visibility="private",
+                         show_progress="hidden", queue=False)
+            gr.Examples(examples=[[str(c.path), c.conflict_prompts[0]] for c in demo.clips if c.conflict_prompts],
+                        inputs=[audio, prompt], label="Example clips with misleading prompts (click one to load it)",
+                        examples_per_page=10)
+    app.queue(default_concurrency_limit=1)
+    return app
+
+
+def _extra_patches_note(preset: Preset) -> str:
+    more = len(preset.patches) - 1
+    if more <= 0:
+        return ""
+    rest = "; ".join(f"{p.source}→{p.target} {p.mode} ×{p.scale:g} @{p.positions}" for p in preset.patches[1:])
+    return f"The preset has {more} more patch{'es' if more > 1 else ''}, applied unchanged: {rest}"
+
+
+def launch(model: str | None = None, preset: str | Path | Preset | None = None, host: str = "127.0.0.1",
+           port: int = 7860, *, dtype: str = "auto", device_map: str | None = None, trust_remote_code: bool = False,
+           **launch_kwargs: Any) -> gr.Blocks:
+    """Load ``model`` (default: the shipped organism with its calibrated preset) and serve the demo.
+
+    Blocks until the server stops, unless ``prevent_thread_lock=True`` is passed (then returns the running app;
+    call ``app.close()``). Extra keyword arguments go to ``gr.Blocks.launch``.
+    """
+    from .loading import load_model_and_processor
+
+    hf_model, processor = load_model_and_processor(model, dtype, device_map, trust_remote_code)
+    if preset is None and model is None:
+        preset = "organism-digits"  # the organism's calibrated preset (DESIGN section 4b)
+    app = build_app(hf_model, processor, preset, model_name=model or "organism (shipped)")
+    options: dict[str, Any] = {"server_name": host, "server_port": port, "ssr_mode": False, "mcp_server": False,
+                               "share": False, "footer_links": ["api"]}
+    options.update(launch_kwargs)
+    app.launch(**options)
+    return app

@@ -1,0 +1,409 @@
+"""The Gradio demo: the compare action and its errors without a browser, the API with gradio_client, and the
+real app in headless Debian chromium driven by Playwright (writes docs/demo.png).
+
+Needs the ``demo`` extra (gradio), playwright (Python package only: the browser is Debian's /usr/bin/chromium,
+installed by .ci/run; nothing is downloaded by a test tool).
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import soundfile as sf  # noqa: E402
+import torch  # noqa: E402
+
+import backpatch  # noqa: E402
+from backpatch import organism  # noqa: E402
+from backpatch.audio_io import load_audio  # noqa: E402
+from backpatch.demo import Demo, build_app, launch  # noqa: E402
+from backpatch.evaluate import judge, load_conflict_set  # noqa: E402
+from backpatch.inputs import build_inputs, decode_new_tokens  # noqa: E402
+from backpatch.loading import load_model_and_processor  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO / "docs" / "demo.png"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+PRESET = "organism-digits"
+
+
+@pytest.fixture(scope="module")
+def organism_model():
+    model, processor = load_model_and_processor(None)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def demo(organism_model):
+    model, processor = organism_model
+    return Demo(model, processor, PRESET)
+
+
+def _clip(demo, key=None):
+    clip = demo.clips[0] if key is None else demo.clip(key)
+    return clip, clip.conflict_prompts[0]
+
+
+def _library_answers(model, processor, wave, prompt, preset=PRESET):
+    """Reference: plain and back-patched answers and first-token distributions straight from the library."""
+    wrapped = backpatch.wrap(model, preset, processor=processor)
+    inputs = build_inputs(processor, [wave], [prompt])
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        with wrapped.disabled():
+            plain = decode_new_tokens(processor, wrapped.generate(**inputs, max_new_tokens=32, do_sample=False), n)[0]
+            plain_logits = wrapped(**inputs).logits[:, -1]
+        patched = decode_new_tokens(processor, wrapped.generate(**inputs, max_new_tokens=32, do_sample=False), n)[0]
+        patched_logits = wrapped(**inputs).logits[:, -1]
+    return plain, patched, plain_logits[0], patched_logits[0]
+
+
+def _as_probs(top: dict[str, float]) -> list[float]:
+    return list(top.values())
+
+
+# ------------------------------------------------------------------------------------- compare, no browser
+def test_compare_equals_the_library_and_the_patched_forward(demo, organism_model):
+    model, processor = organism_model
+    clip, prompt = _clip(demo)
+    result = demo.compare(str(clip.path), prompt)  # controls default to the preset's values
+    assert result.preset == backpatch.load_preset(PRESET)
+    plain, patched, plain_logits, patched_logits = _library_answers(model, processor, clip.wave, prompt)
+    assert (result.plain, result.patched) == (plain, patched)
+    for top, logits in ((result.plain_top, plain_logits), (result.patched_top, patched_logits)):
+        assert len(top) == 5
+        probs = torch.softmax(logits.float(), -1).topk(5)
+        np.testing.assert_allclose(_as_probs(top), probs.values.numpy(), atol=2e-4)
+        tokenizer = processor.tokenizer
+        assert list(top)[0] == tokenizer.decode([int(probs.indices[0])]).strip()
+    # the organism example is recognised by content and both answers are judged against it
+    assert result.clip == clip.key
+    assert result.plain_follows in ("audio", "text", "other") and result.patched_follows in ("audio", "text", "other")
+    assert f"The clip says <b>{clip.audio_answer}</b>" in result.verdict_html
+    marker = "The answers differ" if result.plain != result.patched else "Same answer"
+    assert marker in result.verdict_html
+
+
+def test_controls_start_from_the_preset_and_change_what_runs(demo):
+    preset = backpatch.load_preset(PRESET)
+    controls = demo.controls(preset)
+    first = preset.patches[0] if preset.patches else None
+    if first is not None:
+        assert (controls["source"], controls["target"], controls["scale"], controls["mode"], controls["positions"]) \
+            == (first.source, first.target, first.scale, first.mode, first.positions)
+    assert controls["alpha"] == (preset.contrastive.alpha if preset.contrastive else 0.0)
+    assert controls["patch_on"] == bool(preset.patches)
+    # add with scale 0 and contrastive off is the plain model: bit-identical answers and distributions
+    clip, prompt = _clip(demo)
+    r = demo.compare(str(clip.path), prompt, source=-1, target=0, scale=0.0, mode="add", positions="audio+last",
+                     alpha=0, patch_on=True)
+    assert r.preset.patches[0] == backpatch.Patch(source=-1, target=0, scale=0.0, mode="add", positions="audio+last")
+    assert r.preset.contrastive is None and r.preset.calibration.status == "uncalibrated"
+    assert r.plain == r.patched and r.plain_top == r.patched_top
+    assert "Same answer" in r.verdict_html
+    # contrastive alone (no patch) is a valid setting too
+    r = demo.compare(str(clip.path), prompt, alpha=1.0, patch_on=False)
+    assert r.preset.patches == [] and r.preset.contrastive.alpha == 1.0
+
+
+def test_save_preset_writes_the_controls_as_yaml(demo, tmp_path):
+    made = demo.preset_from_controls(PRESET, source=10, target=2, scale=0.5, mode="add", positions="audio",
+                                     alpha=2.0, patch_on=True)
+    path = demo.save_preset(made, "my-organism")
+    assert path.name == "my-organism.yaml"
+    loaded = backpatch.Preset.from_yaml(path)
+    assert loaded.name == "my-organism"
+    assert loaded.patches[0] == backpatch.Patch(source=10, target=2, scale=0.5, mode="add", positions="audio")
+    assert loaded.contrastive.alpha == 2.0 and loaded.calibration.status == "uncalibrated"
+    assert loaded.match == backpatch.load_preset(PRESET).match
+    # unchanged controls save the preset as it is (its calibration block included)
+    same = demo.preset_from_controls(PRESET, **{k: v for k, v in demo.controls(demo.preset).items()})
+    assert backpatch.Preset.from_yaml(demo.save_preset(same, PRESET)).to_dict() == demo.preset.to_dict()
+    with pytest.raises(gr.Error, match="only letters, digits"):
+        demo.save_preset(made, "../evil")
+    # a user's preset file is checked against the model
+    bad = tmp_path / "bad.yaml"
+    backpatch.Preset(patches=[backpatch.Patch(source=30, target=2)], name="bad").to_yaml(bad)
+    with pytest.raises(gr.Error, match="does not fit this model"):
+        demo.load_preset_file(bad)
+    assert demo.load_preset_file(path).name == "my-organism"
+
+
+def _write(path: Path, wave: np.ndarray, rate: int = 16000) -> str:
+    sf.write(str(path), wave.astype(np.float32), rate)
+    return str(path)
+
+
+def _tone(seconds: float, rate: int = 16000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return 0.3 * np.sin(2 * np.pi * 440 * t)
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("not_audio", "is not an audio file that can be read"),
+        ("empty", "is empty"),
+        ("silent", "is silent"),
+        ("too_long", "accepts at most 2 s of audio"),
+        ("missing", "Choose an audio clip first"),
+        ("empty_prompt", "The prompt is empty"),
+        ("preset_does_not_fit", "The preset does not fit this model (12 decoder layers)"),
+        ("bad_control", "must be a whole number"),
+        ("nothing_on", "Nothing to compare"),
+    ],
+)
+def test_bad_input_is_a_friendly_error_and_the_demo_keeps_serving(demo, tmp_path, case, message):
+    clip, prompt = _clip(demo)
+    audio, kwargs = str(clip.path), {}
+    if case == "not_audio":
+        audio = str(tmp_path / "notes.wav")
+        Path(audio).write_text("these are not audio samples\n")
+    elif case == "empty":
+        audio = _write(tmp_path / "empty.wav", np.zeros(0))
+    elif case == "silent":
+        audio = _write(tmp_path / "silent.wav", np.zeros(8000))
+    elif case == "too_long":
+        audio = _write(tmp_path / "long.wav", _tone(3.0))  # the organism's window is 2 s (chunk_length)
+    elif case == "missing":
+        audio = None
+    elif case == "empty_prompt":
+        prompt = "   "
+    elif case == "preset_does_not_fit":
+        kwargs = {"source": 40, "target": 3, "patch_on": True}
+    elif case == "bad_control":
+        kwargs = {"source": 7.5, "patch_on": True}
+    elif case == "nothing_on":
+        kwargs = {"patch_on": False, "alpha": 0}
+    with pytest.raises(gr.Error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        demo.compare(audio, prompt, **kwargs)
+    assert demo.compare(str(clip.path), clip.conflict_prompts[0]).plain  # still serving
+    assert backpatch.backpatch_hook_count(demo.model) == 0
+
+
+def test_clip_limit_comes_from_the_feature_extractor():
+    class FE:
+        sampling_rate = 16000
+        n_samples = 480000
+
+    class Proc:
+        feature_extractor = FE()
+
+    assert Demo._max_seconds(Proc()) == 30.0
+    FE.chunk_length = 2
+    assert Demo._max_seconds(Proc()) == 2.0
+    Proc.feature_extractor = None
+    assert Demo._max_seconds(Proc()) is None
+
+
+def test_two_requests_at_once_get_their_own_answers(demo):
+    """Threads sharing the one model: each request's answers equal the same request run alone."""
+    clips = demo.clips[:4]
+    settings = [dict(), dict(source=-1, target=0, scale=0.0, mode="add", positions="audio+last", alpha=0)]
+    jobs = [(c, s) for c in clips for s in settings]
+    alone = [demo.compare(str(c.path), c.conflict_prompts[0], **s) for c, s in jobs]
+    together: list = [None] * len(jobs)
+
+    def run(i):
+        c, s = jobs[i]
+        together[i] = demo.compare(str(c.path), c.conflict_prompts[0], **s)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [(r.plain, r.patched, r.plain_top, r.patched_top) for r in together] == \
+        [(r.plain, r.patched, r.plain_top, r.patched_top) for r in alone]
+
+
+def test_any_audio_llm_gets_free_text_and_no_organism_examples(tmp_path):
+    from tiny import tiny_with_processor, write_tone
+
+    model, processor = tiny_with_processor()  # 6 decoder layers, not the organism
+    with pytest.raises(backpatch.PresetError, match="num_layers"):
+        build_app(model, processor, "qwen2-audio-7b-instruct")  # a bundled preset for 32 layers does not fit
+    preset = backpatch.Preset(patches=[backpatch.Patch(source=-1, target=0, scale=3.0, positions="audio+last")],
+                              name="tiny")
+    app = build_app(model, processor, preset, model_name="tiny")
+    demo = app.backpatch_demo
+    ids = {getattr(block, "elem_id", None) for block in app.blocks.values()}
+    assert "bp-compare" in ids and "bp-example" not in ids and not demo.clips
+    write_tone(tmp_path / "tone.wav", rate=22050)  # not the model's rate: resampled
+    result = demo.compare(str(tmp_path / "tone.wav"), "What is said?")
+    assert result.clip is None and "The clip says" not in result.verdict_html
+    assert result.preset is demo.preset and len(result.patched_top) == 5
+
+
+def test_demo_app_script_calls_launch(monkeypatch):
+    calls = []
+    monkeypatch.setattr("backpatch.demo.launch", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(sys, "argv", ["demo/app.py", "--port", "7999", "--preset", PRESET])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO / "demo" / "app.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    (args, kwargs), = calls
+    assert args == (None, PRESET) and kwargs["host"] == "127.0.0.1" and kwargs["port"] == 7999
+
+
+# ------------------------------------------------------------------------- the running app: API and browser
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def showcase_item(organism_model):
+    """An organism conflict example where, with the CURRENT organism-digits preset, the plain answer follows the
+    text and the back-patched one follows the audio (scanned in a batch, confirmed alone)."""
+    model, processor = organism_model
+    wrapped = backpatch.wrap(model, PRESET, processor=processor)
+    items = [i for i in load_conflict_set(organism.examples_path()) if i.kind == "conflict"]
+    waves = {i.audio: load_audio(i.audio, 16000) for i in items}
+
+    def answers(batch):
+        inputs = build_inputs(processor, [waves[i.audio] for i in batch], [i.prompt for i in batch])
+        n = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            with wrapped.disabled():
+                plain = wrapped.generate(**inputs, max_new_tokens=8, do_sample=False)
+            patched = wrapped.generate(**inputs, max_new_tokens=8, do_sample=False)
+        return zip(decode_new_tokens(processor, plain, n), decode_new_tokens(processor, patched, n), strict=True)
+
+    for item, (plain, patched) in zip(items, answers(items), strict=True):
+        if judge(plain, item) == "text" and judge(patched, item) == "audio":
+            (p1, b1), = answers([item])
+            if judge(p1, item) == "text" and judge(b1, item) == "audio":
+                return item
+    pytest.fail(f"no organism conflict example in {organism.examples_path()} has the plain answer following the "
+                f"text and the back-patched one following the audio with the current {PRESET!r} preset: the demo "
+                "has nothing to show; recalibrate the preset or ship examples where it helps")
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    app = launch(port=port, prevent_thread_lock=True, quiet=True)  # the organism with its preset, like the CLI
+    try:
+        yield f"http://127.0.0.1:{port}/", app
+    finally:
+        app.close()
+
+
+def test_app_queues_compare_one_at_a_time_and_names_the_endpoint(server):
+    _, app = server
+    compare = [fn for fn in app.fns.values() if fn.api_name == "compare"]
+    assert len(compare) == 1 and compare[0].concurrency_limit == 1
+    assert [c.label for c in compare[0].inputs[:2]] == ["Audio clip", "Prompt"]
+    assert [c.label for c in compare[0].outputs[:2]] == ["Plain model", "With the preset"]
+    # every event that runs the model shares one concurrency slot
+    model_fns = [fn for fn in app.fns.values() if fn.fn is not None and fn.fn.__name__ == "on_compare"]
+    assert len(model_fns) == 2 and {fn.concurrency_id for fn in model_fns} == {"model"}
+    assert all(fn.concurrency_limit == 1 for fn in model_fns)
+
+
+def test_api_endpoint_with_gradio_client(server, showcase_item, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    url, _ = server
+    client = Client(url, verbose=False)
+    out = client.predict(handle_file(str(showcase_item.audio)), showcase_item.prompt, api_name="/compare")
+    plain, patched = out[0], out[1]
+    assert judge(plain, showcase_item) == "text" and judge(patched, showcase_item) == "audio"
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not audio")
+    with pytest.raises(AppError, match="not an audio file"):
+        client.predict(handle_file(str(text_file)), showcase_item.prompt, api_name="/compare")
+    with pytest.raises(AppError, match="The prompt is empty"):
+        client.predict(handle_file(str(showcase_item.audio)), "", api_name="/compare")
+    # the app keeps serving, and the controls follow the two first inputs
+    out = client.predict(handle_file(str(showcase_item.audio)), showcase_item.prompt, -1, 0, 0.0, "add", "audio",
+                         0, True, api_name="/compare")
+    assert out[0] == out[1] == plain
+    # the save button's endpoint returns the controls as a preset YAML file
+    saved = client.predict(10, 2, 0.5, "add", "audio", 0, True, PRESET, "from-api", api_name="/save_preset")
+    loaded = backpatch.Preset.from_yaml(saved)
+    assert Path(saved).name == "from-api.yaml" and loaded.name == "from-api"
+    assert loaded.patches[0] == backpatch.Patch(source=10, target=2, scale=0.5, mode="add", positions="audio")
+
+
+def test_browser_compare_shows_plain_following_text_and_backpatched_following_audio(server, showcase_item):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = server
+    key = showcase_item.audio.stem
+    external: list[str] = []
+
+    def only_local(route):
+        if route.request.url.startswith(("http://127.0.0.1", "ws://127.0.0.1", "data:", "blob:")):
+            route.continue_()
+        else:
+            external.append(route.request.url)
+            route.abort()
+
+    started = time.monotonic()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.route("**/*", only_local)
+            page.goto(url, wait_until="domcontentloaded")
+            expect(page.locator("#bp-compare")).to_be_visible(timeout=30_000)
+
+            def pick(elem_id, text):
+                box = page.locator(f"#{elem_id} input")
+                box.click()
+                box.fill(text)
+                page.locator("ul[role='listbox'] li", has_text=text).first.click()
+
+            # pick some other clip first, then the showcase clip: the clip (and its prompts) must follow the pick
+            other = next(c for c in sorted({i.audio.stem for i in load_conflict_set(organism.examples_path())})
+                         if c != key)
+            pick("bp-example", other)
+            expect(page.locator("#bp-prompt textarea")).not_to_have_value("", timeout=10_000)
+            pick("bp-example", key)
+            page.wait_for_timeout(500)
+            # enter the conflicting prompt by hand
+            prompt_box = page.locator("#bp-prompt textarea")
+            prompt_box.fill(showcase_item.prompt[:-1])
+            prompt_box.press_sequentially(showcase_item.prompt[-1])  # a real keystroke, as a user types
+            expect(prompt_box).to_have_value(showcase_item.prompt)
+            # the example-prompt menu follows what was typed (the prompt is one of this clip's examples)
+            expect(page.locator("#bp-example-prompt input")).to_have_value(showcase_item.prompt, timeout=10_000)
+            page.locator("#bp-compare").click()
+            plain_box = page.locator("#bp-plain-answer textarea")
+            patched_box = page.locator("#bp-patched-answer textarea")
+            expect(plain_box).not_to_have_value("", timeout=30_000)
+            expect(patched_box).not_to_have_value("", timeout=30_000)
+            plain, patched = plain_box.input_value(), patched_box.input_value()
+            verdict = page.locator("#bp-verdict")
+            expect(verdict).to_contain_text("The answers differ")
+            expect(verdict).to_contain_text(f"example {key}")
+            expect(verdict).to_contain_text("Plain: ✗ follows the text")
+            expect(verdict).to_contain_text("With preset: ✓ matches the audio")
+            # the top-5 bars render on both sides
+            expect(page.locator("#bp-plain-top")).to_contain_text(showcase_item.text_answer)
+            expect(page.locator("#bp-patched-top")).to_contain_text(showcase_item.audio_answer)
+            SCREENSHOT.parent.mkdir(exist_ok=True)
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+        finally:
+            browser.close()
+    assert judge(plain, showcase_item) == "text", (showcase_item.id, plain)
+    assert judge(patched, showcase_item) == "audio", (showcase_item.id, patched)
+    assert not external, f"the demo page tried to reach the network: {external}"
+    assert SCREENSHOT.stat().st_size > 10_000 and SCREENSHOT.stat().st_mtime >= time.time() - (
+        time.monotonic() - started) - 5
