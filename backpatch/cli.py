@@ -183,6 +183,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import diagnose
+    from .evaluate import load_conflict_set
+    from .loading import load_model_and_processor
+
+    data = args.data or _default_data(args)
+    load_conflict_set(data, args.limit)  # a bad file fails here, before a model is loaded
+    model, processor = load_model_and_processor(args.model, args.dtype, args.device_map, args.trust_remote_code)
+    preset = args.preset or ("organism-digits" if args.model is None else None)
+    report = diagnose(model, processor, data, args.out, preset=preset, limit=args.limit, batch_size=args.batch_size,
+                      sweep=not args.no_sweep)
+    s = report["summary"]
+    print(f"audio answer decodable at the last prompt position under conflict, last layer: "
+          f"{s['probe_audio_conflict_last_layer']} (chance {s['chance_audio_conflict']}); text answer ahead in the "
+          f"logit lens from layer {s['text_takeover_layer']}")
+    print(f"suggested preset: {Path(args.out) / 'suggested_preset.yaml'}")
+    print(f"wrote {Path(args.out) / 'report.md'}, report.json and {len(report['figures'])} figures")
+    return 0
+
+
 def _default_data(args: argparse.Namespace) -> str:
     if args.model is not None:
         raise ValueError("--data is required with --model: pass a conflict-set JSONL file (DESIGN section 4)")
@@ -241,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("diagnose", help="layer-wise probes, logit lens, convergence and attention; suggests a preset")
+    _add_model_args(p)
+    p.add_argument("--data", help="conflict-set JSONL (default with no --model: the organism's shipped examples)")
+    p.add_argument("--out", required=True, help="output directory: report.json, report.md, PNG figures, "
+                   "suggested_preset.yaml")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, help="only the first N items (quick looks)")
+    p.add_argument("--no-sweep", action="store_true", help="skip the small sweep that checks the suggested preset")
+    p.set_defaults(func=cmd_diagnose)
     return parser
 
 
