@@ -49,7 +49,8 @@ def silence_frame(processor: Any) -> tuple[torch.Tensor, int]:
     return frame.float(), bins
 
 
-def _batch_dim(key: str, value: torch.Tensor) -> int | None:
+def batch_dim(key: str, value: torch.Tensor) -> int | None:
+    """The batch axis of a forward keyword tensor, or None when it has none."""
     if key in _NOT_BATCHED or value.dim() == 0:
         return None
     return 1 if key == "position_ids" and value.dim() == 3 else 0  # M-RoPE position ids are [3 or 4, B, T]
@@ -115,7 +116,7 @@ class ContrastiveSession:
         self.forward_calls += 1
         doubled = {}
         for key, value in kwargs.items():
-            dim = _batch_dim(key, value) if isinstance(value, torch.Tensor) else None
+            dim = batch_dim(key, value) if isinstance(value, torch.Tensor) else None
             if dim is None:
                 doubled[key] = value
                 continue

@@ -64,6 +64,20 @@ def _select(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return hidden[:, mask] if hidden.dim() == 4 else hidden[mask]
 
 
+def _first_rows(key: str, value: Any, rows: int) -> Any:
+    """``value`` cut to its first ``rows`` batch rows when it carries the doubled batch (else unchanged)."""
+    from ._contrastive import batch_dim
+
+    if isinstance(value, dict):  # masks some models prepare per attention type ({"full_attention": ...})
+        return {k: _first_rows(k, v, rows) for k, v in value.items()}
+    if not isinstance(value, torch.Tensor):
+        return value
+    dim = batch_dim(key, value)
+    if dim is None or value.shape[dim] != 2 * rows:
+        return value
+    return value.narrow(dim, 0, rows)
+
+
 def _combine(current: torch.Tensor, captured: torch.Tensor, patch: ResolvedPatch) -> torch.Tensor:
     if patch.mode == "add":
         return current + patch.scale * captured
@@ -213,6 +227,14 @@ class PatchSession:
         masks = self._masks
         deepest = resolved.deepest_source
         handles = []
+        capture_kwargs = dict(kwargs)
+        if self._doubled:
+            # The null-audio rows of contrastive decoding are never patched: capture the main rows only.
+            rows = next(iter(masks.values())).shape[0] // 2
+            masks = {kind: mask[:rows] for kind, mask in masks.items()}
+            capture_kwargs = {key: _first_rows(key, value, rows) for key, value in capture_kwargs.items()}
+            if args:
+                args = tuple(_first_rows("", value, rows) for value in args)
 
         def make_hook(layer: int):
             def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
@@ -227,7 +249,6 @@ class PatchSession:
 
         for layer in sorted({p.source for p in resolved.patches}):
             handles.append(resolved.layers[layer].register_forward_hook(make_hook(layer)))
-        capture_kwargs = dict(kwargs)
         for key in _CACHE_KWARGS:
             if key in capture_kwargs:
                 capture_kwargs[key] = None

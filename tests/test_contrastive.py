@@ -120,10 +120,18 @@ def test_composes_with_backpatching_main_stream_patched_null_stream_not(model, b
     patch = dict(source=NUM_LAYERS - 1, target=0, scale=1.5, mode="add", positions="audio+last")
     preset = Preset(patches=[Patch(source=-1, target=0, scale=1.5, positions="audio+last")],
                     contrastive=Contrastive(alpha=alpha, null_audio="zeros"))
+    calls = _Calls(model.model.language_model)
+    try:
+        with torch.no_grad():
+            got = backpatch.wrap(model, preset).generate(**batch, max_new_tokens=1, **GEN).logits[0]
+    finally:
+        calls.handle.remove()
     with torch.no_grad():
-        got = backpatch.wrap(model, preset).generate(**batch, max_new_tokens=1, **GEN).logits[0]
         want = direct(model, batch, alpha, patches=[patch])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    rows, length = batch["input_ids"].shape
+    # the real prefill carries both streams; the capture pass only the main rows (null rows are never patched)
+    assert calls.shapes == [(2 * rows, length), (rows, length)]
 
 
 def test_plausibility_cut_keeps_only_plausible_tokens(model, batch):
