@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import backpatch
-from backpatch import Contrastive, Patch, Preset
+from backpatch import Contrastive, Patch, Preset, organism
 from backpatch.audio_io import load_audio
 from backpatch.evaluate import evaluate, load_conflict_set
 from backpatch.inputs import build_inputs
@@ -82,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", required=True, type=Path)
     parser.add_argument("--test", required=True, type=Path)
-    parser.add_argument("--examples", type=Path, default=backpatch.organism.examples_path())
+    parser.add_argument("--examples", type=Path, default=organism.examples_path())
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
