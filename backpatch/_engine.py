@@ -99,7 +99,7 @@ def _cache_is_static(kwargs: dict[str, Any]) -> bool:
 
 
 class PatchSession:
-    """Hooks for one patched prefill; always used through :func:`patch_session`, which removes them."""
+    """Hooks for one patched prefill; always used through :func:`generation_session`, which removes them."""
 
     def __init__(
         self,
