@@ -111,3 +111,20 @@ def test_demo_subcommand_calls_launch(monkeypatch):
     monkeypatch.setattr("backpatch.demo.launch", lambda *a, **k: calls.append((a, k)))
     assert main(["demo", "--port", "7999"]) == 0
     assert calls[0][0] == (None, None) and calls[0][1]["port"] == 7999 and calls[0][1]["host"] == "127.0.0.1"
+
+
+def test_diagnose_subcommand_writes_the_report(checkpoint, tmp_path, capsys):
+    from tiny import tiny_conflict_set
+
+    directory, _, preset = checkpoint
+    data = tiny_conflict_set(tmp_path / "data", 4)
+    out = tmp_path / "diag"
+    assert main(["diagnose", "--model", str(directory), "--preset", str(preset), "--data", str(data),
+                 "--out", str(out), "--no-sweep", "--batch-size", "8"]) == 0
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["layers"]) == 6 and (out / "report.md").is_file()
+    assert "wrote" in capsys.readouterr().out
+    assert main(["diagnose", "--model", str(directory), "--data", str(tmp_path / "none.jsonl"),
+                 "--out", str(out)]) == 2
