@@ -12,10 +12,10 @@ from tiny import tiny_conflict_set, tiny_with_processor
 
 import backpatch
 from backpatch import Patch, Preset
+from backpatch._probes import _group_folds
 from backpatch.audio_io import load_audio
 from backpatch.diagnose import (
     _final_norm,
-    _group_folds,
     _lens_fn,
     _Recorder,
     class_mean_convergence,
