@@ -27,7 +27,11 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _format_patches(preset) -> str:
-    return "; ".join(f"{p.source}->{p.target} {p.mode} x{p.scale:g} @{p.positions}" for p in preset.patches)
+    """The preset's methods on one line: its patches, and contrastive decoding when it has it."""
+    parts = [f"{p.source}->{p.target} {p.mode} x{p.scale:g} @{p.positions}" for p in preset.patches]
+    if preset.contrastive is not None:
+        parts.append(f"contrastive alpha {preset.contrastive.alpha:g} ({preset.contrastive.null_audio})")
+    return "; ".join(parts)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

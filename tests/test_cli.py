@@ -30,6 +30,8 @@ def test_presets_lists_bundled_presets(capsys):
     assert out[0].split() == ["name", "model_type", "layers", "patches", "calibration"]
     row = next(line for line in out if line.startswith("qwen2-audio-7b-instruct"))
     assert row.split()[1:3] == ["qwen2_audio", "32"] and row.split()[-1] == "uncalibrated"
+    organism = next(line for line in out if line.startswith("organism-digits"))
+    assert "11->0 replace x1 @last; contrastive alpha 2 (silence)" in organism and organism.endswith("calibrated")
 
 
 def test_run_prints_plain_and_backpatched_answers(checkpoint, capsys):
