@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 # Config attributes that hold the audio placeholder token id, tried in order (DESIGN section 3).
 DEFAULT_AUDIO_TOKEN_CONFIG_PATHS = ("audio_token_index", "audio_token_id", "audio_config.audio_token_id")
 
+# Forward keyword holding the audio features in most families (replaced by null audio in contrastive decoding).
+DEFAULT_AUDIO_FEATURE_KEYS = ("input_features",)
+
 # Module-name fragments that mark a ModuleList as part of an encoder rather than the text decoder.
 _NON_DECODER_HINTS = ("audio", "encoder", "vision", "visual", "tower", "talker", "token2wav", "projector", "speech")
 
@@ -34,7 +37,7 @@ class Architecture:
     generator: str = ""
     audio_token_config_paths: tuple[str, ...] = DEFAULT_AUDIO_TOKEN_CONFIG_PATHS
     #: generate()/forward keyword(s) holding the audio features (replaced by null audio in contrastive decoding)
-    audio_feature_keys: tuple[str, ...] = ("input_features",)
+    audio_feature_keys: tuple[str, ...] = DEFAULT_AUDIO_FEATURE_KEYS
 
 
 _LM = Architecture(layers="model.language_model.layers")
@@ -94,12 +97,11 @@ class Resolved:
     layers_path: str
     audio_token_id: int
     patches: tuple[ResolvedPatch, ...]
+    audio_feature_keys: tuple[str, ...] = DEFAULT_AUDIO_FEATURE_KEYS
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
-
-    audio_feature_keys: tuple[str, ...] = ("input_features",)
 
     @property
     def deepest_source(self) -> int:
@@ -223,5 +225,5 @@ def resolve(model: nn.Module, preset: Preset, processor: Any = None) -> Resolved
         layers_path=layers_path,
         audio_token_id=_resolve_audio_token_id(model, preset, arch, processor),
         patches=patches,
-        audio_feature_keys=arch.audio_feature_keys if arch is not None else ("input_features",),
+        audio_feature_keys=arch.audio_feature_keys if arch is not None else DEFAULT_AUDIO_FEATURE_KEYS,
     )

@@ -12,6 +12,7 @@ No-harm rule: audio-only and consistent accuracy each within ``max_harm`` (2 poi
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -29,11 +30,10 @@ from ._contrastive import silence_frame
 from ._engine import generation_session
 from ._positions import position_masks
 from .audio_io import load_audio
-from .bundled import find_matching_preset, load_preset
 from .evaluate import evaluate, judge, load_conflict_set, metrics
 from .inputs import build_inputs, sampling_rate_of
-from .preset import AudioSpan, Calibration, Contrastive, Match, ModelFacts, Patch, Preset, PresetError
-from .wrapper import BackpatchedModel, wrap
+from .preset import AudioSpan, Calibration, Contrastive, Match, ModelFacts, Patch, Preset, patch_label
+from .wrapper import BackpatchedModel, preset_for, wrap
 
 __all__ = ["Candidate", "Setting", "calibrate", "default_grid", "passes_no_harm"]
 
@@ -52,7 +52,7 @@ class Setting:
         return Patch(self.source, self.target, self.scale, self.mode, self.positions)
 
     def label(self) -> str:
-        return f"{self.source}->{self.target} {self.mode} x{self.scale:g} @{self.positions}"
+        return patch_label(self)
 
 
 @dataclass(frozen=True)
@@ -178,13 +178,8 @@ def calibrate(
     out = Path(out)
     items = load_conflict_set(data, limit)
     # The base preset only contributes facts (layer path, audio span, match); its patches are replaced.
-    if isinstance(base_preset, (str, Path)):
-        base_preset = load_preset(base_preset)
-    if base_preset is None:
-        try:
-            base_preset = find_matching_preset(model.config.model_type, getattr(model.config, "_name_or_path", None))
-        except PresetError:
-            base_preset = Preset(patches=[Patch(source=1, target=0)], name=name or out.stem)
+    base_preset = preset_for(model, base_preset, fallback=Preset(patches=[Patch(source=1, target=0)],
+                                                                 name=name or out.stem))
     wrapped = wrap(model, _with_patches(base_preset, [Patch(source=1, target=0)]), processor=processor)
     num_layers = wrapped.resolved.num_layers
     grid = {**default_grid(num_layers), **(grid or {})}
@@ -257,9 +252,7 @@ def calibrate(
 
 
 def _with_patches(preset: Preset, patches: list[Patch], contrastive: Contrastive | None = None) -> Preset:
-    return Preset(patches=list(patches), name=preset.name, description=preset.description, match=preset.match,
-                  model=preset.model, audio_span=preset.audio_span, contrastive=contrastive,
-                  calibration=preset.calibration, origin=preset.origin)
+    return dataclasses.replace(preset, patches=list(patches), contrastive=contrastive)
 
 
 def _candidate_preset(base: Preset, candidate: Candidate, null_audio: str) -> Preset:

@@ -16,7 +16,7 @@ from pathlib import Path
 from .audio_io import AudioFileError
 from .bundled import list_presets, load_preset
 from .evaluate import ConflictSetError
-from .preset import PresetError
+from .preset import PresetError, patch_label
 
 EXIT_USAGE = 2
 
@@ -28,7 +28,7 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (
 
 def _format_patches(preset) -> str:
     """The preset's methods on one line: its patches, and contrastive decoding when it has it."""
-    parts = [f"{p.source}->{p.target} {p.mode} x{p.scale:g} @{p.positions}" for p in preset.patches]
+    parts = [patch_label(p) for p in preset.patches]
     if preset.contrastive is not None:
         parts.append(f"contrastive alpha {preset.contrastive.alpha:g} ({preset.contrastive.null_audio})")
     return "; ".join(parts)

@@ -32,6 +32,7 @@ target), which is after any patch applied at layer ``i``, whatever the hook orde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -59,10 +60,10 @@ from ._probes import (
     text_takeover_layer,
 )
 from .audio_io import load_audio
-from .bundled import find_matching_preset, load_preset
 from .evaluate import ConflictItem, judge, load_conflict_set, metrics
 from .inputs import build_inputs, conversation, sampling_rate_of
 from .preset import AudioSpan, Calibration, Match, ModelFacts, Patch, Preset, PresetError
+from .wrapper import preset_for
 
 __all__ = ["diagnose", "linear_probe", "probe_layers", "class_mean_convergence", "text_takeover_layer"]
 
@@ -329,25 +330,6 @@ def _eager_attention(model: nn.Module) -> Iterator[bool]:
             model.set_attn_implementation(previous)
 
 
-def _strip_contrastive(preset: Preset) -> Preset:
-    return Preset(patches=list(preset.patches), name=preset.name, description=preset.description, match=preset.match,
-                  model=preset.model, audio_span=preset.audio_span, contrastive=None,
-                  calibration=preset.calibration, origin=preset.origin)
-
-
-def _resolve_preset(model: nn.Module, preset: Preset | str | Path | None) -> Preset | None:
-    if isinstance(preset, Preset):
-        return preset
-    if preset is not None:
-        return load_preset(preset)
-    try:
-        return find_matching_preset(getattr(model.config, "model_type", ""), getattr(model.config, "_name_or_path",
-                                                                                     None))
-    except PresetError:
-        logger.warning("no bundled preset matches this model; the back-patched curves are skipped")
-        return None
-
-
 # ------------------------------------------------------------------------------------------------ passes
 def _batches(n: int, size: int) -> list[range]:
     return [range(i, min(n, i + size)) for i in range(0, n, size)]
@@ -581,8 +563,16 @@ def diagnose(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = load_conflict_set(data, limit)
-    chosen = _resolve_preset(model, preset)
-    base = _strip_contrastive(chosen) if chosen is not None else Preset(patches=[Patch(source=1, target=0)])
+    try:
+        chosen = preset_for(model, preset)
+    except PresetError:
+        if preset is not None:
+            raise
+        logger.warning("no bundled preset matches this model; the back-patched curves are skipped")
+        chosen = None
+    # the layers are studied without contrastive decoding
+    base = (dataclasses.replace(chosen, contrastive=None) if chosen is not None
+            else Preset(patches=[Patch(source=1, target=0)]))
     if chosen is not None and chosen.contrastive is not None:
         logger.info("diagnose shows back-patching only; the preset's contrastive block is ignored")
     has_patches = chosen is not None and bool(base.patches)

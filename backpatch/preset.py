@@ -103,6 +103,14 @@ def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
+def patch_label(patch: Any) -> str:
+    """``source->target mode xscale @positions``: one line per patch, for the CLI, reprs and sweep tables.
+
+    Takes anything with the five patch fields (a :class:`Patch`, a resolved patch, a calibration setting).
+    """
+    return f"{patch.source}->{patch.target} {patch.mode} x{patch.scale:g} @{patch.positions}"
+
+
 @dataclass
 class Patch:
     """One back-patch: route layer ``source``'s output back into layer ``target`` at ``positions``.

@@ -19,11 +19,25 @@ from torch import nn
 from ._architectures import Resolved, resolve
 from ._engine import generation_session
 from .bundled import find_matching_preset, load_preset
-from .preset import Preset, PresetError
+from .preset import Preset, PresetError, patch_label
 
 __all__ = ["BackpatchedModel", "apply", "backpatch_hook_count", "wrap"]
 
 logger = logging.getLogger(__name__)
+
+
+def preset_for(model: nn.Module, preset: Preset | str | Path | None, fallback: Preset | None = None) -> Preset | None:
+    """The preset to use for ``model``: as given, loaded by name/path, or the matching bundled one.
+
+    With no match, ``fallback`` is returned when one is given (calibration, diagnostics); otherwise the
+    :class:`PresetError` that lists the bundled presets propagates, as ``wrap()`` wants.
+    """
+    if preset is not None or fallback is None:
+        return _as_preset(model, preset)
+    try:
+        return _as_preset(model, None)
+    except PresetError:
+        return fallback
 
 
 def _as_preset(model: nn.Module, preset: Preset | str | Path | None) -> Preset:
@@ -90,9 +104,7 @@ class BackpatchedModel:
         return getattr(object.__getattribute__(self, "_model"), name)
 
     def __repr__(self) -> str:
-        patches = ", ".join(
-            f"{p.source}->{p.target} {p.mode} x{p.scale:g} @{p.positions}" for p in self._resolved.patches
-        )
+        patches = ", ".join(patch_label(p) for p in self._resolved.patches)
         contrastive = f", contrastive alpha={self.preset.contrastive.alpha:g}" if self.preset.contrastive else ""
         return (f"BackpatchedModel({type(self._model).__name__}, preset={self.preset.name!r}, "
                 f"patches=[{patches}]{contrastive})")
