@@ -29,9 +29,7 @@ from ._architectures import resolve
 from ._contrastive import silence_frame
 from ._engine import generation_session
 from ._positions import position_masks
-from .audio_io import load_audio
-from .evaluate import evaluate, judge, load_conflict_set, metrics
-from .inputs import build_inputs, sampling_rate_of
+from .evaluate import encode_items, evaluate, judge, load_conflict_set, metrics
 from .preset import AudioSpan, Calibration, Contrastive, Match, ModelFacts, Patch, Preset, patch_label
 from .wrapper import BackpatchedModel, preset_for, wrap
 
@@ -124,14 +122,12 @@ def _first_token_answers(model: torch.nn.Module, processor: Any, inputs: Any) ->
 def _prepare(wrapped: BackpatchedModel, processor: Any, items, grid, batch_size: int, progress: bool):
     """Plain first-token answers and captured source states, one unpatched forward per batch."""
     resolved = wrapped.resolved
-    rate = sampling_rate_of(processor)
     batches, plain_answers = [], []
     sources = sorted(set(grid["sources"]))
     kinds = set(grid["positions"])
     for start in tqdm(range(0, len(items), batch_size), desc="capture", unit="batch", disable=not progress):
         chunk = items[start : start + batch_size]
-        inputs = build_inputs(processor, [load_audio(it.audio, rate) for it in chunk], [it.prompt for it in chunk])
-        inputs = inputs.to(wrapped.device)
+        inputs = encode_items(processor, chunk).to(wrapped.device)
         masks = position_masks(inputs["input_ids"], inputs.get("attention_mask"), resolved.audio_token_id, kinds)
         states: dict[tuple[int, str], torch.Tensor] = {}
 

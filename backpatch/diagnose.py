@@ -59,9 +59,8 @@ from ._probes import (
     probe_layers,
     text_takeover_layer,
 )
-from .audio_io import load_audio
-from .evaluate import ConflictItem, judge, load_conflict_set, metrics
-from .inputs import build_inputs, conversation, sampling_rate_of
+from .evaluate import ConflictItem, encode_items, judge, load_conflict_set, metrics
+from .inputs import conversation
 from .preset import AudioSpan, Calibration, Match, ModelFacts, Patch, Preset, PresetError
 from .wrapper import preset_for
 
@@ -585,7 +584,6 @@ def diagnose(
     resolved = wrapped.resolved
     num_layers = resolved.num_layers
     tokenizer = getattr(processor, "tokenizer", processor)
-    rate = sampling_rate_of(processor)
 
     tails = [_claim_tail_offsets(processor, it) for it in items]
     lost = sum(1 for it, t in zip(items, tails, strict=True) if it.kind != "audio_only" and t is None)
@@ -623,8 +621,7 @@ def diagnose(
     with _eager_attention(model):
         for chunk in tqdm(_batches(len(items), batch_size), desc="diagnose", unit="batch", disable=not progress):
             batch = [items[i] for i in chunk]
-            inputs = build_inputs(processor, [load_audio(it.audio, rate) for it in batch], [it.prompt for it in batch])
-            inputs = inputs.to(wrapped.device)
+            inputs = encode_items(processor, batch).to(wrapped.device)
             length = inputs["input_ids"].shape[1]
             claim_mask = torch.zeros(len(batch), length, dtype=torch.bool)
             ids_cpu = inputs["input_ids"].cpu()

@@ -29,6 +29,7 @@ __all__ = [
     "ConflictItem",
     "ConflictSetError",
     "answer_items",
+    "encode_items",
     "evaluate",
     "judge",
     "load_conflict_set",
@@ -154,6 +155,12 @@ def metrics(items: Sequence[ConflictItem], verdicts: Sequence[str]) -> dict[str,
     return out
 
 
+def encode_items(processor: Any, items: Sequence[ConflictItem]) -> Any:
+    """Model inputs for a batch of conflict items: their clips at the processor's rate, and their prompts."""
+    rate = sampling_rate_of(processor)
+    return build_inputs(processor, [load_audio(item.audio, rate) for item in items], [item.prompt for item in items])
+
+
 def _batches(items: Sequence[ConflictItem], batch_size: int) -> list[Sequence[ConflictItem]]:
     return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
 
@@ -168,13 +175,11 @@ def answer_items(
     progress: bool = True,
 ) -> tuple[list[str], list[str]]:
     """Plain and back-patched greedy answers for ``items`` (same inputs for both, batched)."""
-    rate = sampling_rate_of(processor)
     plain: list[str] = []
     patched: list[str] = []
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
     for batch in tqdm(_batches(items, batch_size), desc="evaluate", unit="batch", disable=not progress):
-        waves = [load_audio(item.audio, rate) for item in batch]
-        inputs = build_inputs(processor, waves, [item.prompt for item in batch]).to(wrapped.device)
+        inputs = encode_items(processor, batch).to(wrapped.device)
         length = inputs["input_ids"].shape[1]
         with wrapped.disabled():
             plain += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)

@@ -20,9 +20,7 @@ import torch
 
 import backpatch
 from backpatch import Contrastive, Patch, Preset, organism
-from backpatch.audio_io import load_audio
-from backpatch.evaluate import evaluate, load_conflict_set
-from backpatch.inputs import build_inputs
+from backpatch.evaluate import encode_items, evaluate, load_conflict_set
 from backpatch.loading import load_model_and_processor
 
 KEYS = ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc")
@@ -56,8 +54,7 @@ def time_ratio(wrapped, processor, items, batch_size: int, runs: int) -> float:
     batches = []
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        batches.append(build_inputs(processor, [load_audio(it.audio, 16000) for it in chunk],
-                                    [it.prompt for it in chunk]))
+        batches.append(encode_items(processor, chunk))
     kwargs = dict(max_new_tokens=4, do_sample=False)
 
     def run(patched: bool) -> float:
