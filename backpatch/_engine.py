@@ -58,10 +58,15 @@ def _with_hidden(output: Any, hidden: torch.Tensor) -> Any:
     return hidden
 
 
-def _select(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """States at ``mask`` positions. Decoder states are ``[B, T, H]``; Gemma 3n's AltUp states are
+def _at(hidden: torch.Tensor, mask: torch.Tensor) -> tuple:
+    """Index of the ``mask`` positions. Decoder states are ``[B, T, H]``; Gemma 3n's AltUp states are
     ``[K, B, T, H]`` and every stream is patched."""
-    return hidden[:, mask] if hidden.dim() == 4 else hidden[mask]
+    return (slice(None), mask) if hidden.dim() == 4 else (mask,)
+
+
+def _select(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """States at ``mask`` positions (of every AltUp stream)."""
+    return hidden[_at(hidden, mask)]
 
 
 def _first_rows(key: str, value: Any, rows: int) -> Any:
@@ -279,11 +284,8 @@ class PatchSession:
             for index, patch in items:
                 mask = masks[patch.positions].to(hidden.device)
                 captured = self._captured[index].to(device=hidden.device, dtype=hidden.dtype)
-                current = _select(patched, mask)
-                if hidden.dim() == 4:
-                    patched[:, mask] = _combine(current, captured, patch)
-                else:
-                    patched[mask] = _combine(current, captured, patch)
+                at = _at(patched, mask)
+                patched[at] = _combine(patched[at], captured, patch)
             return _with_hidden(output, patched)
 
         return hook

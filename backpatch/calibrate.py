@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ._architectures import resolve
 from ._contrastive import silence_frame
-from ._engine import generation_session
+from ._engine import _hidden, _select, generation_session
 from ._positions import position_masks
 from .evaluate import encode_items, evaluate, judge, load_conflict_set, metrics
 from .preset import AudioSpan, Calibration, Contrastive, Match, ModelFacts, Patch, Preset, patch_label
@@ -133,10 +133,9 @@ def _prepare(wrapped: BackpatchedModel, processor: Any, items, grid, batch_size:
 
         def make_hook(layer, masks=masks, states=states):
             def hook(_module, _args, output):
-                hidden = output[0] if isinstance(output, (tuple, list)) else output
+                hidden = _hidden(output)
                 for kind, mask in masks.items():
-                    m = mask.to(hidden.device)
-                    states[(layer, kind)] = (hidden[:, m] if hidden.dim() == 4 else hidden[m]).detach()
+                    states[(layer, kind)] = _select(hidden, mask.to(hidden.device)).detach()
 
             return hook
 

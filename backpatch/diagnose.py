@@ -50,7 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._architectures import Resolved, resolve
-from ._engine import generation_session
+from ._engine import _hidden, generation_session
 from ._positions import audio_mask, last_prompt_mask
 from ._probes import (
     chance_rate,
@@ -265,8 +265,7 @@ class _Recorder:
             return pre_hook
 
         def last_hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-            hidden = output[0] if isinstance(output, (tuple, list)) else output
-            self._reduce(n - 1, hidden.detach())
+            self._reduce(n - 1, _hidden(output).detach())
 
         def make_attn(layer: int):
             def attn_hook(_module: nn.Module, _args: tuple, output: Any) -> None:
