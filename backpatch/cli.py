@@ -207,6 +207,26 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_conflicts(args: argparse.Namespace) -> int:
+    from .conflict_sets import build_conflict_set
+
+    summary = build_conflict_set(
+        args.source, args.out, args.question, args.claim, labels=_str_list(args.labels),
+        conflicts_per_clip=args.conflicts_per_clip, consistent_share=args.consistent_share,
+        audio_only_share=args.audio_only_share, choices=args.choices, choices_template=args.choices_template,
+        split=args.split, group_by=args.group_by, filename_pattern=args.filename_pattern,
+        audio_column=args.audio_column, label_column=args.label_column, id_column=args.id_column,
+        audio_root=args.audio_root, seed=args.seed, annotate=not args.no_annotations, force=args.force)
+    framings = ", ".join(name or "(unnamed)" for name in summary["framings"])
+    print(f"{summary['n_clips']} clips, {len(summary['labels'])} labels, framings: {framings}")
+    for name, row in summary["outputs"].items():
+        print(f"wrote {row['path']}: {row['items']} items ({row['conflict']} conflict, {row['consistent']} "
+              f"consistent, {row['audio_only']} audio-only) from {row['clips']} clips, "
+              + ("" if row["groups"] is None else f"{row['groups']} groups, ")
+              + f"{row['labels']} labels" + ("" if name == "all" else f"  [{name}]"))
+    return 0
+
+
 def _default_data(args: argparse.Namespace) -> str:
     if args.model is not None:
         raise ValueError("--data is required with --model: pass a conflict-set JSONL file (DESIGN section 4)")
@@ -275,6 +295,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N items (quick looks)")
     p.add_argument("--no-sweep", action="store_true", help="skip the small sweep that checks the suggested preset")
     p.set_defaults(func=cmd_diagnose)
+
+    p = sub.add_parser("conflicts", help="build a conflict set from your own labelled audio (a manifest or "
+                       "LABEL/clip folders)")
+    p.add_argument("--from", dest="source", required=True, help="a .csv/.tsv/.jsonl manifest (audio path, label, "
+                   "optional group columns) or a folder laid out LABEL/clip.wav")
+    p.add_argument("--out", required=True, help="JSONL to write (with --split: OUT_STEM.SPLIT.jsonl beside it); "
+                   "audio paths in it are relative to it, audio is not copied")
+    p.add_argument("--question", required=True, help="the question asked about every clip, e.g. 'Which digit is "
+                   "spoken?' (alone: the audio-only prompt)")
+    p.add_argument("--claim", action="append", metavar="[NAME=]TEMPLATE", help="claim template holding {claim}, "
+                   "put before the question; repeat for several framings, each named, e.g. 'transcript=The "
+                   "speaker says \"{claim}\".' (default: transcript, caption and belief framings)")
+    p.add_argument("--conflicts-per-clip", type=int, default=3, help="wrong claims per clip and framing (default 3)")
+    p.add_argument("--consistent-share", type=float, default=1.0,
+                   help="share of clips with a consistent control per framing (default 1)")
+    p.add_argument("--audio-only-share", type=float, default=1.0,
+                   help="share of clips with an audio-only control (default 1)")
+    p.add_argument("--choices", help="multiple choice: N options per item (or 'all'), shuffled, seeded")
+    p.add_argument("--choices-template", default="Choose one of: {choices}.", help="appended to the prompt "
+                   "with --choices (default: 'Choose one of: {choices}.')")
+    p.add_argument("--labels", help="comma-separated claim pool in order (default: the labels found, sorted)")
+    p.add_argument("--split", help="e.g. validation=0.5,test=0.5: split by whole groups (see --group-by)")
+    p.add_argument("--group-by", help="field whose clips stay in one split, e.g. speaker (a manifest column, or a "
+                   "named group of --filename-pattern)")
+    p.add_argument("--filename-pattern", help="regex with named groups searched in file names, e.g. "
+                   "'(?P<speaker>[^_]+)_' (adds fields for --group-by)")
+    p.add_argument("--audio-column", help="manifest column of the audio path (default: audio, path, file, ...)")
+    p.add_argument("--label-column", help="manifest column of the label (default: label, answer, class, ...)")
+    p.add_argument("--id-column", help="manifest column of the clip id (default: id, else from the audio path)")
+    p.add_argument("--audio-root", help="folder the manifest's audio paths are relative to (default: its folder)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-annotations", action="store_true", help="write only the DESIGN keys (no label, "
+                   "framing, group), like the organism's shipped sets")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.set_defaults(func=cmd_conflicts)
     return parser
 
 

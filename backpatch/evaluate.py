@@ -3,8 +3,10 @@
 A conflict set is JSONL: one item per line with the audio clip (relative to the file), a prompt, the answer
 the audio supports and the answer the text claims. Every item is answered twice, plainly and with the
 preset applied, through the processor's chat template; the report gives TDR, AFR, "other", consistent and
-audio-only accuracy with 95% Wilson intervals. With accelerate (``accelerate launch -m backpatch eval``)
-the items are split across processes and the answers gathered, so the report equals the single-process one.
+audio-only accuracy with 95% Wilson intervals, and the same metrics per framing and per label when the items
+carry ``framing`` / ``label`` keys (as ``backpatch conflicts`` writes them). With accelerate
+(``accelerate launch -m backpatch eval``) the items are split across processes and the answers gathered, so
+the report equals the single-process one.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = [
     "ConflictItem",
     "ConflictSetError",
     "answer_items",
+    "breakdown",
     "encode_items",
     "evaluate",
     "judge",
@@ -42,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("conflict", "consistent", "audio_only")
 METRICS = ("tdr", "afr", "other_rate", "consistent_acc", "audio_only_acc")
+ANNOTATIONS = ("framing", "label", "group")
+#: rows shown per breakdown in the terminal table (the JSON report has all)
+TABLE_ROWS = 30
 
 
 class ConflictSetError(ValueError):
@@ -56,6 +62,11 @@ class ConflictItem:
     audio_answer: str
     text_answer: str | None
     kind: str
+    #: optional annotations (DESIGN 4 allows extra keys; ``backpatch conflicts`` writes these)
+    framing: str | None = None
+    label: str | None = None
+    group: str | None = None
+    choices: tuple[str, ...] | None = None
 
 
 def load_conflict_set(path: str | Path, limit: int | None = None) -> list[ConflictItem]:
@@ -85,12 +96,21 @@ def load_conflict_set(path: str | Path, limit: int | None = None) -> list[Confli
         audio = (path.parent / row["audio"]).resolve()
         if not audio.is_file():
             raise ConflictSetError(f"{where}: audio file {row['audio']!r} not found (paths are relative to the JSONL)")
-        items.append(ConflictItem(str(row["id"]), audio, row["prompt"], row["audio_answer"], text_answer, row["kind"]))
+        choices = row.get("choices")
+        if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+            raise ConflictSetError(f"{where}: choices must be a list of strings")
+        items.append(ConflictItem(str(row["id"]), audio, row["prompt"], row["audio_answer"], text_answer, row["kind"],
+                                  *(_optional_text(row, key) for key in ("framing", "label", "group")),
+                                  tuple(choices) if choices is not None else None))
         if limit is not None and len(items) >= limit:
             break
     if not items:
         raise ConflictSetError(f"{path}: no items")
     return items
+
+
+def _optional_text(row: dict, key: str) -> str | None:
+    return None if row.get(key) is None else str(row[key])
 
 
 def normalize(text: str) -> str:
@@ -153,6 +173,22 @@ def metrics(items: Sequence[ConflictItem], verdicts: Sequence[str]) -> dict[str,
             "followed_text": text, "followed_audio": audio, "other": other}
     out["ci95"] = {name: wilson(k, n) for name, (k, n) in fractions.items()}
     return out
+
+
+def breakdown(items: Sequence[ConflictItem], plain: Sequence[str], patched: Sequence[str],
+              key: str) -> dict[str, dict[str, Any]] | None:
+    """Metrics per value of an item annotation (``framing``, ``label``): ``{value: {"plain": ..., "backpatched":
+    ...}}`` in first-seen order, over the items that carry it; ``None`` when no item does."""
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        value = getattr(item, key)
+        if value is not None:
+            groups.setdefault(value, []).append(i)
+    if not groups:
+        return None
+    return {value: {column: metrics([items[i] for i in rows], [verdicts[i] for i in rows])
+                    for column, verdicts in (("plain", plain), ("backpatched", patched))}
+            for value, rows in groups.items()}
 
 
 def encode_items(processor: Any, items: Sequence[ConflictItem]) -> Any:
@@ -222,7 +258,7 @@ def evaluate(
     patched = [answers[i][1] for i in indices]
     plain_verdicts = [judge(a, it) for a, it in zip(plain, items, strict=True)]
     patched_verdicts = [judge(a, it) for a, it in zip(patched, items, strict=True)]
-    return {
+    report = {
         "model": model_name or getattr(wrapped.config, "_name_or_path", type(wrapped.base_model).__name__),
         "preset": wrapped.preset.to_dict(),
         "data": str(data),
@@ -232,10 +268,16 @@ def evaluate(
         "backpatched": metrics(items, patched_verdicts),
         "items": [
             {"id": it.id, "kind": it.kind, "audio_answer": it.audio_answer, "text_answer": it.text_answer,
+             **{key: getattr(it, key) for key in ANNOTATIONS if getattr(it, key) is not None},
              "plain": p, "backpatched": b, "plain_follows": pv, "backpatched_follows": bv}
             for it, p, b, pv, bv in zip(items, plain, patched, plain_verdicts, patched_verdicts, strict=True)
         ],
     }
+    for key in ("framing", "label"):  # TDR broken down by framing and by label, when the items say
+        parts = breakdown(items, plain_verdicts, patched_verdicts, key)
+        if parts is not None:
+            report[f"by_{key}"] = parts
+    return report
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -249,4 +291,26 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{name:<16}{cells[0]:>24}{cells[1]:>24}")
     p = report["plain"]
     lines.append(f"items: {p['n_conflict']} conflict, {p['n_consistent']} consistent, {p['n_audio_only']} audio-only")
+    for key in ("framing", "label"):
+        if f"by_{key}" in report:
+            lines += ["", *_breakdown_table(report[f"by_{key}"], key)]
     return "\n".join(lines)
+
+
+def _cell(m: dict[str, Any], name: str) -> str:
+    value, ci = m[name], m["ci95"][name]
+    return "n/a" if value is None else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _breakdown_table(parts: dict[str, dict[str, Any]], key: str) -> list[str]:
+    width = max(len(key), *(len(v) for v in list(parts)[:TABLE_ROWS])) + 2
+    lines = [f"{key:<{width}}{'conflicts':>10}{'TDR plain':>24}{'TDR backpatched':>24}{'AFR plain':>11}"
+             f"{'AFR bp':>8}"]
+    for value, m in list(parts.items())[:TABLE_ROWS]:
+        p, b = m["plain"], m["backpatched"]
+        afr = ["n/a" if x["afr"] is None else f"{x['afr']:.3f}" for x in (p, b)]
+        lines.append(f"{value:<{width}}{p['n_conflict']:>10}{_cell(p, 'tdr'):>24}{_cell(b, 'tdr'):>24}{afr[0]:>11}"
+                     f"{afr[1]:>8}")
+    if len(parts) > TABLE_ROWS:
+        lines.append(f"... {len(parts) - TABLE_ROWS} more {key}s in the JSON report (by_{key})")
+    return lines

@@ -171,3 +171,57 @@ def test_accelerate_two_processes_merge_to_the_single_process_report(setup):
     assert reports["multi"]["items"] == reports["single"]["items"]
     assert reports["multi"]["plain"] == reports["single"]["plain"]
     assert reports["multi"]["backpatched"] == reports["single"]["backpatched"]
+
+
+def test_breakdowns_by_framing_and_label_and_their_table():
+    from backpatch.evaluate import breakdown, format_table
+
+    def annotated(kind, framing, label, text="three"):
+        return ConflictItem("x", None, "p", label, text if kind != "audio_only" else None, kind, framing, label)
+
+    items = [annotated("conflict", "quote", "seven")] * 4 + [annotated("conflict", "bare", "two")] * 2 + [
+        annotated("consistent", "quote", "seven", "seven"), annotated("audio_only", None, "two")]
+    plain = ["text", "text", "text", "audio", "audio", "other", "audio", "audio"]
+    patched = ["audio", "audio", "text", "audio", "audio", "audio", "other", "audio"]
+    by_framing = breakdown(items, plain, patched, "framing")
+    assert list(by_framing) == ["quote", "bare"]  # audio-only items carry no framing and are left out
+    assert by_framing["quote"]["plain"]["tdr"] == 0.75 and by_framing["quote"]["backpatched"]["tdr"] == 0.25
+    assert by_framing["quote"]["plain"]["consistent_acc"] == 1.0
+    assert by_framing["quote"]["backpatched"]["consistent_acc"] == 0.0
+    assert by_framing["bare"]["plain"]["tdr"] == 0.0 and by_framing["bare"]["plain"]["other_rate"] == 0.5
+    by_label = breakdown(items, plain, patched, "label")
+    assert by_label["two"]["plain"]["n_audio_only"] == 1 and by_label["two"]["plain"]["n_conflict"] == 2
+    assert breakdown([item("conflict")], ["text"], ["text"], "framing") is None
+    report = {"plain": metrics(items, plain), "backpatched": metrics(items, patched),
+              "by_framing": by_framing, "by_label": by_label}
+    table = format_table(report).splitlines()
+    quote = next(line for line in table if line.startswith("quote"))
+    assert quote.split()[:2] == ["quote", "4"] and "0.750 [" in quote and "0.250 [" in quote
+    assert any(line.startswith("label") for line in table) and any(line.startswith("seven") for line in table)
+    assert "framing" not in format_table({"plain": report["plain"], "backpatched": report["backpatched"]})
+
+
+def test_evaluate_reports_tdr_per_framing_and_label(setup, tmp_path):
+    root, data, preset = setup
+    lines = [json.loads(line) for line in data.read_text().splitlines()]
+    for n, row in enumerate(lines):
+        row["label"] = row["audio_answer"]
+        row["group"] = "g"
+        if row["kind"] != "audio_only":
+            row["framing"] = "quote" if n % 2 else "bare"
+    annotated = data.parent / "annotated.jsonl"
+    annotated.write_text("".join(json.dumps(row) + "\n" for row in lines))
+    model, processor = load_model_and_processor(str(root / "model"))
+    wrapped = backpatch.wrap(model, str(preset))
+    report = evaluate(wrapped, processor, annotated, batch_size=8, max_new_tokens=3, progress=False)
+    plain_report = evaluate(wrapped, processor, data, batch_size=8, max_new_tokens=3, progress=False)
+    assert "by_framing" not in plain_report and "by_label" not in plain_report
+    for key in ("plain", "backpatched"):  # the existing keys are unchanged by the annotations
+        assert report[key] == plain_report[key]
+    assert set(report["by_framing"]) == {"quote", "bare"}
+    assert sum(v["plain"]["n_conflict"] for v in report["by_framing"].values()) == report["plain"]["n_conflict"]
+    assert set(report["by_label"]) == {row["audio_answer"] for row in lines}
+    for name, parts in report["by_framing"].items():
+        rows = [r for r in report["items"] if r.get("framing") == name and r["kind"] == "conflict"]
+        assert parts["backpatched"]["followed_text"] == sum(r["backpatched_follows"] == "text" for r in rows)
+    assert report["items"][0]["group"] == "g" and report["items"][0]["label"] == lines[0]["audio_answer"]

@@ -27,10 +27,13 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
+from backpatch.conflict_sets import Framing, PromptTemplates, make_conflict_items
 from backpatch.evaluate import ConflictItem, judge, metrics
+from backpatch.labelled_audio import Clip
+from backpatch.organism import AUDIO_ONLY_TEMPLATE, CLAIM_TEMPLATE
 from backpatch.organism.corpus import DEFAULT_OUT as DEFAULT_CORPUS
 from backpatch.organism.corpus import load_manifest
-from backpatch.organism.processor import DIGITS, encode, first_word, make_prompt
+from backpatch.organism.processor import DIGITS, encode, first_word
 
 logger = logging.getLogger(__name__)
 
@@ -39,31 +42,21 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 SPLITS = ("validation", "test")
 
 
+#: the fixed DESIGN 4b prompts as conflict-set templates: ``'The speaker says "{claim}". Which digit is spoken?'``
+TEMPLATES = PromptTemplates(AUDIO_ONLY_TEMPLATE,
+                            (Framing(None, CLAIM_TEMPLATE.removesuffix(" " + AUDIO_ONLY_TEMPLATE)),))
+
+
 def make_items(rows: Sequence[dict], seed: int, n_conflict: int = 3) -> list[dict]:
     """Conflict-set items for manifest rows: ``n_conflict`` distinct wrong claims, 1 consistent, 1 audio-only.
 
-    Deterministic in (seed, clip id). ``audio`` is ``wav/<clip id>.wav``, relative to the JSONL file.
+    The library's generator (``backpatch.conflict_sets.make_conflict_items``, what ``backpatch conflicts``
+    runs) with the DESIGN 4b templates and the digits as claim pool, without the annotation keys. Deterministic
+    in (seed, clip id). ``audio`` is ``wav/<clip id>.wav``, relative to the JSONL file.
     """
-    items = []
-    for row in rows:
-        rng = np.random.default_rng([seed, *row["id"].encode()])
-        wrong = [d for d in DIGITS if d != row["word"]]
-        claims = [wrong[i] for i in rng.choice(len(wrong), size=n_conflict, replace=False)]
-        audio = f"wav/{row['id']}.wav"
-        prompts = [(f"c{k}", claim, "conflict") for k, claim in enumerate(claims)]
-        prompts += [("s", row["word"], "consistent"), ("a", None, "audio_only")]
-        for suffix, claim, kind in prompts:
-            items.append(
-                {
-                    "id": f"{row['id']}-{suffix}",
-                    "audio": audio,
-                    "prompt": make_prompt(claim),
-                    "audio_answer": row["word"],
-                    "text_answer": claim,
-                    "kind": kind,
-                }
-            )
-    return items
+    clips = [Clip(row["id"], Path("wav") / f"{row['id']}.wav", row["word"]) for row in rows]
+    return make_conflict_items(clips, TEMPLATES, labels=DIGITS, conflicts_per_clip=n_conflict, seed=seed,
+                               annotate=False)
 
 
 def write_set(items: Sequence[dict], src_wav_dir: Path, out_dir: Path, name: str) -> Path:
