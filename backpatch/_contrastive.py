@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ._architectures import Resolved
+from ._engine import CallHooks
 from .preset import Contrastive
 
 __all__ = ["ContrastiveSession", "silence_frame"]
@@ -59,10 +60,18 @@ def batch_dim(key: str, value: torch.Tensor) -> int | None:
 class ContrastiveSession:
     """Hooks for one contrastive ``generate()``/forward call; always removed by the caller's ``finally``."""
 
-    def __init__(self, resolved: Resolved, config: Contrastive, silence: tuple[torch.Tensor, int] | None) -> None:
+    def __init__(
+        self,
+        resolved: Resolved,
+        config: Contrastive,
+        silence: tuple[torch.Tensor, int] | None,
+        hooks: CallHooks,
+    ) -> None:
         if config.null_audio == "silence" and silence is None:
             raise ValueError("null_audio: silence needs the processor: wrap(model, preset, processor=processor)")
         self.resolved = resolved
+        #: the call that owns these hooks: they act for it only (other threads' calls pass through)
+        self._hooks = hooks
         self.config = config
         self.silence = silence
         self.rows: int | None = None
@@ -73,13 +82,13 @@ class ContrastiveSession:
 
     def install(self) -> None:
         generator = self.resolved.generator
-        self._handles.append(generator.register_forward_pre_hook(self._double, with_kwargs=True))
-        self._handles.append(generator.register_forward_hook(self._combine))
+        self._handles.append(self._hooks.forward_pre_hook(generator, self._double, with_kwargs=True))
+        self._handles.append(self._hooks.forward_hook(generator, self._combine))
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Remove the hooks and cut the cache back to the main rows (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
         cache, self._cache = self._cache, None
         if cache is not None:
             if "reorder_cache" in vars(cache):

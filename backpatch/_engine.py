@@ -15,7 +15,12 @@ moment the prefill is over, so decode steps run on an unhooked model:
 3. forward hooks on the target layers apply the patches during the real prefill, and a forward hook on the
    text model removes everything when the prefill returns.
 
-A per-model lock keeps two threads from installing hooks on one model at once (:func:`model_lock`).
+Module hooks are global to the module, so every hook is owned by one call (:class:`CallHooks`): it acts only
+while that call is the current one of the running thread, and passes through untouched for any other call, be it
+a plain ``generate()`` in another thread, a raw forward from a thread that never used backpatch, or a
+``disabled()`` call nested in a patched one (:func:`plain_call`). Everything a hook keeps (masks, captured
+states) lives on its session, one per call. A per-model lock still runs one patched call per model at a time
+(:func:`model_lock`); it also serializes ``apply()`` blocks and ``unwrap()`` with the calls in flight.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -32,7 +37,15 @@ from torch import nn
 from ._architectures import Resolved, ResolvedPatch
 from ._positions import position_masks
 
-__all__ = ["BackpatchRuntimeError", "PatchSession", "generation_session", "model_lock", "patch_session"]
+__all__ = [
+    "BackpatchRuntimeError",
+    "CallHooks",
+    "PatchSession",
+    "generation_session",
+    "model_lock",
+    "patch_session",
+    "plain_call",
+]
 
 # Keyword names a text model may receive its KV cache under (transformers 5.x renamed past_key_values to cache).
 _CACHE_KWARGS = ("cache", "past_key_values")
@@ -43,7 +56,84 @@ class BackpatchRuntimeError(RuntimeError):
 
 
 class _StopCapture(Exception):
-    """Raised after the deepest source layer to end the capture pass early (no later layers, no LM head)."""
+    """Raised after the deepest source layer to end the capture pass early (no later layers, no LM head).
+
+    It carries the session that raised it, and only that session's capture pass catches it."""
+
+    def __init__(self, session: PatchSession) -> None:
+        super().__init__("backpatch capture pass stopped")
+        self.session = session
+
+
+# ------------------------------------------------------------------------------------------- call ownership
+class _CurrentCall(threading.local):
+    #: the :class:`CallHooks` of the back-patched call running in this thread (None: no call, or a plain one)
+    hooks: CallHooks | None = None
+
+
+_CURRENT = _CurrentCall()
+
+
+@contextmanager
+def _current(hooks: CallHooks | None) -> Iterator[None]:
+    previous = _CURRENT.hooks
+    _CURRENT.hooks = hooks
+    try:
+        yield
+    finally:
+        _CURRENT.hooks = previous
+
+
+@contextmanager
+def plain_call() -> Iterator[None]:
+    """Inside, no backpatch hook acts in this thread: a plain call nested in a back-patched one stays plain."""
+    with _current(None):
+        yield
+
+
+class CallHooks:
+    """Every hook of one back-patched call, owned by it (the steering-vectors handle pattern).
+
+    A hook registered here runs its function only while this call is the current call of the running thread
+    and is not closed; for every other call (other threads, plain calls nested in this one) it returns None
+    and changes nothing. :meth:`close` removes every hook registered here and nothing else; it is idempotent.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.closed = False
+
+    def acting(self) -> bool:
+        """True in the thread and call that own these hooks, while they are installed."""
+        return _CURRENT.hooks is self and not self.closed
+
+    def forward_hook(self, module: nn.Module, fn: Any) -> torch.utils.hooks.RemovableHandle:
+        return self._register(module.register_forward_hook, fn, {})
+
+    def forward_pre_hook(
+        self, module: nn.Module, fn: Any, with_kwargs: bool = False
+    ) -> torch.utils.hooks.RemovableHandle:
+        return self._register(module.register_forward_pre_hook, fn, {"with_kwargs": with_kwargs})
+
+    def _register(self, register: Any, fn: Any, options: dict) -> torch.utils.hooks.RemovableHandle:
+        if self.closed:
+            raise BackpatchRuntimeError("backpatch: a hook was registered after its call ended; please report this")
+
+        def owned(module: nn.Module, *rest: Any) -> Any:
+            # *rest: another thread may see this hook while it is being removed, when torch has already
+            # forgotten that it takes kwargs; the check comes first, so that call just passes through.
+            if not self.acting():
+                return None
+            return fn(module, *rest)
+
+        handle = register(owned, **options)
+        self._handles.append(handle)
+        return handle
+
+    def close(self) -> None:
+        self.closed = True
+        while self._handles:
+            self._handles.pop().remove()
 
 
 def _hidden(output: Any) -> torch.Tensor:
@@ -111,8 +201,12 @@ class PatchSession:
         resolved: Resolved,
         precaptured: dict[tuple[int, str], torch.Tensor] | None = None,
         doubled: bool = False,
+        *,
+        hooks: CallHooks,
     ) -> None:
         self.resolved = resolved
+        #: the call that owns this session's hooks: they act for it only (see :class:`CallHooks`)
+        self._hooks = hooks
         #: contrastive decoding appends a null-audio copy of every row: only the first half is patched
         self._doubled = doubled
         #: source states already captured for this exact batch, keyed by (source layer, positions): a sweep over
@@ -128,17 +222,16 @@ class PatchSession:
 
     # ------------------------------------------------------------------------------------------ install
     def install(self) -> None:
-        r = self.resolved
-        self._handles.append(r.generator.register_forward_pre_hook(self._on_generator_call, with_kwargs=True))
-        self._handles.append(r.text_model.register_forward_pre_hook(self._on_text_model_call, with_kwargs=True))
-        self._handles.append(r.text_model.register_forward_hook(self._on_text_model_done))
+        r, hooks = self.resolved, self._hooks
+        self._handles.append(hooks.forward_pre_hook(r.generator, self._on_generator_call, with_kwargs=True))
+        self._handles.append(hooks.forward_pre_hook(r.text_model, self._on_text_model_call, with_kwargs=True))
+        self._handles.append(hooks.forward_hook(r.text_model, self._on_text_model_done))
 
     def remove(self) -> None:
-        for handle in self._patch_handles + self._handles:
-            handle.remove()
-        self._patch_handles.clear()
-        self._handles.clear()
-        self._captured.clear()
+        """Remove this session's hooks (idempotent). Its state is dropped: a later hook call finds no masks."""
+        while self._patch_handles or self._handles:
+            (self._patch_handles or self._handles).pop().remove()
+        self._captured = {}
         self._masks = None
 
     # --------------------------------------------------------------------------------------------- hooks
@@ -196,7 +289,7 @@ class PatchSession:
             reentry_kwargs = {**text_kwargs, "input_ids": None, "inputs_embeds": hidden}
             self._capture_then_arm(module, reentry_args, reentry_kwargs)
 
-        handle = self.resolved.layers[0].register_forward_pre_hook(on_first_layer)
+        handle = self._hooks.forward_pre_hook(self.resolved.layers[0], on_first_layer)
         self._handles.append(handle)
 
     def _check_length(self, embeds: torch.Tensor) -> None:
@@ -217,7 +310,7 @@ class PatchSession:
             self._capture(module, args, kwargs)
         for target in sorted({p.target for p in self.resolved.patches}):
             hook = self._make_patch_hook(target)
-            self._patch_handles.append(self.resolved.layers[target].register_forward_hook(hook))
+            self._patch_handles.append(self._hooks.forward_hook(self.resolved.layers[target], hook))
 
     def _on_text_model_done(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._capturing or self._masks is None:
@@ -231,6 +324,7 @@ class PatchSession:
         resolved = self.resolved
         masks = self._masks
         deepest = resolved.deepest_source
+        captured: dict[int, torch.Tensor] = {}
         handles = []
         capture_kwargs = dict(kwargs)
         if self._doubled:
@@ -246,14 +340,14 @@ class PatchSession:
                 hidden = _hidden(output)
                 for index, patch in enumerate(resolved.patches):
                     if patch.source == layer:
-                        self._captured[index] = _select(hidden, masks[patch.positions].to(hidden.device)).detach()
+                        captured[index] = _select(hidden, masks[patch.positions].to(hidden.device)).detach()
                 if layer == deepest:
-                    raise _StopCapture
+                    raise _StopCapture(self)
 
             return hook
 
         for layer in sorted({p.source for p in resolved.patches}):
-            handles.append(resolved.layers[layer].register_forward_hook(make_hook(layer)))
+            handles.append(self._hooks.forward_hook(resolved.layers[layer], make_hook(layer)))
         for key in _CACHE_KWARGS:
             if key in capture_kwargs:
                 capture_kwargs[key] = None
@@ -261,12 +355,14 @@ class PatchSession:
         self._capturing = True
         try:
             module(*args, **capture_kwargs)
-        except _StopCapture:
-            pass
+        except _StopCapture as stop:
+            if stop.session is not self:  # pragma: no cover - hooks act for their own call only
+                raise
         finally:
             self._capturing = False
             for handle in handles:
                 handle.remove()
+        self._captured = captured
         if len(self._captured) != len(resolved.patches):
             raise BackpatchRuntimeError(
                 f"the capture pass did not reach source layer {deepest} of {resolved.layers_path}; does "
@@ -275,7 +371,7 @@ class PatchSession:
 
     def _make_patch_hook(self, target: int):
         resolved = self.resolved
-        masks = self._masks
+        masks, captured = self._masks, self._captured
         items = [(i, p) for i, p in enumerate(resolved.patches) if p.target == target]
 
         def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
@@ -283,9 +379,9 @@ class PatchSession:
             patched = hidden.clone()
             for index, patch in items:
                 mask = masks[patch.positions].to(hidden.device)
-                captured = self._captured[index].to(device=hidden.device, dtype=hidden.dtype)
+                states = captured[index].to(device=hidden.device, dtype=hidden.dtype)
                 at = _at(patched, mask)
-                patched[at] = _combine(patched[at], captured, patch)
+                patched[at] = _combine(patched[at], states, patch)
             return _with_hidden(output, patched)
 
         return hook
@@ -293,18 +389,23 @@ class PatchSession:
 
 # ------------------------------------------------------------------------------------------------ locking
 class _ModelLock:
-    """A lock per model that also refuses same-thread re-entry (which would stack two sessions' hooks)."""
+    """A lock per model that also refuses same-thread re-entry (which would stack two sessions' hooks).
+
+    ``blocks`` is a second, reentrant lock for ``apply()`` blocks, which replace ``generate`` on the module
+    itself: two blocks on one model in different threads run one after the other, not interleaved."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self.blocks = threading.RLock()
 
     @contextmanager
-    def hold(self) -> Iterator[None]:
+    def hold(self, nested: str = "") -> Iterator[None]:
+        """Wait for the model's patched call in flight (if any) to end, then hold the model."""
         if self._owner == threading.get_ident():
             raise BackpatchRuntimeError(
-                "a back-patched call on this model is already running in this thread (nested generate()); "
-                "nested back-patched calls on one model are not supported"
+                nested or "a back-patched call on this model is already running in this thread (nested "
+                "generate()); nested back-patched calls on one model are not supported"
             )
         with self._lock:
             self._owner = threading.get_ident()
@@ -346,22 +447,24 @@ def generation_session(
     """Back-patching and/or contrastive decoding hooks for one call, under the model's lock.
 
     The contrastive hooks go on first, so that the patch session sees the doubled batch and patches only the
-    main rows. Everything is removed in ``finally``.
+    main rows. All hooks belong to this call in this thread (:class:`CallHooks`); everything is removed on exit,
+    whatever happens, each step even if an earlier one fails.
     """
     from ._contrastive import ContrastiveSession
 
-    with model_lock(resolved.generator).hold():
+    with model_lock(resolved.generator).hold(), ExitStack() as stack:
+        hooks = CallHooks()
+        stack.callback(hooks.close)  # last: whatever a session may have missed
         use_contrastive = contrastive is not None and contrastive.alpha > 0
-        cs = ContrastiveSession(resolved, contrastive, silence) if use_contrastive else None
-        ps = PatchSession(resolved, precaptured, doubled=use_contrastive) if resolved.patches else None
-        try:
-            if cs is not None:
-                cs.install()
-            if ps is not None:
-                ps.install()
-            yield ps, cs
-        finally:
-            if ps is not None:
-                ps.remove()
-            if cs is not None:
-                cs.remove()
+        cs = ContrastiveSession(resolved, contrastive, silence, hooks) if use_contrastive else None
+        ps = PatchSession(resolved, precaptured, doubled=use_contrastive, hooks=hooks) if resolved.patches else None
+        if cs is not None:
+            stack.callback(cs.remove)
+        if ps is not None:
+            stack.callback(ps.remove)
+        stack.enter_context(_current(hooks))
+        if cs is not None:
+            cs.install()
+        if ps is not None:
+            ps.install()
+        yield ps, cs

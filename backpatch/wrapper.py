@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from ._architectures import Resolved, resolve
-from ._engine import generation_session
+from ._engine import generation_session, model_lock, plain_call
 from .bundled import find_matching_preset, load_preset
 from .preset import Preset, PresetError, patch_label
 
@@ -127,12 +127,13 @@ class BackpatchedModel:
         """Hugging Face ``generate()``, with the preset's patches applied to the prefill.
 
         Decode steps run unpatched from the patched KV cache. One back-patched call per model at a time
-        (a per-model lock serializes threads).
+        (a per-model lock serializes threads); plain calls run alongside, untouched by its hooks.
         """
         generator = self._resolved.generator
         plain_generate = type(generator).generate  # the class method: skips an instance override by apply()
         if self.is_disabled:
-            return plain_generate(generator, *args, **kwargs)
+            with plain_call():
+                return plain_generate(generator, *args, **kwargs)
         with generation_session(self._resolved, self.preset.contrastive, self._silence) as sessions:
             self.last_session, self.last_contrastive = sessions
             return plain_generate(generator, *args, **kwargs)
@@ -141,7 +142,8 @@ class BackpatchedModel:
         """One forward pass of the text-generating model with the patches applied (unpatched when disabled)."""
         generator = self._resolved.generator
         if self.is_disabled:
-            return generator(*args, **kwargs)
+            with plain_call():
+                return generator(*args, **kwargs)
         with generation_session(self._resolved, self.preset.contrastive, self._silence) as sessions:
             self.last_session, self.last_contrastive = sessions
             return generator(*args, **kwargs)
@@ -149,8 +151,13 @@ class BackpatchedModel:
     __call__ = forward
 
     def unwrap(self) -> nn.Module:
-        """Return the base model. Hooks only live inside a call, so it is hook-free; this is checked."""
-        leftover = backpatch_hook_count(self._model)
+        """Return the base model. Hooks only live inside a call, so it is hook-free; this is checked.
+
+        A back-patched call in flight on this model in another thread is waited for.
+        """
+        nested = "unwrap() was called inside a back-patched call on this model (same thread)"
+        with model_lock(self._resolved.generator).hold(nested):
+            leftover = backpatch_hook_count(self._model)
         if leftover:  # pragma: no cover - would be a bug in the engine
             raise RuntimeError(f"backpatch left {leftover} hooks on the model; please report this")
         return self._model
@@ -174,20 +181,24 @@ def apply(
     """Back-patch ``model.generate`` in place for the duration of the block.
 
     For apps and pipelines that hold the model object: inside, every ``generate()`` on the text-generating
-    module is back-patched; on exit (also on exceptions) the original method is back and no hook is left.
+    module is back-patched, from any thread; on exit (also on exceptions) the original method is back and no
+    hook is left. The method is replaced on the module itself, so ``apply()`` blocks on one model in different
+    threads run one after the other (a second block waits for the first to close); nested blocks in one thread
+    stack as before.
     """
     wrapped = wrap(model, preset, processor)
     generator = wrapped.resolved.generator
-    had_own = "generate" in generator.__dict__
-    previous = generator.__dict__.get("generate")
-    generator.generate = wrapped.generate
-    try:
-        yield wrapped
-    finally:
-        if had_own:
-            generator.generate = previous
-        else:
-            del generator.generate
+    with model_lock(generator).blocks:
+        had_own = "generate" in generator.__dict__
+        previous = generator.__dict__.get("generate")
+        generator.generate = wrapped.generate
+        try:
+            yield wrapped
+        finally:
+            if had_own:
+                generator.generate = previous
+            else:
+                del generator.generate
 
 
 def backpatch_hook_count(model: nn.Module) -> int:
