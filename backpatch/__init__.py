@@ -5,6 +5,7 @@ Back-patching routes late-layer hidden states back into an earlier decoder layer
 See DESIGN.md for the semantics and the README for a quickstart.
 """
 
+from . import organism
 from ._engine import BackpatchRuntimeError
 from .bundled import list_presets, load_preset
 from .preset import AudioSpan, Calibration, Contrastive, Match, ModelFacts, Patch, Preset, PresetError
@@ -27,6 +28,7 @@ __all__ = [
     "backpatch_hook_count",
     "list_presets",
     "load_preset",
+    "organism",
     "wrap",
     "__version__",
 ]

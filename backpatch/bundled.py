@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from .preset import Preset, PresetError
 
@@ -50,14 +51,14 @@ def load_preset(name_or_path: str | Path) -> Preset:
     return Preset.from_yaml(path)
 
 
-def find_matching_preset(model_type: str, name_or_path: str | None) -> Preset:
-    """The bundled preset whose ``match`` fits this model; a name glob beats a bare model_type match."""
+def find_matching_preset(model_type: str, name_or_path: str | None, config: Any = None) -> Preset:
+    """The bundled preset whose ``match`` fits this model; config values beat a name glob, which beats a bare
+    model_type match."""
     scored: list[tuple[int, str, Preset]] = []
     for name in list_presets():
         preset = load_preset(name)
-        if preset.match is not None and preset.match.matches(model_type, name_or_path):
-            specificity = 1 if preset.match.name_or_path else 0
-            scored.append((specificity, name, preset))
+        if preset.match is not None and preset.match.matches(model_type, name_or_path, config):
+            scored.append((preset.match.specificity, name, preset))
     if not scored:
         raise PresetError(
             f"no bundled preset matches this model (model_type {model_type!r}, name_or_path {name_or_path!r}). "

@@ -98,11 +98,8 @@ class CompareResult:
 
 
 def _is_organism(model: torch.nn.Module) -> bool:
-    name = getattr(model.config, "_name_or_path", "") or ""
-    try:
-        return Path(name).resolve() == organism.path().resolve()
-    except OSError:  # pragma: no cover
-        return False
+    """Organism checkpoints say so in their config (it survives copying the folder)."""
+    return getattr(model.config, organism.CONFIG_KEY, None) in organism.NAMES
 
 
 class Demo:
@@ -155,7 +152,7 @@ class Demo:
                 candidate = load_preset(preset_name)
             except PresetError:  # pragma: no cover - bundled presets are tested
                 continue
-            if candidate.match is not None and candidate.match.matches(model_type, name):
+            if candidate.match is not None and candidate.match.matches(model_type, name, self.model.config):
                 found[preset_name] = candidate
         return found
 

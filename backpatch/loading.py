@@ -19,11 +19,36 @@ _AUTO_CLASSES = ("AutoModelForMultimodalLM", "AutoModelForSeq2SeqLM", "AutoModel
                  "AutoModelForCausalLM")
 
 
+ORGANISM_PREFIX = "organism:"
+
+
 def default_model() -> str:
-    """The shipped model organism (DESIGN section 4b): the model every command uses without --model."""
+    """The default model organism (DESIGN section 4b): the model every command uses without --model."""
     from . import organism
 
-    return str(organism.path())
+    return str(organism.path(organism.DEFAULT))
+
+
+def resolve_model_id(model_id: str | None) -> str:
+    """A loadable id: ``None`` is the default organism, ``organism:NAME`` that organism's checkpoint folder."""
+    if model_id is None:
+        return default_model()
+    if model_id.startswith(ORGANISM_PREFIX):
+        from . import organism
+
+        name = model_id[len(ORGANISM_PREFIX):]
+        if name not in organism.NAMES:
+            raise ValueError(f"unknown organism {name!r} in --model {model_id}; organisms: "
+                             f"{', '.join(ORGANISM_PREFIX + n for n in organism.NAMES)}")
+        return str(organism.path(name))
+    return model_id
+
+
+def display_name(model_id: str | None) -> str:
+    """How reports name the model: ``organism:NAME`` for organisms (also the default), else the id as given."""
+    from . import organism
+
+    return f"{ORGANISM_PREFIX}{organism.DEFAULT}" if model_id is None else model_id
 
 
 def load_model_and_processor(
@@ -32,14 +57,14 @@ def load_model_and_processor(
     device_map: str | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[torch.nn.Module, Any]:
-    """``(model, processor)`` for ``model_id`` (default: the organism), in eval mode.
+    """``(model, processor)`` for ``model_id`` (default: the default organism; ``organism:NAME`` works), in eval mode.
 
     ``trust_remote_code`` stays off unless asked for: a checkpoint's own Python code is not run by default.
     """
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
-    model_id = model_id or default_model()
+    model_id = resolve_model_id(model_id)
     looks_local = model_id.startswith((".", "/", "~")) or Path(model_id).exists()
     if looks_local and not (Path(model_id).expanduser() / "config.json").is_file():
         raise FileNotFoundError(

@@ -146,10 +146,15 @@ class Patch:
 
 @dataclass
 class Match:
-    """How ``wrap(model)`` finds this preset automatically: ``model.config.model_type`` and a name glob."""
+    """How ``wrap(model)`` finds this preset automatically: ``model.config.model_type``, a name glob, and config values.
+
+    ``config`` maps dotted attributes of ``model.config`` to the values they must have. It is what survives a
+    copy of a checkpoint to another folder (the path glob does not), so the organisms' presets match on it.
+    """
 
     model_type: str
     name_or_path: str | None = None
+    config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self._validate("match", None)
@@ -158,14 +163,36 @@ class Match:
         _check_str(self.model_type, _join(where, "model_type"), origin)
         if self.name_or_path is not None:
             _check_str(self.name_or_path, _join(where, "name_or_path"), origin)
+        if self.config is not None:
+            if not isinstance(self.config, Mapping) or not self.config:
+                raise _fail(_join(where, "config"), "expected a non-empty mapping of config attribute -> value, "
+                            f"got {self.config!r}", origin)
+            for key, value in self.config.items():
+                _check_str(key, _join(where, "config"), origin)
+                if not isinstance(value, (str, int, float, bool)):
+                    raise _fail(_join(where, f"config.{key}"), "expected a string, number or boolean, got "
+                                f"{_type_name(value)}", origin)
 
-    def matches(self, model_type: str, name_or_path: str | None) -> bool:
+    def matches(self, model_type: str, name_or_path: str | None, config: Any = None) -> bool:
         if model_type != self.model_type:
             return False
+        if self.config is not None:
+            missing = object()
+            for key, want in self.config.items():
+                value = config
+                for part in key.split("."):
+                    value = getattr(value, part, missing) if value is not None else missing
+                if value is missing or value != want:
+                    return False
         if self.name_or_path is None:
             return True
         # Hub ids differ in case between copies and mirrors ("gemma-3n-E2B" vs "gemma-3n-e2b"): match without case.
         return fnmatch.fnmatchcase((name_or_path or "").lower(), self.name_or_path.lower())
+
+    @property
+    def specificity(self) -> int:
+        """Config values beat a name glob, which beats a bare model_type."""
+        return 2 * (self.config is not None) + (self.name_or_path is not None)
 
 
 @dataclass

@@ -46,7 +46,7 @@ def _as_preset(model: nn.Module, preset: Preset | str | Path | None) -> Preset:
     if preset is not None:
         return load_preset(preset)
     config = model.config
-    found = find_matching_preset(getattr(config, "model_type", ""), getattr(config, "_name_or_path", None))
+    found = find_matching_preset(getattr(config, "model_type", ""), getattr(config, "_name_or_path", None), config)
     logger.info("backpatch: using bundled preset %r for %s", found.name, type(model).__name__)
     return found
 

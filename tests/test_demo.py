@@ -32,11 +32,10 @@ from backpatch.inputs import build_inputs, decode_new_tokens  # noqa: E402
 from backpatch.loading import load_model_and_processor  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SCREENSHOT = REPO / "docs" / "demo.png"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
-PRESET = "organism-digits"
+PRESET = "smol-whisper"  # the default model's preset: the demo a new user starts
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +266,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def showcase_item(organism_model):
-    """An organism conflict example where, with the CURRENT organism-digits preset, the plain answer follows the
+    """An organism conflict example where, with the CURRENT smol-whisper preset, the plain answer follows the
     text and the back-patched one follows the audio (scanned in a batch, confirmed alone)."""
     model, processor = organism_model
     wrapped = backpatch.wrap(model, PRESET, processor=processor)
@@ -341,8 +340,11 @@ def test_api_endpoint_with_gradio_client(server, showcase_item, tmp_path):
     assert loaded.patches[0] == backpatch.Patch(source=10, target=2, scale=0.5, mode="add", positions="audio")
 
 
-def test_browser_compare_shows_plain_following_text_and_backpatched_following_audio(server, showcase_item):
+def test_browser_compare_shows_plain_following_text_and_backpatched_following_audio(server, showcase_item, tmp_path):
+    """The screenshot goes to a temporary path; scripts/demo_screenshot.sh runs this test to refresh docs/demo.png."""
     from playwright.sync_api import expect, sync_playwright
+
+    screenshot = Path(os.environ.get("BACKPATCH_SCREENSHOT") or tmp_path / "demo.png")
 
     url, _ = server
     key = showcase_item.audio.stem
@@ -398,12 +400,12 @@ def test_browser_compare_shows_plain_following_text_and_backpatched_following_au
             # the top-5 bars render on both sides
             expect(page.locator("#bp-plain-top")).to_contain_text(showcase_item.text_answer)
             expect(page.locator("#bp-patched-top")).to_contain_text(showcase_item.audio_answer)
-            SCREENSHOT.parent.mkdir(exist_ok=True)
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
     assert judge(plain, showcase_item) == "text", (showcase_item.id, plain)
     assert judge(patched, showcase_item) == "audio", (showcase_item.id, patched)
     assert not external, f"the demo page tried to reach the network: {external}"
-    assert SCREENSHOT.stat().st_size > 10_000 and SCREENSHOT.stat().st_mtime >= time.time() - (
+    assert screenshot.stat().st_size > 10_000 and screenshot.stat().st_mtime >= time.time() - (
         time.monotonic() - started) - 5

@@ -40,7 +40,7 @@ def test_corpus_is_deterministic_and_split_by_voice(tmp_path):
 
 
 def test_shipped_checkpoint_loads_like_a_hub_checkpoint():
-    directory = backpatch.organism.path()
+    directory = backpatch.organism.path("digits")
     size = sum(p.stat().st_size for p in directory.iterdir())
     assert size <= 10 * 1024 * 1024
     assert (directory / "model.safetensors").is_file()
@@ -49,3 +49,29 @@ def test_shipped_checkpoint_loads_like_a_hub_checkpoint():
     assert model.config.text_config.num_hidden_layers == 12
     assert processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>") == model.config.audio_token_index
     assert backpatch.wrap(model, "organism-digits", processor=processor).resolved.num_layers == 12
+    # its preset is found from the config, so a copy of the folder anywhere still gets it
+    assert backpatch.wrap(model, processor=processor).preset.name == "organism-digits"
+
+
+def test_a_copied_organism_still_finds_its_preset(tmp_path):
+    import shutil
+
+    copy = tmp_path / "my-copy"
+    shutil.copytree(backpatch.organism.path("digits"), copy)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(copy)
+    processor = AutoProcessor.from_pretrained(copy)
+    assert backpatch.wrap(model, processor=processor).preset.name == "organism-digits"
+
+
+def test_organism_names_and_import():
+    assert backpatch.organism.NAMES == ("smol-whisper", "digits") and backpatch.organism.DEFAULT == "smol-whisper"
+    import subprocess
+    import sys
+
+    code = "import backpatch; print(backpatch.organism.path('digits').name, backpatch.organism.DEFAULT)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["digits", "smol-whisper"]
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown organism 'digit'; organisms: smol-whisper, digits"):
+        backpatch.organism.path("digit")
