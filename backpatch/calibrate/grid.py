@@ -1,0 +1,130 @@
+"""What calibration searches over: patch settings, candidates (a patch and/or a contrastive alpha), and grids.
+
+Two ways to say what to search:
+
+- an explicit grid (``sources x targets x scales x modes x positions``, :func:`default_grid` or the user's
+  ``--sources/--targets/...``): every setting is scored on every item;
+- the default staged search (:func:`band_grid` then :func:`refinements`, run by :mod:`.search`): nearby
+  pairs across the whole depth (s - t = 1, 2, 4) as well as far pairs (8, 16, late -> early), small scales
+  as well as large, every mode and both positions, coarse first and refined around the best no-harm settings.
+  On ``smol-whisper`` the settings that help are gentle patches between nearby layers, a band the old
+  late-half-to-early-half grid never visits.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from ..preset import Patch, patch_label
+
+
+@dataclass(frozen=True)
+class Setting:
+    source: int
+    target: int
+    scale: float
+    mode: str
+    positions: str
+
+    def patch(self) -> Patch:
+        return Patch(self.source, self.target, self.scale, self.mode, self.positions)
+
+    def label(self) -> str:
+        return patch_label(self)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What a preset applies: an optional patch setting and an optional contrastive alpha."""
+
+    setting: Setting | None
+    alpha: float = 0.0
+
+    def label(self) -> str:
+        parts = ([self.setting.label()] if self.setting else []) + ([f"contrastive a={self.alpha:g}"] if self.alpha
+                                                                     else [])
+        return " + ".join(parts) or "plain"
+
+
+def default_grid(num_layers: int) -> dict[str, list]:
+    """Late half as sources, early half as targets; add at three scales, replace at 1; audio and last."""
+    half = num_layers // 2
+    return {
+        "sources": list(range(half, num_layers)),
+        "targets": list(range(0, half)),
+        "scales": [0.5, 1.0, 2.0],
+        "modes": ["add", "replace"],
+        "positions": ["audio", "last"],
+        # contrastive decoding, alone and combined with the best patch settings (empty list: patches only)
+        "alphas": [1.0, 2.0, 4.0],
+        "null_audio": "silence",
+    }
+
+
+def _settings(grid: dict[str, list]) -> list[Setting]:
+    out = []
+    for s, t, mode, positions in itertools.product(grid["sources"], grid["targets"], grid["modes"], grid["positions"]):
+        if s <= t:
+            continue
+        scales = [1.0] if mode == "replace" and 1.0 in grid["scales"] else grid["scales"]
+        out += [Setting(s, t, float(a), mode, positions) for a in scales]
+    return out
+
+
+#: (mode, scale) tried at each pair in the coarse stage; small and large, every mode
+COARSE_AUDIO = (("add", 0.1), ("add", 1.0), ("interpolate", 0.5), ("replace", 1.0))
+COARSE_LAST = (("interpolate", 0.5), ("replace", 1.0))
+#: layer distances s - t of the coarse stage: nearby pairs and far ones
+DISTANCES = (1, 2, 4, 8, 16)
+
+
+def band_pairs(num_layers: int) -> list[tuple[int, int]]:
+    """(source, target) pairs of the coarse stage: targets every ~N/10 layers over the whole depth, each with
+    sources 1, 2, 4, 8 and 16 layers later, plus the last layer into each target (late -> early)."""
+    step = max(1, num_layers // 10)
+    pairs = set()
+    for t in range(0, num_layers - 1, step):
+        for d in DISTANCES:
+            if t + d < num_layers:
+                pairs.add((t + d, t))
+        pairs.add((num_layers - 1, t))
+    return sorted(pairs, key=lambda st: (st[1], st[0]))
+
+
+def band_grid(num_layers: int) -> list[Setting]:
+    """Coarse stage of the staged search (6 settings per pair; 300 on a 30-layer model)."""
+    out = []
+    for s, t in band_pairs(num_layers):
+        out += [Setting(s, t, scale, mode, "audio") for mode, scale in COARSE_AUDIO]
+        out += [Setting(s, t, scale, mode, "last") for mode, scale in COARSE_LAST]
+    return out
+
+
+def _scales_around(setting: Setting) -> list[float]:
+    if setting.mode == "replace":
+        return [0.5, 1.0]
+    factors = (0.5, 2.0)
+    scales = {round(setting.scale * f, 4) for f in factors}
+    if setting.mode == "interpolate":
+        scales = {s for s in scales if s <= 1.0}
+    return sorted(scales)
+
+
+def refinements(best: list[Setting], num_layers: int) -> list[Setting]:
+    """Neighbours of the best coarse settings: half and double the scale, and the source or target one layer
+    either side (every layer is a candidate here, not only the coarse stride)."""
+    out: list[Setting] = []
+    for b in best:
+        out += [Setting(b.source, b.target, s, b.mode, b.positions) for s in _scales_around(b)]
+        for ds, dt in ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1)):
+            s, t = b.source + ds, b.target + dt
+            if 0 <= t < s < num_layers:
+                out.append(Setting(s, t, b.scale, b.mode, b.positions))
+    seen = set(best)
+    unique = []
+    for s in out:
+        if s not in seen:
+            seen.add(s)
+            unique.append(s)
+    return unique

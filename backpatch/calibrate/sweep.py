@@ -1,0 +1,200 @@
+"""The sweep machinery that calibration and diagnostics share: one capture per batch, then a cheap score per setting.
+
+Scoring is by the model's first answer token (greedy argmax at the last prompt position), which is what decides
+single-word answers. One unpatched forward per batch yields the plain answers *and* the states of every
+candidate source layer; each setting then needs one patched forward, no capture pass and no decoding.
+
+Short path (``layer_states=True``): the unpatched forward also keeps every layer's output and the arguments each
+decoder layer was called with. A setting whose earliest target is ``t`` then runs only layers ``t+1 .. N-1``
+from the stored layer-``t`` output, patched, plus the final norm and LM head at the last position: layers
+``0..t`` are the same for every setting with that target. :class:`Scorer` checks the short path against the
+normal engine on the first batch and falls back to the engine if they disagree (a model whose layers need
+more than the recorded arguments), so the choice is detected, never assumed per model type.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._architectures import ResolvedPatch, resolve
+from .._engine import _at, _combine, _hidden, _select, generation_session
+from .._positions import position_masks
+from ..evaluate import encode_items, judge, metrics
+from ..wrapper import BackpatchedModel
+from .grid import Candidate
+
+logger = logging.getLogger(__name__)
+
+#: the short path must reproduce the engine's first-token logits to this tolerance, else it is not used
+SHORT_PATH_ATOL = 1e-4
+
+
+class _Batch:
+    """One batch of items: model inputs, the plain states of every candidate source at each position kind and,
+    for the short path, every layer's plain output and call arguments."""
+
+    def __init__(self, items, inputs, states, masks=None, layer_out=None, layer_args=None):
+        self.items = items
+        self.inputs = inputs
+        self.states = states
+        self.masks = masks
+        self.layer_out = layer_out
+        self.layer_args = layer_args
+
+
+@torch.no_grad()
+def _first_token_answers(model: nn.Module, processor: Any, inputs: Any) -> list[str]:
+    logits = model(**inputs, use_cache=False).logits[:, -1]
+    return [processor.decode([int(t)], skip_special_tokens=True) for t in logits.argmax(-1)]
+
+
+@torch.no_grad()
+def _prepare(wrapped: BackpatchedModel, processor: Any, items, grid, batch_size: int, progress: bool,
+             layer_states: bool = False):
+    """Plain first-token answers and captured source states, one unpatched forward per batch."""
+    resolved = wrapped.resolved
+    batches, plain_answers = [], []
+    sources = sorted(set(grid["sources"]))
+    kinds = set(grid["positions"])
+    for start in tqdm(range(0, len(items), batch_size), desc="capture", unit="batch", disable=not progress):
+        chunk = items[start : start + batch_size]
+        inputs = encode_items(processor, chunk).to(wrapped.device)
+        masks = position_masks(inputs["input_ids"], inputs.get("attention_mask"), resolved.audio_token_id, kinds)
+        states: dict[tuple[int, str], torch.Tensor] = {}
+        layer_out: dict[int, torch.Tensor] = {}
+        layer_args: dict[int, tuple] = {}
+
+        def make_hook(layer, masks=masks, states=states, layer_out=layer_out):
+            def hook(_module, _args, output):
+                hidden = _hidden(output)
+                if layer in sources:
+                    for kind, mask in masks.items():
+                        states[(layer, kind)] = _select(hidden, mask.to(hidden.device)).detach()
+                if layer_states:
+                    layer_out[layer] = hidden.detach()
+
+            return hook
+
+        def make_pre_hook(layer, layer_args=layer_args):
+            def pre_hook(_module, args, kwargs):
+                layer_args[layer] = (args[1:], dict(kwargs))
+
+            return pre_hook
+
+        hooked = range(resolved.num_layers) if layer_states else sources
+        handles = [resolved.layers[i].register_forward_hook(make_hook(i)) for i in hooked]
+        if layer_states:
+            handles += [layer.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True)
+                        for i, layer in enumerate(resolved.layers)]
+        try:
+            plain_answers += _first_token_answers(resolved.generator, processor, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        batches.append(_Batch(chunk, inputs, states, masks, layer_out if layer_states else None,
+                              layer_args if layer_states else None))
+    return batches, plain_answers
+
+
+def _final_norm(text_model: nn.Module) -> nn.Module | None:
+    for name in ("norm", "final_layernorm", "ln_f", "final_norm"):
+        module = getattr(text_model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+class Scorer:
+    """First-token metrics of candidates on a fixed list of batches (short path when it is exact)."""
+
+    def __init__(self, model: nn.Module, processor: Any, base_preset, null_audio: str, silence: Any,
+                 candidate_preset, count_layers: bool = False) -> None:
+        self.model, self.processor = model, processor
+        self.base_preset, self.null_audio, self.silence = base_preset, null_audio, silence
+        self.candidate_preset = candidate_preset
+        self.short_path_ok: bool | None = None  # decided on first use
+        #: decoder-layer calls per scored setting (counted when ``count_layers``; tests assert on it)
+        self.layer_calls: list[int] = []
+        self.count_layers = count_layers
+
+    # -------------------------------------------------------------------------------- engine (reference)
+    def _engine_answers(self, candidate: Candidate, batches) -> list[str]:
+        preset = self.candidate_preset(self.base_preset, candidate, self.null_audio)
+        resolved = resolve(self.model, preset, self.processor)
+        answers = []
+        for batch in batches:
+            with generation_session(resolved, preset.contrastive, self.silence, precaptured=batch.states):
+                answers += _first_token_answers(resolved.generator, self.processor, batch.inputs)
+        return answers
+
+    # -------------------------------------------------------------------------------- short path
+    def _short_logits(self, resolved, patch: ResolvedPatch, batch: _Batch, match_norm: bool = False) -> torch.Tensor:
+        t = patch.target
+        hidden = batch.layer_out[t].clone()
+        mask = batch.masks[patch.positions].to(hidden.device)
+        states = batch.states[(patch.source, patch.positions)].to(device=hidden.device, dtype=hidden.dtype)
+        at = _at(hidden, mask)
+        current = hidden[at]
+        if match_norm:
+            states = states * (current.norm(dim=-1, keepdim=True) / states.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        hidden[at] = _combine(current, states, patch)
+        for i in range(t + 1, resolved.num_layers):
+            args, kwargs = batch.layer_args[i]
+            hidden = _hidden(resolved.layers[i](hidden, *args, **kwargs))
+        if self.count_layers:
+            self.layer_calls.append(resolved.num_layers - t - 1)
+        norm = _final_norm(resolved.text_model)
+        last = hidden[:, -1:]
+        if norm is not None:
+            last = norm(last)
+        return resolved.generator.get_output_embeddings()(last)[:, -1]
+
+    def _short_answers(self, candidate: Candidate, batches, match_norm: bool = False) -> list[str]:
+        preset = self.candidate_preset(self.base_preset, candidate, self.null_audio)
+        resolved = resolve(self.model, preset, self.processor)
+        patch = resolved.patches[0]
+        answers = []
+        for batch in batches:
+            logits = self._short_logits(resolved, patch, batch, match_norm)
+            answers += [self.processor.decode([int(t)], skip_special_tokens=True) for t in logits.argmax(-1)]
+        return answers
+
+    def _short_path_usable(self, candidate: Candidate, batch: _Batch) -> bool:
+        """One batch, both ways: the short path is used only if it gives the engine's logits."""
+        if _final_norm(resolve(self.model, self.base_preset, self.processor).text_model) is None:
+            return False
+        preset = self.candidate_preset(self.base_preset, candidate, self.null_audio)
+        resolved = resolve(self.model, preset, self.processor)
+        try:
+            short = self._short_logits(resolved, resolved.patches[0], batch)
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the engine for this model
+            logger.info("calibration short path unavailable (%s: %s); using the full engine", type(exc).__name__, exc)
+            return False
+        finally:
+            if self.count_layers and self.layer_calls:
+                self.layer_calls.pop()
+        with generation_session(resolved, None, None, precaptured=batch.states):
+            full = resolved.generator(**batch.inputs, use_cache=False).logits[:, -1]
+        diff = float((short - full).abs().max())
+        logger.info("calibration short path vs engine: max |logit diff| %.2e", diff)
+        return diff <= SHORT_PATH_ATOL
+
+    # -------------------------------------------------------------------------------- entry
+    @torch.no_grad()
+    def score(self, candidate: Candidate, batches, match_norm: bool = False) -> dict[str, Any]:
+        items = [it for b in batches for it in b.items]
+        simple = candidate.setting is not None and not candidate.alpha and batches[0].layer_out is not None
+        if simple and self.short_path_ok is None:
+            self.short_path_ok = self._short_path_usable(candidate, batches[0])
+        if simple and self.short_path_ok:
+            answers = self._short_answers(candidate, batches, match_norm)
+        else:
+            if match_norm:
+                raise ValueError("norm-matched scoring needs the short path (layer states) and no contrastive alpha")
+            answers = self._engine_answers(candidate, batches)
+        return metrics(items, [judge(a, it) for a, it in zip(answers, items, strict=True)])

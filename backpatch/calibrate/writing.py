@@ -1,0 +1,54 @@
+"""Turning a chosen candidate into the preset file that calibration writes (with its provenance)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..preset import AudioSpan, Calibration, Contrastive, Match, ModelFacts, Patch, Preset
+from .grid import Candidate
+
+
+def _with_patches(preset: Preset, patches: list[Patch], contrastive: Contrastive | None = None) -> Preset:
+    return dataclasses.replace(preset, patches=list(patches), contrastive=contrastive)
+
+
+def _candidate_preset(base: Preset, candidate: Candidate, null_audio: str) -> Preset:
+    contrastive = Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.alpha else None
+    return _with_patches(base, [candidate.setting.patch()] if candidate.setting else [], contrastive)
+
+
+def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings, seconds, null_audio,
+                       no_harm, search: str = "") -> Preset:
+    before, after = report["plain"], report["backpatched"]
+    metric_values = {}
+    for key in ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc"):
+        for suffix, source in (("before", before), ("after", after)):
+            if source[key] is not None:
+                metric_values[f"{key}_{suffix}"] = float(source[key])
+    metric_values["n_conflict"] = float(before["n_conflict"])
+    config = model.config
+    name_or_path = getattr(config, "_name_or_path", "") or ""
+    glob = f"*{Path(name_or_path).parent.name}/{Path(name_or_path).name}*" if name_or_path else None
+    base = wrapped.preset
+    description = (
+        f"Calibrated by `backpatch calibrate` on {Path(data).name} ({before['n_conflict']} conflicts): "
+        f"{n_settings} settings (back-patching, contrastive decoding and both{search}) scored by first answer token, "
+        f"the best no-harm ones verified with full greedy "
+        f"generate; chosen {candidate.label()}. TDR {before['tdr']} -> {after['tdr']}, audio-only "
+        f"{before['audio_only_acc']} -> {after['audio_only_acc']}, consistent {before['consistent_acc']} -> "
+        f"{after['consistent_acc']} (validation){'' if no_harm else '; WARNING: fails the no-harm rule'}. "
+        f"Run time {seconds:.0f} s."
+    )
+    return Preset(
+        name=name,
+        description=description,
+        match=base.match or Match(model_type=config.model_type, name_or_path=glob),
+        model=ModelFacts(layers=wrapped.resolved.layers_path, num_layers=wrapped.resolved.num_layers),
+        audio_span=base.audio_span or AudioSpan(token_id=wrapped.resolved.audio_token_id),
+        patches=[candidate.setting.patch()] if candidate.setting else [],
+        contrastive=Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.alpha else None,
+        calibration=Calibration(status="calibrated", data=str(data), metrics=metric_values),
+    )
+
+
