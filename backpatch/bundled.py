@@ -63,7 +63,7 @@ def find_matching_preset(model_type: str, name_or_path: str | None, config: Any 
         raise PresetError(
             f"no bundled preset matches this model (model_type {model_type!r}, name_or_path {name_or_path!r}). "
             f"Bundled presets: {', '.join(list_presets())}. Pass one with wrap(model, 'NAME'), or write your own "
-            "YAML file (see 'Preset schema' in the README: name, match.model_type, patches: [{source, target}]) "
+            "YAML file (see 'Presets' in the README: name, match.model_type, patches: [{source, target}]) "
             "and pass its path."
         )
     scored.sort(key=lambda item: (-item[0], item[1]))

@@ -1,7 +1,9 @@
-"""``backpatch`` command line: thin argparse subcommands over library functions (DESIGN section 5).
+"""``backpatch`` command line: thin argparse subcommands over library functions (README: "Command line").
 
 User mistakes (missing file, bad preset, unknown model) end in one clear sentence on stderr and exit code 2,
-never a traceback.
+never a traceback. Cheap checks run first: numbers are range-checked by argparse, ``--preset`` is read and
+validated right after parsing, and audio clips are measured against the model's audio window from its
+processor files, all before a model that may take minutes is loaded.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from .audio_io import AudioFileError
+from .audio_io import AudioFileError, fit_to_window
 from .bundled import list_presets, load_preset
 from .evaluate import ConflictSetError
 from .loading import ORGANISM_PREFIX, display_name
@@ -26,6 +30,49 @@ EXIT_USAGE = 2
 _USER_ERRORS: tuple[type[BaseException], ...] = (
     PresetError, AudioFileError, ConflictSetError, OrganismBuildError, FileNotFoundError, ValueError, OSError,
 )
+
+
+# ------------------------------------------------------------------------------------- argument types
+def _number(text: str, kind: type) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _number(text, float)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number between 0 and 1."""
+    value = _number(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1 to 65535."""
+    value = _number(text, int)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port between 1 and 65535, got {value}")
+    return value
 
 
 def _format_patches(preset) -> str:
@@ -63,6 +110,27 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="allow the checkpoint's own Python code (off by default)")
 
 
+def _add_truncate_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--truncate-audio", action="store_true",
+                        help="use only the first window of clips longer than the model's audio window (the report "
+                        "records which); default: such clips are refused")
+
+
+def _processor_alone(args: argparse.Namespace) -> Any | None:
+    """The model's processor read from its files without the model (cheap), to measure clips before a model that
+    may take minutes loads; ``None`` when it cannot be read alone (the library checks again after loading)."""
+    from transformers import AutoProcessor
+
+    from .loading import resolve_model_id
+
+    model_id = resolve_model_id(args.model)  # an unknown organism name is a user error: raise it
+    try:
+        return AutoProcessor.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - loading the model reports a missing or odd checkpoint clearly
+        logging.getLogger(__name__).debug("processor of %s not readable alone (%s)", model_id, exc)
+        return None
+
+
 def _load(args: argparse.Namespace):
     from .loading import load_model_and_processor
     from .wrapper import wrap
@@ -76,15 +144,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
     from .audio_io import read_audio, resample
-    from .inputs import build_inputs, decode_new_tokens, sampling_rate_of
+    from .inputs import audio_window_seconds, build_inputs, decode_new_tokens, sampling_rate_of
 
     # Validate the cheap inputs before loading a model that may take minutes.
     if not args.prompt.strip():
         raise ValueError("the prompt is empty; pass --prompt 'your question about the audio'")
     wave, rate = read_audio(args.audio)
+    seconds, what = len(wave) / rate, f"the clip {args.audio}"
+    early = _processor_alone(args)
+    if early is not None:
+        fit_to_window(wave, rate, audio_window_seconds(early), args.truncate_audio, what)
     wrapped, processor = _load(args)
+    limit = audio_window_seconds(processor)
+    wave, cut = fit_to_window(wave, rate, limit, args.truncate_audio, what)
     wave = resample(wave, rate, sampling_rate_of(processor))
-    inputs = build_inputs(processor, [wave], [args.prompt]).to(wrapped.device)
+    inputs = build_inputs(processor, [wave], [args.prompt], truncate=args.truncate_audio).to(wrapped.device)
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     with torch.no_grad():
         with wrapped.disabled():
@@ -96,6 +170,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"model:        {display_name(args.model)}")
     print(f"preset:       {wrapped.preset.name} [{_format_patches(wrapped.preset)}]")
     print(f"prompt:       {args.prompt}")
+    if args.truncate_audio:
+        print(f"audio:        {seconds:.2f} s clip, " + (f"cut to its first {limit:g} s (--truncate-audio)" if cut
+                                                        else "not truncated (it fits the model's audio window)"))
     print(f"plain:        {plain_text}")
     print(f"backpatched:  {patched_text}" + ("" if patched_text != plain_text else "   (same)"))
     return 0
@@ -118,14 +195,24 @@ def _relaunch_with_accelerate(args: argparse.Namespace, argv: Sequence[str]) -> 
     return subprocess.call([*command, "-m", "backpatch", *rest])
 
 
+def _check_data(args: argparse.Namespace, data: str) -> None:
+    """A bad conflict set, or clips longer than the model's audio window, fail here, before a model is loaded."""
+    from .evaluate import check_clip_lengths, load_conflict_set
+
+    items = load_conflict_set(data, args.limit)
+    early = _processor_alone(args)
+    if early is not None:
+        check_clip_lengths(items, early, args.truncate_audio)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_table, load_conflict_set
+    from .evaluate import evaluate, format_table
 
     data = args.data or _default_data(args)
-    load_conflict_set(data, args.limit)  # a bad file fails here, before a model is loaded
+    _check_data(args, data)
     wrapped, processor = _load(args)
     report = evaluate(wrapped, processor, data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      limit=args.limit, model_name=display_name(args.model))
+                      limit=args.limit, model_name=display_name(args.model), truncate=args.truncate_audio)
     if report is None:  # a non-main accelerate process: the main one writes the report
         return 0
     if args.out:
@@ -152,11 +239,17 @@ def _str_list(text: str | None) -> list[str] | None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate
-    from .evaluate import load_conflict_set
+    from .evaluate import truncation_line
     from .loading import load_model_and_processor
 
-    data = args.data or _default_data(args)
-    load_conflict_set(data, args.limit)
+    if not args.data:
+        raise ValueError(
+            "calibrate needs --data VALIDATION.jsonl, a conflict set of voices you will not test on (for example "
+            "`backpatch conflicts --from YOUR_AUDIO --out data/c.jsonl --question '...' --split "
+            "validation=0.5,test=0.5 --group-by speaker` writes one); the organism's shipped examples are its test "
+            "voices, so they are no default")
+    data = args.data
+    _check_data(args, data)
     model, processor = load_model_and_processor(args.model, args.dtype, args.device_map, args.trust_remote_code)
     grid = {key: value for key, value in {
         "sources": _int_list(args.sources), "targets": _int_list(args.targets), "scales": _float_list(args.scales),
@@ -165,7 +258,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     summary = calibrate(model, processor, data, args.out, base_preset=args.preset, grid=grid,
                         batch_size=args.batch_size,
                         verify_top=args.verify_top, max_new_tokens=args.max_new_tokens, name=args.name,
-                        limit=args.limit, budget_minutes=args.budget_minutes, seed=args.seed)
+                        limit=args.limit, budget_minutes=args.budget_minutes, seed=args.seed,
+                        truncate=args.truncate_audio)
+    if summary["data_warning"]:
+        print(f"warning: {summary['data_warning']}")
+    if truncation_line(summary.get("truncated_audio")):
+        print(truncation_line(summary["truncated_audio"]))
     print(f"swept {summary['n_settings']} settings on {summary['n_items']} items in {summary['sweep_seconds']} s "
           f"(total with verification {summary['total_seconds']} s)")
     for row in summary["verified"]:
@@ -190,15 +288,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from .diagnose import diagnose
-    from .evaluate import load_conflict_set
+    from .evaluate import truncation_line
     from .loading import load_model_and_processor
 
     data = args.data or _default_data(args)
-    load_conflict_set(data, args.limit)  # a bad file fails here, before a model is loaded
+    _check_data(args, data)
     model, processor = load_model_and_processor(args.model, args.dtype, args.device_map, args.trust_remote_code)
     report = diagnose(model, processor, data, args.out, preset=args.preset, limit=args.limit,
-                      batch_size=args.batch_size,
-                      sweep=not args.no_sweep)
+                      batch_size=args.batch_size, sweep=not args.no_sweep, truncate=args.truncate_audio)
+    if truncation_line(report.get("truncated_audio")):
+        print(truncation_line(report["truncated_audio"]))
     s = report["summary"]
     print(f"audio answer decodable at the last prompt position under conflict, last layer: "
           f"{s['probe_audio_conflict_last_layer']} (chance {s['chance_audio_conflict']}); text answer ahead in the "
@@ -243,7 +342,8 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
 
 def _default_data(args: argparse.Namespace) -> str:
     if args.model is not None and not args.model.startswith(ORGANISM_PREFIX):
-        raise ValueError("--data is required with --model: pass a conflict-set JSONL file (DESIGN section 4)")
+        raise ValueError("--data is required with --model: pass a conflict-set JSONL file (see \"Evaluation "
+                         "(`backpatch eval`)\" in the README for its format)")
     from . import organism
 
     return str(organism.examples_path())
@@ -261,23 +361,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--audio", required=True, help="audio file (wav, flac, ogg, mp3)")
     p.add_argument("--prompt", required=True, help="text prompt about the audio")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    _add_truncate_arg(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("eval", help="text-dominance metrics, plain vs back-patched, on a conflict set")
     _add_model_args(p)
     p.add_argument("--data", help="conflict-set JSONL (default with no --model: the organism's shipped examples)")
     p.add_argument("--out", help="write the JSON report here")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--limit", type=int, help="only the first N items (quick looks)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=16)
+    p.add_argument("--limit", type=positive_int, help="only the first N items (quick looks)")
+    _add_truncate_arg(p)
     p.add_argument("--launcher", choices=["accelerate"], help="split the items over processes with accelerate")
-    p.add_argument("--num-processes", type=int, default=2, help="processes for --launcher accelerate")
+    p.add_argument("--num-processes", type=positive_int, default=2, help="processes for --launcher accelerate")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate", help="sweep back-patching and contrastive settings, write the best preset")
     _add_model_args(p)
-    p.add_argument("--data", help="validation conflict-set JSONL (default with no --model: the organism's examples)")
+    p.add_argument("--data", help="required: a validation conflict-set JSONL, never your test data")
     p.add_argument("--out", required=True, help="preset YAML to write (a heatmap .png and .sweep.json go beside it)")
     p.add_argument("--name", help="preset name (default: the file name)")
     # any of these five turns the staged default search into an exhaustive grid
@@ -289,19 +391,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", help="comma-separated contrastive alphas, alone and with the best patches "
                    "(default: 1,2,4; empty string: back-patching only)")
     p.add_argument("--null-audio", choices=["silence", "zeros"], help="null audio for contrastive (default: silence)")
-    p.add_argument("--verify-top", type=int, default=3, help="best no-harm settings to verify with generate()")
-    p.add_argument("--budget-minutes", type=float, default=60.0,
+    p.add_argument("--verify-top", type=positive_int, default=3, help="best no-harm settings to verify with "
+                   "generate()")
+    p.add_argument("--budget-minutes", type=positive_float, default=60.0,
                    help="time budget of the search (default 60); stages that reach their share stop and say so")
     p.add_argument("--seed", type=int, default=0, help="seed of the staged search's clip subsets and order")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--limit", type=int, help="only the first N items")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=16)
+    p.add_argument("--limit", type=positive_int, help="only the first N items")
+    _add_truncate_arg(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("demo", help="Gradio side-by-side demo, plain vs back-patched (default: the shipped organism)")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
+    p.add_argument("--port", type=port_number, default=7860, help="port to serve on (default: 7860)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("diagnose", help="layer-wise probes, logit lens, convergence and attention; suggests a preset")
@@ -309,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="conflict-set JSONL (default with no --model: the organism's shipped examples)")
     p.add_argument("--out", required=True, help="output directory: report.json, report.md, PNG figures, "
                    "suggested_preset.yaml")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--limit", type=int, help="only the first N items (quick looks)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--limit", type=positive_int, help="only the first N items (quick looks)")
+    _add_truncate_arg(p)
     p.add_argument("--no-sweep", action="store_true", help="skip the small sweep that checks the suggested preset")
     p.set_defaults(func=cmd_diagnose)
 
@@ -325,10 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--claim", action="append", metavar="[NAME=]TEMPLATE", help="claim template holding {claim}, "
                    "put before the question; repeat for several framings, each named, e.g. 'transcript=The "
                    "speaker says \"{claim}\".' (default: transcript, caption and belief framings)")
-    p.add_argument("--conflicts-per-clip", type=int, default=3, help="wrong claims per clip and framing (default 3)")
-    p.add_argument("--consistent-share", type=float, default=1.0,
+    p.add_argument("--conflicts-per-clip", type=positive_int, default=3,
+                   help="wrong claims per clip and framing (default 3)")
+    p.add_argument("--consistent-share", type=fraction, default=1.0,
                    help="share of clips with a consistent control per framing (default 1)")
-    p.add_argument("--audio-only-share", type=float, default=1.0,
+    p.add_argument("--audio-only-share", type=fraction, default=1.0,
                    help="share of clips with an audio-only control (default 1)")
     p.add_argument("--choices", help="multiple choice: N options per item (or 'all'), shuffled, seeded")
     p.add_argument("--choices-template", default="Choose one of: {choices}.", help="appended to the prompt "
@@ -344,8 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-column", help="manifest column of the clip id (default: id, else from the audio path)")
     p.add_argument("--audio-root", help="folder the manifest's audio paths are relative to (default: its folder)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-annotations", action="store_true", help="write only the DESIGN keys (no label, "
-                   "framing, group), like the organism's shipped sets")
+    p.add_argument("--no-annotations", action="store_true", help="write only the conflict-set keys (id, audio, "
+                   "prompt, answers, kind; no label, framing, group), like the organism's shipped sets")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=cmd_conflicts)
 
@@ -365,10 +471,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    if getattr(args, "launcher", None) == "accelerate":
-        return _relaunch_with_accelerate(args, argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        if getattr(args, "preset", None) is not None:
+            load_preset(args.preset)  # a bad preset file fails now; its fit to the model is checked at wrap time
+        if getattr(args, "launcher", None) == "accelerate":
+            return _relaunch_with_accelerate(args, argv)
         return args.func(args)
     except _USER_ERRORS as exc:
         if args.verbose:

@@ -12,6 +12,8 @@ Gradio is an optional dependency (the ``demo`` extra); it is imported only here.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
@@ -26,10 +28,10 @@ import numpy as np
 import torch
 
 from . import organism
-from .audio_io import AudioFileError, read_audio, resample
+from .audio_io import AudioFileError, exceeds_window, read_audio, resample, too_long_message
 from .bundled import list_presets, load_preset
 from .evaluate import ConflictItem, judge, load_conflict_set, normalize
-from .inputs import build_inputs, decode_new_tokens, sampling_rate_of
+from .inputs import audio_window_seconds, build_inputs, decode_new_tokens, sampling_rate_of
 from .preset import MODES, POSITIONS, Calibration, Contrastive, Patch, Preset, PresetError
 from .wrapper import BackpatchedModel, wrap
 
@@ -128,17 +130,8 @@ class Demo:
     # ------------------------------------------------------------------------------------------- setup
     @staticmethod
     def _max_seconds(processor: Any) -> float | None:
-        """How long a clip the model accepts: the feature extractor's window (chunk_length, or n_samples)."""
-        fe = getattr(processor, "feature_extractor", None)
-        if fe is None:
-            return None
-        chunk = getattr(fe, "chunk_length", None)
-        if isinstance(chunk, (int, float)) and chunk > 0:
-            return float(chunk)
-        n_samples, rate = getattr(fe, "n_samples", None), getattr(fe, "sampling_rate", None)
-        if isinstance(n_samples, int) and n_samples > 0 and rate:
-            return n_samples / float(rate)
-        return None
+        """How long a clip the model accepts: the one rule of :func:`backpatch.inputs.audio_window_seconds`."""
+        return audio_window_seconds(processor)
 
     def _matching_presets(self) -> dict[str, Preset]:
         """The starting preset, then the bundled presets whose ``match`` fits this model."""
@@ -321,9 +314,8 @@ class Demo:
                 raise _fail(f"The audio file {name} was not found.") from None
             raise _fail(f"{name} is not an audio file that can be read: use a wav, flac, ogg or mp3 file.") from None
         seconds = len(wave) / rate
-        if self.max_seconds is not None and seconds > self.max_seconds + 1e-6:
-            raise _fail(f"The clip is {seconds:.2f} s long, but this model accepts at most {self.max_seconds:g} s "
-                        "of audio (its feature extractor's window). Trim the clip and try again.")
+        if exceeds_window(seconds, self.max_seconds):
+            raise _fail(f"{too_long_message('The clip', seconds, self.max_seconds)}. Trim the clip and try again.")
         if not np.isfinite(wave).all() or float(np.max(np.abs(wave))) < SILENCE_PEAK:
             raise _fail(f"The audio clip {name} is silent: there is nothing for the model to listen to.")
         return resample(wave, rate, self.sampling_rate)
@@ -610,19 +602,56 @@ def _extra_patches_note(preset: Preset) -> str:
 def launch(model: str | None = None, preset: str | Path | Preset | None = None, host: str = "127.0.0.1",
            port: int = 7860, *, dtype: str = "auto", device_map: str | None = None, trust_remote_code: bool = False,
            **launch_kwargs: Any) -> gr.Blocks:
-    """Load ``model`` (default: the shipped organism with its calibrated preset) and serve the demo.
+    """Load ``model`` (default: the default model organism) and serve the demo; with no ``preset``, the bundled
+    preset matching the model.
 
     Blocks until the server stops, unless ``prevent_thread_lock=True`` is passed (then returns the running app;
     call ``app.close()``). Extra keyword arguments go to ``gr.Blocks.launch``.
     """
     from .loading import load_model_and_processor
 
+    # Cheap checks first: a bad preset file or a busy port fails before the model loads.
+    if isinstance(preset, (str, Path)):
+        preset = load_preset(preset)
+    check_port(host, port)
     hf_model, processor = load_model_and_processor(model, dtype, device_map, trust_remote_code)
-    if preset is None and model is None:
-        preset = "organism-digits"  # the organism's calibrated preset (DESIGN section 4b)
+    # preset None: wrap() picks the bundled preset matching the model (an organism's matches its config)
     app = build_app(hf_model, processor, preset, model_name=model or "organism (shipped)")
     options: dict[str, Any] = {"server_name": host, "server_port": port, "ssr_mode": False, "mcp_server": False,
                                "share": False, "footer_links": ["api"]}
     options.update(launch_kwargs)
-    app.launch(**options)
+    try:
+        app.launch(**options)
+    except OSError as exc:
+        if "Cannot find empty port" not in str(exc):
+            raise
+        with contextlib.suppress(Exception):  # free what the failed launch started
+            app.close()
+        raise OSError(_busy_port_message(host, options["server_port"])) from None
     return app
+
+
+def _busy_port_message(host: str, port: int) -> str:
+    return f"port {port} on {host} is already in use; pass a free one with --port (port= in Python), e.g. --port " \
+           f"{port + 1 if port < 65535 else 7860}"
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise ``OSError`` naming ``--port`` when nothing can listen on ``host:port`` (another server holds it)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot serve on host {host!r} ({exc.strerror}); pass an address such as --host 127.0.0.1"
+                      ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is not busy
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(_busy_port_message(host, port)) from None
+            raise OSError(f"cannot serve on {host}:{port} ({exc.strerror or exc}); pass another --port (or --host)"
+                          ) from None

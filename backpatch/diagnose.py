@@ -2,8 +2,8 @@
 
 Back-patching only helps if the audio answer is still *present* in late layers while the model answers the text
 (the "suppressed, not erased" finding), and choosing source and target layers for a new model needs to see
-where that is true. One pass over a conflict set (DESIGN section 4) records, for every decoder layer (the
-*output* of block ``i``, as in DESIGN section 1):
+where that is true. One pass over a conflict set (README: "Evaluation") records, for every decoder layer (the
+*output* of block ``i``, the residual stream after it):
 
 a. **probes**: cross-validated linear probes (multinomial logistic regression, L2, LBFGS, standardized
    features; folds grouped by clip, so one clip is never in train and test) predicting the audio answer from the
@@ -59,8 +59,16 @@ from ._probes import (
     probe_layers,
     text_takeover_layer,
 )
-from .evaluate import ConflictItem, encode_items, judge, load_conflict_set, metrics
-from .inputs import conversation
+from .evaluate import (
+    ConflictItem,
+    check_clip_lengths,
+    encode_items,
+    judge,
+    load_conflict_set,
+    metrics,
+    truncation_line,
+)
+from .inputs import audio_truncation, conversation, truncation_enabled
 from .preset import AudioSpan, Calibration, Match, ModelFacts, Patch, Preset, PresetError
 from .wrapper import preset_for
 
@@ -549,6 +557,7 @@ def diagnose(
     *,
     sweep: bool = True,
     max_harm: float = 0.02,
+    truncate: bool | None = None,
 ) -> dict[str, Any]:
     """Run the layer-wise diagnostics on a conflict set and write the report to ``out_dir``.
 
@@ -556,11 +565,23 @@ def diagnose(
     gives the back-patched curves and the layer path / audio span; without one only plain curves are drawn.
     Works on fp16/bf16 models (states are cast to float32 on the CPU as they are collected) and on models
     dispatched with ``device_map``. Returns the report (also written as ``report.json``).
+
+    Clips longer than the model's audio window are refused before any model work, naming every such item,
+    unless ``truncate=True``; then ``report["truncated_audio"]`` (and a line of ``report.md``) says which were cut.
     """
+    truncate = truncation_enabled(truncate)
+    items = load_conflict_set(data, limit)
+    truncated = check_clip_lengths(items, processor, truncate)
+    with audio_truncation(truncate):  # the suggestion sweep builds its inputs deep down: it inherits the choice
+        return _diagnose(model, processor, data, out_dir, preset, limit, batch_size, progress, sweep, max_harm,
+                         items, truncated)
+
+
+def _diagnose(model, processor, data, out_dir, preset, limit, batch_size, progress, sweep, max_harm, items,
+              truncated) -> dict[str, Any]:
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    items = load_conflict_set(data, limit)
     try:
         chosen = preset_for(model, preset)
     except PresetError:
@@ -666,6 +687,8 @@ def diagnose(
 
     report = _assemble(model, data, items, chosen if has_patches else None, layers, first_token, sweep_rows,
                        suggested, batch_size, limit, started)
+    if truncated is not None:
+        report["truncated_audio"] = truncated
     figures = _plot(report, out_dir)
     report["figures"] = figures
     (out_dir / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
@@ -849,6 +872,9 @@ def _markdown(report: dict[str, Any]) -> str:
         + (f" Preset `{report['preset']['name']}` (dotted lines in the figures)." if patched else ""),
         "",
     ]
+    truncation = truncation_line(report.get("truncated_audio"))
+    if truncation:
+        lines += [truncation[0].upper() + truncation[1:] + ".", ""]
     ft = report["first_token"]
     if ft:
         lines += ["| first-token answers (argmax at the last prompt position) | TDR | AFR | audio-only acc | "

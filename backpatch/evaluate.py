@@ -1,4 +1,4 @@
-"""Text-dominance evaluation on conflict sets (DESIGN section 4), for any supported model.
+"""Text-dominance evaluation on conflict sets (README: "Evaluation"), for any supported model.
 
 A conflict set is JSONL: one item per line with the audio clip (relative to the file), a prompt, the answer
 the audio supports and the answer the text claims. Every item is answered twice, plainly and with the
@@ -7,6 +7,10 @@ audio-only accuracy with 95% Wilson intervals, and the same metrics per framing 
 carry ``framing`` / ``label`` keys (as ``backpatch conflicts`` writes them). With accelerate
 (``accelerate launch -m backpatch eval``) the items are split across processes and the answers gathered, so
 the report equals the single-process one.
+
+Clips longer than the model's audio window are refused before any model work, all of them named
+(:func:`check_clip_lengths`), unless ``truncate=True``; then the report records which items were cut
+(``truncated_audio``).
 """
 
 from __future__ import annotations
@@ -24,14 +28,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .audio_io import load_audio
-from .inputs import build_inputs, decode_new_tokens, sampling_rate_of
+from .audio_io import TRUNCATE_HINT, AudioTooLongError, clip_seconds, exceeds_window, fit_to_window, load_audio
+from .inputs import audio_window_seconds, build_inputs, decode_new_tokens, sampling_rate_of, truncation_enabled
 
 __all__ = [
     "ConflictItem",
     "ConflictSetError",
     "answer_items",
     "breakdown",
+    "check_clip_lengths",
     "encode_items",
     "evaluate",
     "judge",
@@ -48,6 +53,8 @@ METRICS = ("tdr", "afr", "other_rate", "consistent_acc", "audio_only_acc")
 ANNOTATIONS = ("framing", "label", "group")
 #: rows shown per breakdown in the terminal table (the JSON report has all)
 TABLE_ROWS = 30
+#: long clips named in a refusal (all are counted)
+NAMED_CLIPS = 10
 
 
 class ConflictSetError(ValueError):
@@ -62,7 +69,7 @@ class ConflictItem:
     audio_answer: str
     text_answer: str | None
     kind: str
-    #: optional annotations (DESIGN 4 allows extra keys; ``backpatch conflicts`` writes these)
+    #: optional annotations (extra keys are allowed; ``backpatch conflicts`` writes these)
     framing: str | None = None
     label: str | None = None
     group: str | None = None
@@ -70,7 +77,10 @@ class ConflictItem:
 
 
 def load_conflict_set(path: str | Path, limit: int | None = None) -> list[ConflictItem]:
-    """Read and check a conflict set; errors name the file, the line and the field."""
+    """Read and check a conflict set; errors name the file, the line and the field. ``limit``: the first items
+    only (a positive number)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConflictSetError(f"limit must be a positive number of items, got {limit!r}")
     path = Path(path)
     if not path.is_file():
         raise ConflictSetError(f"conflict set not found: {path}")
@@ -91,6 +101,9 @@ def load_conflict_set(path: str | Path, limit: int | None = None) -> list[Confli
         text_answer = row.get("text_answer")
         if row["kind"] == "conflict" and not text_answer:
             raise ConflictSetError(f"{where}: a conflict item needs a text_answer")
+        if row["kind"] == "conflict" and normalize(str(text_answer)) == normalize(str(row["audio_answer"])):
+            raise ConflictSetError(f"{where}: a conflict item needs a text_answer that differs from its audio_answer "
+                                   f"(both are {row['audio_answer']!r}); make it kind 'consistent' or change the claim")
         if row["kind"] == "consistent" and text_answer != row["audio_answer"]:
             raise ConflictSetError(f"{where}: a consistent item needs text_answer == audio_answer")
         audio = (path.parent / row["audio"]).resolve()
@@ -154,7 +167,8 @@ def _rate(k: int, n: int) -> float | None:
 
 
 def metrics(items: Sequence[ConflictItem], verdicts: Sequence[str]) -> dict[str, Any]:
-    """DESIGN section 4 metrics. A rate with a zero denominator is ``None`` (JSON null), never a made-up 0."""
+    """TDR, AFR and the accuracies (README: "Evaluation"). A rate with a zero denominator is ``None`` (JSON
+    null), never a made-up 0."""
     counts: Counter = Counter()
     for item, verdict in zip(items, verdicts, strict=True):
         counts[item.kind] += 1
@@ -191,10 +205,57 @@ def breakdown(items: Sequence[ConflictItem], plain: Sequence[str], patched: Sequ
             for value, rows in groups.items()}
 
 
-def encode_items(processor: Any, items: Sequence[ConflictItem]) -> Any:
-    """Model inputs for a batch of conflict items: their clips at the processor's rate, and their prompts."""
-    rate = sampling_rate_of(processor)
-    return build_inputs(processor, [load_audio(item.audio, rate) for item in items], [item.prompt for item in items])
+def check_clip_lengths(items: Sequence[ConflictItem], processor: Any,
+                       truncate: bool | None = None) -> dict[str, Any] | None:
+    """The long-clip rule for a conflict set, before any model work: every item whose clip is longer than the
+    model's audio window (:func:`backpatch.inputs.audio_window_seconds`) is counted, and without ``truncate``
+    they raise :class:`AudioTooLongError` naming them. With ``truncate`` the record for the report:
+    ``{"n": ..., "ids": [...], "limit_s": ...}``; without it ``None``. Reads only the files' headers."""
+    truncate = truncation_enabled(truncate)
+    limit = audio_window_seconds(processor)
+    long: list[tuple[str, float]] = []
+    if limit is not None:
+        seconds: dict[Path, float] = {}
+        for item in items:
+            if item.audio not in seconds:
+                seconds[item.audio] = clip_seconds(item.audio)
+            if exceeds_window(seconds[item.audio], limit):
+                long.append((item.id, seconds[item.audio]))
+    if long and not truncate:
+        named = ", ".join(f"{i} ({s:.2f} s)" for i, s in long[:NAMED_CLIPS])
+        more = f" and {len(long) - NAMED_CLIPS} more" if len(long) > NAMED_CLIPS else ""
+        raise AudioTooLongError(
+            f"{len(long)} of {len(items)} items have clips longer than the {limit:g} s of audio this model accepts "
+            f"(its processor's audio window): {named}{more}; trim them, or {TRUNCATE_HINT.format(limit=limit)}")
+    if not truncate:
+        return None
+    if long:
+        logger.warning("%d items have clips longer than %g s; only their first %g s are used", len(long), limit,
+                       limit)
+    return {"n": len(long), "ids": [i for i, _ in long], "limit_s": limit}
+
+
+def truncation_line(record: dict[str, Any] | None) -> str | None:
+    """The line a printed report gets when truncation was asked for."""
+    if record is None:
+        return None
+    if record["limit_s"] is None:
+        return "truncated audio: none (--truncate-audio; this model's processor has no fixed audio window)"
+    ids = ", ".join(record["ids"][:NAMED_CLIPS]) + (f" and {record['n'] - NAMED_CLIPS} more"
+                                                    if record["n"] > NAMED_CLIPS else "")
+    return (f"truncated audio: {record['n']} items cut to their first {record['limit_s']:g} s (--truncate-audio)"
+            + (f": {ids}" if record["n"] else ""))
+
+
+def encode_items(processor: Any, items: Sequence[ConflictItem], truncate: bool | None = None) -> Any:
+    """Model inputs for a batch of conflict items: their clips at the processor's rate, and their prompts.
+
+    A clip longer than the model's audio window raises :class:`AudioTooLongError` naming the item, unless
+    ``truncate`` (default: off, or the :func:`backpatch.inputs.audio_truncation` setting in force)."""
+    rate, limit, cut = sampling_rate_of(processor), audio_window_seconds(processor), truncation_enabled(truncate)
+    waves = [fit_to_window(load_audio(item.audio, rate), rate, limit, cut,
+                           f"the clip of item {item.id} ({item.audio.name})")[0] for item in items]
+    return build_inputs(processor, waves, [item.prompt for item in items], truncate=cut)
 
 
 def _batches(items: Sequence[ConflictItem], batch_size: int) -> list[Sequence[ConflictItem]]:
@@ -209,13 +270,15 @@ def answer_items(
     batch_size: int = 32,
     max_new_tokens: int = 16,
     progress: bool = True,
+    truncate: bool | None = None,
 ) -> tuple[list[str], list[str]]:
-    """Plain and back-patched greedy answers for ``items`` (same inputs for both, batched)."""
+    """Plain and back-patched greedy answers for ``items`` (same inputs for both, batched); ``truncate`` as in
+    :func:`encode_items`."""
     plain: list[str] = []
     patched: list[str] = []
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
     for batch in tqdm(_batches(items, batch_size), desc="evaluate", unit="batch", disable=not progress):
-        inputs = encode_items(processor, batch).to(wrapped.device)
+        inputs = encode_items(processor, batch, truncate=truncate).to(wrapped.device)
         length = inputs["input_ids"].shape[1]
         with wrapped.disabled():
             plain += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)
@@ -232,9 +295,12 @@ def evaluate(
     limit: int | None = None,
     model_name: str | None = None,
     progress: bool = True,
+    truncate: bool | None = None,
 ) -> dict[str, Any] | None:
-    """Plain vs back-patched metrics on a conflict set; the DESIGN section 4 report as a dict.
+    """Plain vs back-patched metrics on a conflict set; the report (README: "Evaluation") as a dict.
 
+    Clips longer than the model's audio window are refused before any model work, naming every such item,
+    unless ``truncate=True``: then they are cut to the window and ``report["truncated_audio"]`` says which.
     Under ``accelerate launch`` every process answers its share of the items; the main process gets the
     report and the others get ``None``.
     """
@@ -242,15 +308,22 @@ def evaluate(
     from accelerate.utils import gather_object
 
     items = load_conflict_set(data, limit)
+    truncate = truncation_enabled(truncate)
+    truncated = check_clip_lengths(items, processor, truncate)
     # On a CPU-only machine accelerate treats torchrun-launched processes as distributed only with cpu=True.
     state = PartialState(cpu=not torch.cuda.is_available())
     indices = list(range(len(items)))
     with state.split_between_processes(indices) as mine:
         plain, patched = answer_items(wrapped, processor, [items[i] for i in mine], batch_size, max_new_tokens,
-                                      progress=progress and state.is_local_main_process)
+                                      progress=progress and state.is_local_main_process, truncate=truncate)
         rows = list(zip(mine, plain, patched, strict=True))
     if state.num_processes > 1:
         rows = gather_object(rows)
+        # Every rank leaves the process group together. A rank that exits while another still holds its gloo
+        # connections makes the survivor's gloo thread hit a closed socket and abort (SIGABRT in rank 0 when the
+        # machine is loaded and the ranks finish at different times).
+        state.wait_for_everyone()
+        state.destroy_process_group()
     if not state.is_main_process:
         return None
     answers = {index: (p, b) for index, p, b in rows}
@@ -263,7 +336,7 @@ def evaluate(
         "preset": wrapped.preset.to_dict(),
         "data": str(data),
         "settings": {"max_new_tokens": max_new_tokens, "decoding": "greedy", "limit": limit,
-                     "num_processes": state.num_processes},
+                     "num_processes": state.num_processes, "truncate_audio": truncate},
         "plain": metrics(items, plain_verdicts),
         "backpatched": metrics(items, patched_verdicts),
         "items": [
@@ -273,6 +346,8 @@ def evaluate(
             for it, p, b, pv, bv in zip(items, plain, patched, plain_verdicts, patched_verdicts, strict=True)
         ],
     }
+    if truncated is not None:
+        report["truncated_audio"] = truncated
     for key in ("framing", "label"):  # TDR broken down by framing and by label, when the items say
         parts = breakdown(items, plain_verdicts, patched_verdicts, key)
         if parts is not None:
@@ -291,6 +366,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{name:<16}{cells[0]:>24}{cells[1]:>24}")
     p = report["plain"]
     lines.append(f"items: {p['n_conflict']} conflict, {p['n_consistent']} consistent, {p['n_audio_only']} audio-only")
+    if truncation_line(report.get("truncated_audio")):
+        lines.append(truncation_line(report["truncated_audio"]))
     for key in ("framing", "label"):
         if f"by_{key}" in report:
             lines += ["", *_breakdown_table(report[f"by_{key}"], key)]

@@ -1,16 +1,71 @@
-"""Turning (audio, prompt) pairs into model inputs, the same way for every supported model (DESIGN section 4).
+"""Turning (audio, prompt) pairs into model inputs, the same way for every supported model (README: "Evaluation").
 
 A user message holding the audio and the prompt text goes through the processor's chat template; the
 processor then expands the audio placeholder into one token per audio embedding. Batches are left-padded,
 as decoder-only generation needs.
+
+A clip longer than the model's audio window (:func:`audio_window_seconds`) is refused, never silently cut,
+unless truncation is asked for: ``truncate=True``, or for code that builds inputs deeper down (calibration's
+sweep) the :func:`audio_truncation` context.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import numpy as np
+
+from .audio_io import fit_to_window
+
+#: whether :func:`build_inputs` cuts long clips when its caller does not say (set by :func:`audio_truncation`)
+_TRUNCATE: ContextVar[bool] = ContextVar("backpatch_truncate_audio", default=False)
+
+
+@contextmanager
+def audio_truncation(enabled: bool = True) -> Iterator[None]:
+    """Inside, :func:`build_inputs` and :func:`backpatch.evaluate.encode_items` called without ``truncate``
+    cut clips longer than the audio window instead of refusing them (per thread and task)."""
+    token = _TRUNCATE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _TRUNCATE.reset(token)
+
+
+def truncation_enabled(truncate: bool | None = None) -> bool:
+    """``truncate`` when given, else the :func:`audio_truncation` setting in force (default off)."""
+    return _TRUNCATE.get() if truncate is None else bool(truncate)
+
+
+def audio_window_seconds(processor: Any) -> float | None:
+    """How long a clip the model's processor takes without dropping audio, in seconds; ``None`` if unknown.
+
+    Processors that split long audio into several encoder windows say how far they go (``max_audio_len``:
+    Audio Flamingo 3, Music Flamingo, GLM-ASR); processors whose audio defaults turn truncation off take any
+    length (Voxtral, Qwen3-Omni): ``None``. Otherwise the feature extractor's window is the limit:
+    ``chunk_length`` seconds, or ``n_samples / sampling_rate``.
+    """
+    max_len = getattr(processor, "max_audio_len", None)
+    if isinstance(max_len, (int, float)) and not isinstance(max_len, bool) and max_len > 0:
+        return float(max_len)
+    defaults = dict(getattr(processor, "audio_kwargs", None) or {})
+    kwargs_class = getattr(processor, "valid_processor_kwargs", None)
+    defaults.update((getattr(kwargs_class, "_defaults", None) or {}).get("audio_kwargs", {}))
+    if defaults.get("truncation") is False:
+        return None
+    fe = getattr(processor, "feature_extractor", None)
+    if fe is None:
+        return None
+    chunk = getattr(fe, "chunk_length", None)
+    if isinstance(chunk, (int, float)) and not isinstance(chunk, bool) and chunk > 0:
+        return float(chunk)
+    n_samples, rate = getattr(fe, "n_samples", None), getattr(fe, "sampling_rate", None)
+    if isinstance(n_samples, int) and n_samples > 0 and rate:
+        return n_samples / float(rate)
+    return None
 
 
 def conversation(prompt: str) -> list[dict[str, Any]]:
@@ -22,10 +77,21 @@ def sampling_rate_of(processor: Any) -> int:
     return int(getattr(processor.feature_extractor, "sampling_rate", 16000))
 
 
-def build_inputs(processor: Any, audios: Sequence[np.ndarray], prompts: Sequence[str]) -> Any:
-    """Processor outputs (``BatchFeature``) for a batch of waveforms and prompts, left-padded."""
+def build_inputs(processor: Any, audios: Sequence[np.ndarray], prompts: Sequence[str],
+                 truncate: bool | None = None) -> Any:
+    """Processor outputs (``BatchFeature``) for a batch of waveforms (at the processor's sampling rate) and
+    prompts, left-padded.
+
+    A waveform longer than the model's audio window raises :class:`backpatch.audio_io.AudioTooLongError`
+    naming its length and the limit; ``truncate=True`` keeps its first window instead (default: off, or the
+    :func:`audio_truncation` setting in force).
+    """
     if len(audios) != len(prompts):
         raise ValueError(f"got {len(audios)} audio clips for {len(prompts)} prompts")
+    limit, rate, cut = audio_window_seconds(processor), sampling_rate_of(processor), truncation_enabled(truncate)
+    what = "the audio clip" if len(audios) == 1 else "audio clip {i} of {n}"
+    audios = [fit_to_window(a, rate, limit, cut, what.format(i=i + 1, n=len(audios)))[0]
+              for i, a in enumerate(audios)]
     texts = [
         processor.apply_chat_template(conversation(p), add_generation_prompt=True, tokenize=False) for p in prompts
     ]

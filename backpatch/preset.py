@@ -1,4 +1,4 @@
-"""Presets: back-patching settings as data (DESIGN.md section 3).
+"""Presets: back-patching settings as data (the schema: "Presets" in the README).
 
 A preset is plain data, like PEFT's ``LoraConfig``: dataclasses with defaults, validated on construction,
 with ``to_dict``/``from_dict`` and YAML I/O at the edges. Every validation error is a :class:`PresetError`

@@ -12,11 +12,13 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from backpatch.cli import port_number
+
     parser = argparse.ArgumentParser(description="Gradio side-by-side demo: plain vs back-patched answers.")
     parser.add_argument("--model", help="hub id, local path, or organism:NAME (default: organism:smol-whisper)")
     parser.add_argument("--preset", help="bundled preset name or path to a YAML file (default: matching preset)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=7860, help="port to serve on (default: 7860)")
+    parser.add_argument("--port", type=port_number, default=7860, help="port to serve on (default: 7860)")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (default: auto)")
     parser.add_argument("--device-map", help="e.g. 'auto' to spread a large model over GPUs/CPU with accelerate")
     parser.add_argument("--trust-remote-code", action="store_true",

@@ -257,6 +257,36 @@ def test_demo_app_script_calls_launch(monkeypatch):
     assert args == (None, PRESET) and kwargs["host"] == "127.0.0.1" and kwargs["port"] == 7999
 
 
+@pytest.fixture
+def busy_port():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        yield holder.getsockname()[1]
+
+
+def test_a_busy_port_is_named_with_the_port_option_before_the_model_loads(busy_port, monkeypatch, capsys):
+    from backpatch.cli import main
+
+    monkeypatch.setattr("backpatch.loading.load_model_and_processor",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("the model was loaded")))
+    with pytest.raises(OSError, match=f"port {busy_port} on 127.0.0.1 is already in use; pass a free one with --port"):
+        launch("organism:digits", port=busy_port)
+    assert main(["demo", "--model", "organism:digits", "--port", str(busy_port)]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {busy_port + 1}" in err and "GRADIO_SERVER_PORT" not in err
+
+
+def test_gradios_own_busy_port_error_is_reworded_to_name_the_port_option(busy_port, monkeypatch):
+    """A port taken between the early check and the server start: gradio's message names an environment
+    variable; ours names --port."""
+    monkeypatch.setattr("backpatch.demo.check_port", lambda host, port: None)
+    with pytest.raises(OSError) as info:
+        launch("organism:digits", port=busy_port, prevent_thread_lock=True, quiet=True)
+    assert str(info.value).startswith(f"port {busy_port} on 127.0.0.1 is already in use; pass a free one with --port")
+    assert "GRADIO_SERVER_PORT" not in str(info.value)
+
+
 # ------------------------------------------------------------------------- the running app: API and browser
 def _free_port() -> int:
     with socket.socket() as s:

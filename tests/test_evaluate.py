@@ -90,6 +90,9 @@ def test_wilson_interval():
          '"kind": "consistent"}', "text_answer == audio_answer"),
         ('{"id": 1, "audio": "wav/none.wav", "prompt": "p", "audio_answer": "a", "text_answer": "b", '
          '"kind": "conflict"}', "audio file 'wav/none.wav' not found"),
+        # a "conflict" whose claim is the audio's answer is no conflict (judged alike: case and punctuation aside)
+        ('{"id": 1, "audio": "wav/c0.wav", "prompt": "p", "audio_answer": "seven", "text_answer": "Seven.", '
+         '"kind": "conflict"}', "a conflict item needs a text_answer that differs from its audio_answer"),
     ],
 )
 def test_conflict_set_errors_name_file_and_line(tmp_path, line, message):
@@ -99,6 +102,14 @@ def test_conflict_set_errors_name_file_and_line(tmp_path, line, message):
     with pytest.raises(ConflictSetError) as info:
         load_conflict_set(path)
     assert str(info.value).startswith(f"{path}:2: ") and message in str(info.value)
+
+
+@pytest.mark.parametrize("limit", [0, -5, True, 1.5])
+def test_limit_must_be_a_positive_number_of_items(tmp_path, limit):
+    path = tiny_conflict_set(tmp_path, 1)
+    with pytest.raises(ConflictSetError, match="limit must be a positive number of items"):
+        load_conflict_set(path, limit)
+    assert len(load_conflict_set(path, 2)) == 2
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,14 @@ are then verified with full ``generate()`` through :func:`backpatch.evaluate.eva
 go into the preset.
 
 No-harm rule: audio-only and consistent accuracy each within ``max_harm`` (2 points) of plain.
+
+The data must not be test data (the organism's shipped examples are its test voices: a warning says so), and a
+warning states the standard error that too few conflict items imply (:func:`conflict_count_warning`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,7 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .._contrastive import silence_frame
-from ..evaluate import evaluate, judge, load_conflict_set, metrics
+from ..evaluate import check_clip_lengths, evaluate, judge, load_conflict_set, metrics
+from ..inputs import audio_truncation, truncation_enabled
 from ..preset import Patch, Preset
 from ..wrapper import preset_for, wrap
 from .grid import Candidate, _settings, default_grid
@@ -39,6 +44,34 @@ GRID_KEYS = ("sources", "targets", "scales", "modes", "positions")
 #: nested clip subsets of the staged search (coarse, refine, full)
 STAGE_FRACTIONS = (0.1, 0.3, 1.0)
 METRIC_KEYS = ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc")
+#: the standard error (at p = 0.5) of a TDR that a calibration set should reach: 3 points
+TARGET_SE = 0.03
+
+
+def tdr_standard_error(n_conflict: int, p: float = 0.5) -> float:
+    """sqrt(p (1 - p) / n): the standard error of a rate measured on ``n_conflict`` items (largest at p = 0.5)."""
+    return math.sqrt(p * (1 - p) / n_conflict) if n_conflict > 0 else math.inf
+
+
+def conflicts_for(se: float = TARGET_SE, p: float = 0.5) -> int:
+    """How many conflict items give a standard error of ``se`` at ``p``."""
+    return math.ceil(p * (1 - p) / se**2)
+
+
+def conflict_count_warning(n_conflict: int, n_settings_hint: str, n_first_stage: int | None = None) -> str | None:
+    """The warning for a conflict count too small for a search among many settings, or ``None``: with a TDR
+    standard error above :data:`TARGET_SE` (3 points) the search mostly ranks noise. ``n_first_stage``: the
+    conflicts the staged search's first stage sees (it discards most settings on them)."""
+    se = tdr_standard_error(n_conflict)
+    if se <= TARGET_SE:
+        return None
+    text = (f"only {n_conflict} conflict items for {n_settings_hint}: a TDR measured on them has a standard error "
+            f"of about {100 * se:.1f} points (sqrt(p(1-p)/n) at p = 0.5), so settings closer than about "
+            f"{200 * se:.0f} points cannot be told apart; about {conflicts_for()} conflict items give ~3 points")
+    if n_first_stage is not None:
+        text += (f" (its first stage sees {n_first_stage} of them: {100 * tdr_standard_error(n_first_stage):.1f} "
+                 "points)")
+    return text
 
 
 def _row(candidate: Candidate, m: dict[str, Any], plain: dict[str, Any], max_harm: float, **extra) -> dict:
@@ -63,6 +96,7 @@ def calibrate(
     progress: bool = True,
     budget_minutes: float = 60.0,
     seed: int = 0,
+    truncate: bool | None = None,
 ) -> dict[str, Any]:
     """Search, verify, and write ``out`` (a preset YAML), ``out`` with ``.png`` (heatmap), ``.band.png`` (staged
     search: no-harm TDR over source x target per mode) and ``.sweep.json``.
@@ -70,11 +104,24 @@ def calibrate(
     ``grid`` with any of ``sources/targets/scales/modes/positions`` runs that exhaustive grid; without them the
     staged search runs (``alphas`` and ``null_audio`` apply to both). ``base_preset`` supplies the audio span and
     layer path (default: what ``wrap`` would pick, or auto). Returns a summary dict (also in the sweep JSON).
+
+    Clips longer than the model's audio window are refused before any model work, unless ``truncate=True``;
+    then the summary, the sweep JSON and the preset's description record which items were cut.
     """
+    truncate = truncation_enabled(truncate)
+    with audio_truncation(truncate):  # the sweep builds its inputs deep down: it inherits the choice
+        return _calibrate(model, processor, data, out, base_preset, grid, batch_size, verify_top, max_new_tokens,
+                          max_harm, name, limit, progress, budget_minutes, seed, truncate)
+
+
+def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verify_top, max_new_tokens, max_harm,
+               name, limit, progress, budget_minutes, seed, truncate) -> dict[str, Any]:
     started = time.perf_counter()
     budget_s = budget_minutes * 60.0
     out = Path(out)
     items = load_conflict_set(data, limit)
+    truncated = check_clip_lengths(items, processor, truncate)
+    _warn_about_data(data)
     # The base preset only contributes facts (layer path, audio span, match); its patches are replaced.
     base_preset = preset_for(model, base_preset, fallback=Preset(patches=[Patch(source=1, target=0)],
                                                                  name=name or out.stem))
@@ -82,6 +129,13 @@ def calibrate(
     num_layers = wrapped.resolved.num_layers
     grid = dict(grid or {})
     staged = not any(key in grid for key in GRID_KEYS)
+    n_conflict = sum(1 for it in items if it.kind == "conflict")
+    first_stage = clip_subsets(items, STAGE_FRACTIONS, seed)[0] if staged else None
+    data_warning = conflict_count_warning(
+        n_conflict, "the staged search" if staged else "an exhaustive grid",
+        sum(1 for it in first_stage if it.kind == "conflict") if first_stage else None)
+    if data_warning:
+        logger.warning("calibration data: %s", data_warning)
     grid = {**default_grid(num_layers), **grid}
     if grid["alphas"] and grid["null_audio"] == "silence" and getattr(processor, "feature_extractor", None) is None:
         raise ValueError("contrastive calibration with null_audio silence needs a processor with a feature extractor")
@@ -138,7 +192,7 @@ def calibrate(
     for candidate, proxy in tqdm(candidates, desc="verify with generate()", unit="setting", disable=not progress):
         preset = _candidate_preset(wrapped.preset, candidate, grid["null_audio"])
         report = evaluate(wrap(model, preset, processor=processor), processor, data, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, limit=limit, progress=progress)
+                          max_new_tokens=max_new_tokens, limit=limit, progress=progress, truncate=truncate)
         verified.append((candidate, proxy, report))
     good = [v for v in verified if passes_no_harm(v[2]["backpatched"], v[2]["plain"], max_harm)]
     if not good:
@@ -156,6 +210,9 @@ def calibrate(
     how = f"; staged coarse-to-fine search, budget {budget_minutes:g} min" if staged else ""
     preset = _calibrated_preset(wrapped, model, best, best_report, data, name or out.stem, n_settings,
                                 total_seconds, grid["null_audio"], no_harm=bool(good), search=how)
+    if truncated is not None and truncated["n"]:
+        preset = dataclasses.replace(preset, description=f"{preset.description} {truncated['n']} items' clips were "
+                                     f"cut to their first {truncated['limit_s']:g} s (--truncate-audio).")
     preset.to_yaml(out)
     summary = {
         "preset": str(out), "heatmap": str(heatmap), "band": str(band) if band else None, "data": str(data),
@@ -163,12 +220,29 @@ def calibrate(
         "sweep_seconds": round(sweep_seconds, 1), "total_seconds": round(total_seconds, 1),
         "plain_first_token": plain, "chosen": best.label(), "no_harm": bool(good),
         "short_path": scorer.short_path_ok,
+        "n_conflict": n_conflict, "tdr_standard_error": round(tdr_standard_error(n_conflict), 4),
+        "data_warning": data_warning,
+        **({"truncated_audio": truncated} if truncated is not None else {}),
         "verified": [{"setting": s.label(), "proxy": p, "plain": r["plain"], "backpatched": r["backpatched"]}
                      for s, p, r in verified],
         "sweep": sweep_rows,
     }
     out.with_suffix(".sweep.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
+
+
+def _warn_about_data(data: str | Path) -> None:
+    """Calibrating on test data makes every later number on it optimistic: say so for the organism's examples."""
+    from .. import organism
+
+    try:
+        shipped = Path(data).resolve() == Path(organism.examples_path()).resolve()
+    except OSError:  # pragma: no cover - an unreadable path failed in load_conflict_set already
+        shipped = False
+    if shipped:
+        logger.warning("calibration data %s is the organism's shipped examples, which are its test voices: numbers "
+                       "measured on them after tuning on them are optimistic; calibrate on a validation split instead",
+                       data)
 
 
 def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, budget_s: float, max_harm: float,

@@ -37,7 +37,7 @@ def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings
         f"the best no-harm ones verified with full greedy "
         f"generate; chosen {candidate.label()}. TDR {before['tdr']} -> {after['tdr']}, audio-only "
         f"{before['audio_only_acc']} -> {after['audio_only_acc']}, consistent {before['consistent_acc']} -> "
-        f"{after['consistent_acc']} (validation){'' if no_harm else '; WARNING: fails the no-harm rule'}. "
+        f"{after['consistent_acc']} (on {Path(data).name}){'' if no_harm else '; WARNING: fails the no-harm rule'}. "
         f"Run time {seconds:.0f} s."
     )
     return Preset(
