@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +97,80 @@ def test_calibrate_cli_writes_valid_preset_heatmap_and_sweep(setup, capsys):
     model, processor = load_model_and_processor(str(root / "model"))
     backpatch.wrap(model, preset, processor=processor)
     assert "chosen:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting", [Setting(5, 0, 2.0, "add", "audio"), Setting(4, 2, 0.5, "interpolate", "last"),
+                                     Setting(3, 1, 1.0, "replace", "audio")])
+def test_sweep_short_path_runs_only_the_layers_after_the_target_and_equals_the_engine(setup, setting):
+    """A scored setting runs layers t+1..N-1 from the shared capture's layer-t state (counted with forward hooks
+    on the decoder layers), and its first-token metrics equal those of the normal engine on the same batches."""
+    from backpatch.calibrate import Candidate, Scorer
+    from backpatch.calibrate.writing import _candidate_preset
+
+    _, data, model, processor = setup
+    items = load_conflict_set(data)
+    wrapped = backpatch.wrap(model, backpatch.Preset(patches=[setting.patch()]), processor=processor)
+    grid = {"sources": [setting.source], "positions": [setting.positions]}
+    batches, _ = _prepare(wrapped, processor, items, grid, batch_size=4, progress=False, layer_states=True)
+    layers = wrapped.resolved.layers
+    calls = []
+    handles = [layer.register_forward_hook(lambda *_a, i=i: calls.append(i)) for i, layer in enumerate(layers)]
+    try:
+        short = Scorer(model, processor, wrapped.preset, "silence", None, _candidate_preset)
+        short_metrics = short.score(Candidate(setting), batches)
+        assert short.short_path_ok is True
+        calls.clear()
+        short_metrics = short.score(Candidate(setting), batches)
+        per_batch = len(layers) - setting.target - 1
+        assert calls == list(range(setting.target + 1, len(layers))) * len(batches) and per_batch < len(layers)
+        engine = Scorer(model, processor, wrapped.preset, "silence", None, _candidate_preset)
+        engine.short_path_ok = False
+        calls.clear()
+        assert engine.score(Candidate(setting), batches) == short_metrics
+        assert len(calls) == len(layers) * len(batches)  # the engine runs every layer
+    finally:
+        for h in handles:
+            h.remove()
+    # and the logits themselves: bit-identical on every batch
+    resolved = resolve(model, wrapped.preset, processor)
+    with torch.no_grad():
+        for batch in batches:
+            with patch_session(resolved, precaptured=batch.states):
+                full = model(**batch.inputs, use_cache=False).logits[:, -1]
+            assert torch.equal(short._short_logits(resolved, resolved.patches[0], batch), full)
+
+
+def test_staged_default_search_covers_the_whole_depth_and_small_scales():
+    from backpatch.calibrate import band_grid, refinements
+
+    coarse = band_grid(30)
+    pairs = {(s.source, s.target) for s in coarse}
+    assert {(1, 0), (2, 0), (4, 0), (10, 9), (29, 27), (29, 0)} <= pairs
+    assert {s.source - s.target for s in coarse} >= {1, 2, 4, 8, 16}
+    assert {(s.mode, s.positions) for s in coarse} == {("add", "audio"), ("interpolate", "audio"),
+                                                     ("replace", "audio"), ("interpolate", "last"),
+                                                     ("replace", "last")}
+    assert min(s.scale for s in coarse if s.mode == "add") <= 0.1 and len(coarse) == 300
+    fine = refinements([Setting(10, 8, 0.5, "interpolate", "audio")], 30)
+    assert Setting(10, 8, 0.25, "interpolate", "audio") in fine and Setting(10, 8, 1.0, "interpolate", "audio") in fine
+    assert Setting(11, 8, 0.5, "interpolate", "audio") in fine and Setting(10, 9, 0.5, "interpolate", "audio") in fine
+    assert all(0 <= s.target < s.source < 30 for s in fine)
+
+
+def test_staged_search_on_a_budget_records_what_it_cut(setup, tmp_path):
+    from backpatch.calibrate import band_grid, calibrate
+
+    root, data, model, processor = setup
+    with pytest.raises(ValueError, match=r"time budget \(0 min\) ran out before any setting was scored"):
+        calibrate(model, processor, data, tmp_path / "none.yaml", grid={"alphas": []}, batch_size=4,
+                  budget_minutes=0.0, progress=False)
+    assert not (tmp_path / "none.yaml").exists()
+    summary = calibrate(model, processor, data, tmp_path / "staged.yaml", grid={"alphas": [1.0]}, batch_size=4,
+                        verify_top=1, max_new_tokens=2, budget_minutes=5.0, progress=False)
+    stages = summary["search"]["stages"]
+    assert summary["search"]["kind"] == "staged" and [s["name"] for s in stages] == ["coarse", "refine", "full"]
+    assert stages[0]["n_settings"] + stages[0]["truncated"] == len(band_grid(6))
+    assert stages[0]["n_items"] <= stages[1]["n_items"] <= stages[2]["n_items"] == summary["n_items"]
+    assert summary["short_path"] is True and Path(summary["band"]).read_bytes()[:4] == b"\x89PNG"
+    assert {row["stage"] for row in summary["sweep"]} <= {"coarse", "refine", "full"}
+    backpatch.Preset.from_yaml(tmp_path / "staged.yaml")

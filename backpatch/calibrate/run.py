@@ -147,7 +147,12 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
                     positions=["audio", "last"], modes=["add", "interpolate", "replace"])
         records, plain = _staged(wrapped, processor, items, grid, scorer, batch_size, budget_s, max_harm, seed,
                                  progress)
-        results = records[-1].results
+        # verify from the last stage that scored anything (a tight budget may leave the full stage empty)
+        scored = [r for r in records if r.results]
+        if not scored:
+            raise ValueError(f"the time budget ({budget_minutes:g} min) ran out before any setting was scored; "
+                             "raise --budget-minutes")
+        results, plain = scored[-1].results, scored[-1].plain
         sweep_rows = [_row(c, m, r.plain, max_harm, stage=r.name, n_items=r.n_items) for r in records
                       for c, m in r.results]
         n_settings = sum(len(r.results) for r in records)
