@@ -48,7 +48,16 @@ def _as_preset(model: nn.Module, preset: Preset | str | Path | None) -> Preset:
     config = model.config
     found = find_matching_preset(getattr(config, "model_type", ""), getattr(config, "_name_or_path", None), config)
     logger.info("backpatch: using bundled preset %r for %s", found.name, type(model).__name__)
+    if (found.calibration is None or found.calibration.status != "calibrated") and found.name not in _WARNED:
+        _WARNED.add(found.name)
+        logger.warning("backpatch: picked the bundled preset %r, which is NOT calibrated for this checkpoint (its "
+                       "layers come from a rule, not a measurement); run `backpatch calibrate` on a validation "
+                       "conflict set of yours and pass the preset it writes", found.name)
     return found
+
+
+#: uncalibrated bundled presets already warned about (once per process each)
+_WARNED: set[str] = set()
 
 
 def _silence_for(preset: Preset, processor: Any) -> Any:

@@ -294,6 +294,24 @@ def test_wrap_without_preset_picks_matching_bundled_one(caplog):
     assert [(p.source, p.target) for p in wrapped.resolved.patches] == [(24, 8)]
 
 
+def test_an_uncalibrated_bundled_preset_is_picked_with_one_warning_naming_calibrate(caplog, monkeypatch):
+    from backpatch import wrapper
+
+    monkeypatch.setattr(wrapper, "_WARNED", set())
+    model = tiny_qwen2_audio(num_layers=32)
+    model.config._name_or_path = "Qwen/Qwen2-Audio-7B-Instruct"
+    with caplog.at_level(logging.WARNING, logger="backpatch"):
+        backpatch.wrap(model)
+        backpatch.wrap(model)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "NOT calibrated" in warnings[0].getMessage()
+    assert "`backpatch calibrate`" in warnings[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="backpatch"):
+        backpatch.wrap(model, "qwen2-audio-7b-instruct")  # named explicitly: the user chose it
+    assert not caplog.records
+
+
 def test_wrap_without_matching_preset_explains_how_to_write_one(model):
     with pytest.raises(PresetError, match="no bundled preset matches this model.*Bundled presets: .*write your own"):
         backpatch.wrap(model)
