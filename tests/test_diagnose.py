@@ -12,7 +12,6 @@ from tiny import tiny_conflict_set, tiny_with_processor
 
 import backpatch
 from backpatch import Patch, Preset
-from backpatch._probes import _group_folds
 from backpatch.audio_io import load_audio
 from backpatch.diagnose import (
     _final_norm,
@@ -24,6 +23,7 @@ from backpatch.diagnose import (
     probe_layers,
     text_takeover_layer,
 )
+from backpatch.diagnose.probes import _group_folds
 from backpatch.evaluate import load_conflict_set
 from backpatch.inputs import build_inputs
 

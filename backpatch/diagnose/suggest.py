@@ -1,0 +1,124 @@
+"""The suggested preset of ``backpatch diagnose``: candidate layers read off the curves, a small first-token sweep
+over them, and the preset written from the best setting.
+
+The sweep is calibration's machinery (:mod:`backpatch.calibrate.sweep`): one capture per batch
+(:func:`~backpatch.calibrate.sweep._prepare`), each setting scored by :class:`~backpatch.calibrate.sweep.Scorer`,
+and the no-harm rule of :func:`~backpatch.calibrate.search.passes_no_harm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._architectures import Resolved
+from ..calibrate.grid import Candidate, Setting
+from ..calibrate.search import passes_no_harm
+from ..calibrate.sweep import Scorer, _prepare
+from ..calibrate.writing import _candidate_preset
+from ..evaluate import ConflictItem, judge, metrics
+from ..preset import AudioSpan, Calibration, Match, ModelFacts, Patch, Preset
+from ..wrapper import wrap
+
+#: (mode, scale, positions) tried for every (source, target) in the suggestion sweep: the organism's best
+#: no-harm setting (last-token replace), a gentler add at the last token, and classic audio-span add
+SWEEP_COMBOS = (("replace", 1.0, "last"), ("add", 1.0, "last"), ("add", 1.0, "audio"))
+
+
+def _sweep_candidates(layers: list[dict], num_layers: int) -> tuple[list[int], list[int]]:
+    """Sources: the latest layer whose conflict probe accuracy is within 0.05 of the best, and the last layer;
+    targets: layer 0 and the first quarter (early, where the audio is read in)."""
+    scores = [(row["layer"], row["probe_audio_conflict"]) for row in layers[1:] if row["probe_audio_conflict"]
+              is not None]
+    sources = {num_layers - 1}
+    if scores:
+        best = max(p for _, p in scores)
+        sources.add(max(layer for layer, p in scores if p >= best - 0.05))
+    targets = sorted({0, num_layers // 4})
+    return sorted(s for s in sources if s > targets[0]), targets
+
+
+def _sweep(
+    model: nn.Module, processor: Any, base: Preset, items: Sequence[ConflictItem], layers: list[dict],
+    batch_size: int, max_harm: float, progress: bool,
+) -> tuple[list[dict], dict, Any]:
+    """First-token metrics of a handful of settings: one capture per batch, then calibration's :class:`Scorer`."""
+    num_layers = len(layers)
+    sources, targets = _sweep_candidates(layers, num_layers)
+    settings = [Setting(s, t, scale, mode, positions) for s in sources for t in targets if s > t
+                for mode, scale, positions in SWEEP_COMBOS]
+    probe_preset = Preset(patches=[Patch(source=max(sources), target=min(targets))], name=base.name,
+                          model=base.model, audio_span=base.audio_span, match=base.match)
+    wrapped = wrap(model, probe_preset, processor=processor)
+    grid = {"sources": sources, "positions": sorted({p for _, _, p in SWEEP_COMBOS})}
+    batches, plain_answers = _prepare(wrapped, processor, list(items), grid, batch_size, progress)
+    plain = metrics(items, [judge(a, it) for a, it in zip(plain_answers, items, strict=True)])
+    # no contrastive candidates here, so no null audio is ever built
+    scorer = Scorer(model, processor, wrapped.preset, "silence", None, _candidate_preset)
+    rows = []
+    for setting in tqdm(settings, desc="suggestion sweep", unit="setting", disable=not progress):
+        m = scorer.score(Candidate(setting), batches)
+        rows.append({"setting": setting.label(), "patch": setting.patch(), "metrics": m,
+                     "no_harm": passes_no_harm(m, plain, max_harm)})
+    return rows, plain, wrapped.resolved
+
+
+def _suggest(rows: list[dict], plain: dict, base: Preset, resolved: Resolved, model: nn.Module, data: str,
+             n_items: int) -> Preset:
+    def key(r: dict) -> tuple[float, float]:
+        m = r["metrics"]
+        return (m["tdr"] if m["tdr"] is not None else 1.0, -(m["afr"] or 0.0))
+
+    eligible = sorted((r for r in rows if r["no_harm"]), key=key)
+    best = eligible[0] if eligible else sorted(rows, key=key)[0]
+    m = best["metrics"]
+    improves = plain["tdr"] is not None and m["tdr"] is not None and m["tdr"] < plain["tdr"]
+    verdict = ("lowers first-token TDR" if improves else "does NOT lower first-token TDR (no setting did)")
+    harm = "passes" if best["no_harm"] else "FAILS"
+    description = (
+        f"Suggested by `backpatch diagnose` on {Path(data).name} ({n_items} items): source where the audio answer "
+        f"stays decodable under conflict late, targets early; best of {len(rows)} first-token settings, {verdict}: "
+        f"TDR {plain['tdr']} -> {m['tdr']}, audio-only {plain['audio_only_acc']} -> {m['audio_only_acc']}, "
+        f"consistent {plain['consistent_acc']} -> {m['consistent_acc']}; {harm} the no-harm rule. First-token "
+        "proxy only: run `backpatch calibrate` (verified with generate) before relying on it."
+    )
+    values = {}
+    for name in ("tdr", "afr", "audio_only_acc", "consistent_acc"):
+        for suffix, source in (("before", plain), ("after", m)):
+            if source[name] is not None:
+                values[f"{name}_{suffix}"] = float(source[name])
+    config = model.config
+    return Preset(
+        patches=[best["patch"]],
+        name=f"{base.name}-suggested" if base.name and base.name != "custom" else "suggested",
+        description=description,
+        match=base.match or Match(model_type=config.model_type),
+        model=ModelFacts(layers=resolved.layers_path, num_layers=resolved.num_layers),
+        audio_span=base.audio_span or AudioSpan(token_id=resolved.audio_token_id),
+        calibration=Calibration(status="uncalibrated", data=str(data), metrics=values),
+    )
+
+
+def _unswept(layers: list[dict], base: Preset, resolved: Resolved, model: nn.Module) -> Preset:
+    """The suggestion without a sweep: last-token replace from the latest good source into the earliest target."""
+    sources, targets = _sweep_candidates(layers, resolved.num_layers)
+    return Preset(patches=[Patch(source=sources[-1], target=targets[0], mode="replace", positions="last")],
+                  name="suggested", description="Suggested by `backpatch diagnose` without a sweep.",
+                  match=base.match or Match(model_type=model.config.model_type),
+                  model=ModelFacts(layers=resolved.layers_path, num_layers=resolved.num_layers),
+                  audio_span=base.audio_span or AudioSpan(token_id=resolved.audio_token_id))
+
+
+def suggest_preset(
+    model: nn.Module, processor: Any, base: Preset, resolved: Resolved, items: Sequence[ConflictItem],
+    layers: list[dict], data: str | Path, batch_size: int, max_harm: float, progress: bool, sweep: bool = True,
+) -> tuple[list[dict], Preset]:
+    """The sweep rows (empty without ``sweep``) and the suggested preset."""
+    if not sweep:
+        return [], _unswept(layers, base, resolved, model)
+    rows, plain, sweep_resolved = _sweep(model, processor, base, items, layers, batch_size, max_harm, progress)
+    return rows, _suggest(rows, plain, base, sweep_resolved, model, str(data), len(items))
