@@ -1,6 +1,7 @@
-"""The shipped organism reproduces the README's numbers on the shipped examples (deterministic, greedy).
+"""The shipped organisms reproduce the README's numbers on the shipped examples (deterministic, greedy).
 
-docs/organism-report.json is written by scripts/organism_report.py; the README's organism tables come from it.
+docs/organism-report.json (digits) and docs/smol-whisper-report.json are written by scripts/organism_report.py;
+the README's organism tables come from them.
 """
 
 from __future__ import annotations
@@ -15,19 +16,26 @@ from backpatch import Preset, organism
 from backpatch.evaluate import evaluate
 from backpatch.loading import load_model_and_processor
 
-REPORT = json.loads((Path(__file__).resolve().parent.parent / "docs" / "organism-report.json").read_text())
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+REPORTS = {"digits": json.loads((DOCS / "organism-report.json").read_text()),
+           "smol-whisper": json.loads((DOCS / "smol-whisper-report.json").read_text())}
 COUNTS = ("followed_text", "followed_audio", "other", "n_conflict", "n_consistent", "n_audio_only")
+CASES = [(organism_name, name) for organism_name, report in REPORTS.items()
+         for name in sorted(report["configurations"])]
 
 
 @pytest.fixture(scope="module")
-def organism_model():
-    return load_model_and_processor()
+def organism_models():
+    return {}
 
 
-@pytest.mark.parametrize("name", sorted(REPORT["configurations"]))
-def test_shipped_weights_reproduce_the_examples_metrics(organism_model, name):
-    model, processor = organism_model
-    stored = REPORT["configurations"][name]
+@pytest.mark.parametrize(("organism_name", "name"), CASES)
+def test_shipped_weights_reproduce_the_examples_metrics(organism_models, organism_name, name):
+    if organism_name not in organism_models:
+        organism_models.clear()  # one model in memory at a time
+        organism_models[organism_name] = load_model_and_processor(f"organism:{organism_name}")
+    model, processor = organism_models[organism_name]
+    stored = REPORTS[organism_name]["configurations"][name]
     wrapped = backpatch.wrap(model, Preset.from_dict(stored["preset"]), processor=processor)
     report = evaluate(wrapped, processor, organism.examples_path(), batch_size=50, max_new_tokens=4,
                       progress=False)

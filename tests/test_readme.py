@@ -1,0 +1,36 @@
+"""The README's Python blocks that claim to run (marked ``<!-- runs in tests/test_readme.py -->``) run as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MARK = "<!-- runs in tests/test_readme.py -->"
+BLOCKS = re.findall(re.escape(MARK) + r"\s*```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+
+
+def test_the_readme_marks_its_runnable_blocks():
+    assert BLOCKS, f"no block in README.md is marked {MARK!r}"
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_readme_block_runs_as_written(index, capsys):
+    scope: dict = {"__name__": "__readme__"}
+    exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), scope)
+    if "print(" in BLOCKS[index]:
+        assert capsys.readouterr().out.strip()
+
+
+def test_quickstart_answers_are_what_the_text_says():
+    """The Quickstart's clip says "seven"; the plain model follows the misleading prompt or the audio, and the
+    back-patched answer is a digit word (the README claims no more than that)."""
+    scope: dict = {"__name__": "__readme__"}
+    exec(compile(BLOCKS[0], "README.md quickstart", "exec"), scope)
+    n = scope["n"]
+    plain = scope["decode_new_tokens"](scope["processor"], scope["base"], n)[0]
+    patched = scope["decode_new_tokens"](scope["processor"], scope["out"], n)[0]
+    assert plain in ("seven", "three") and patched in scope["backpatch"].organism.DIGITS
+    assert scope["backpatch"].backpatch_hook_count(scope["model"]) == 0
