@@ -9,7 +9,7 @@ the layer path (``model.layers``) and the audio span (``audio_span``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -38,32 +38,46 @@ class Architecture:
     audio_token_config_paths: tuple[str, ...] = DEFAULT_AUDIO_TOKEN_CONFIG_PATHS
     #: generate()/forward keyword(s) holding the audio features (replaced by null audio in contrastive decoding)
     audio_feature_keys: tuple[str, ...] = DEFAULT_AUDIO_FEATURE_KEYS
+    #: the prefill may compute layers 0..t_min once for the capture and the patched pass (DESIGN section 1, the
+    #: engine's short path): the decoder loop gives every layer the same arguments but the hidden states (the
+    #: attention mask may differ per ``config.layer_types`` entry; the engine checks those) and nothing happens
+    #: between two layers. False keeps the two-pass path: per-layer inputs or KV shared across layers (Gemma 3n,
+    #: Gemma 4), and every family nobody has checked (the generic fallback)
+    short_path: bool = False
+    #: text-model keywords that feed single layers inside the loop (Qwen3-Omni's deepstack visual embeddings): a
+    #: call that passes one of them takes the two-pass path
+    per_layer_inputs: tuple[str, ...] = ()
 
 
-_LM = Architecture(layers="model.language_model.layers")
+_LM = Architecture(layers="model.language_model.layers", short_path=True)
+_LM_PER_LAYER = Architecture(layers="model.language_model.layers")  # per-layer inputs, shared KV: two passes
 _OMNI_FULL = Architecture(
     layers="thinker.model.language_model.layers",
     generator="thinker",  # the full Omni classes have no forward; text generation belongs to the thinker
     audio_token_config_paths=("thinker_config.audio_token_index", "thinker_config.audio_token_id"),
+    short_path=True,
 )
+_DEEPSTACK = ("deepstack_visual_embeds",)
 
 #: model_type -> facts. Families read from the transformers 5.x sources and tested with tiny configs.
 ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_audio": _LM,
     "qwen2_5_omni_thinker": _LM,
     "qwen2_5_omni": _OMNI_FULL,
-    "qwen3_omni_moe_thinker": _LM,
-    "qwen3_omni_moe": _OMNI_FULL,
+    "qwen3_omni_moe_thinker": replace(_LM, per_layer_inputs=_DEEPSTACK),
+    "qwen3_omni_moe": replace(_OMNI_FULL, per_layer_inputs=_DEEPSTACK),
     "voxtral": _LM,
     "audioflamingo3": _LM,
     "musicflamingo": _LM,
     "granite_speech": _LM,
     "granite_speech_plus": _LM,
     "phi4_multimodal": Architecture(layers="model.layers", audio_token_config_paths=("audio_config.audio_token_id",),
-                                    audio_feature_keys=("audio_input_features",)),
+                                    audio_feature_keys=("audio_input_features",), short_path=True),
     "glmasr": _LM,
-    "gemma3n": _LM,  # decoder layers output AltUp states [K, B, T, H]; every stream is patched
-    "gemma4": _LM,
+    # decoder layers output AltUp states [K, B, T, H] (every stream is patched); per-layer inputs, shared KV
+    "gemma3n": _LM_PER_LAYER,
+    "gemma4": _LM_PER_LAYER,  # per-layer inputs, sliding and full layers, shared KV
+
     "qwen3_asr": _LM,
     "fun_asr_nano": _LM,
 }
@@ -98,6 +112,9 @@ class Resolved:
     audio_token_id: int
     patches: tuple[ResolvedPatch, ...]
     audio_feature_keys: tuple[str, ...] = DEFAULT_AUDIO_FEATURE_KEYS
+    #: see :attr:`Architecture.short_path` (False when a preset moves ``model.layers`` off the table's path)
+    short_path: bool = False
+    per_layer_inputs: tuple[str, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -106,6 +123,10 @@ class Resolved:
     @property
     def deepest_source(self) -> int:
         return max((p.source for p in self.patches), default=-1)
+
+    @property
+    def earliest_target(self) -> int:
+        return min((p.target for p in self.patches), default=-1)
 
 
 def _find_decoder_layers(model: nn.Module) -> str:
@@ -226,4 +247,6 @@ def resolve(model: nn.Module, preset: Preset, processor: Any = None) -> Resolved
         audio_token_id=_resolve_audio_token_id(model, preset, arch, processor),
         patches=patches,
         audio_feature_keys=arch.audio_feature_keys if arch is not None else DEFAULT_AUDIO_FEATURE_KEYS,
+        short_path=arch is not None and arch.short_path and layers_path == arch.layers,
+        per_layer_inputs=arch.per_layer_inputs if arch is not None else (),
     )

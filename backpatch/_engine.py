@@ -1,19 +1,31 @@
 """The back-patching engine: prefill-only hooks that capture late states and route them into early layers.
 
 One :class:`PatchSession` serves one forward pass of the text-generating module: the prefill of a
-``generate()`` call, or one plain forward call. It works with three hooks and removes every one of them the
-moment the prefill is over, so decode steps run on an unhooked model:
+``generate()`` call, or one plain forward call. Its hooks are removed the moment the prefill is over, so decode
+steps run on an unhooked model. A pre-hook on the generating module reads ``input_ids`` of the prefill and
+computes the position masks (after ``generate`` has expanded the batch for beams or ``num_return_sequences``);
+a pre-hook on the text model (the parent of the decoder ``ModuleList``) then arms one of two paths, and a
+forward hook on the text model removes everything when the prefill returns.
 
-1. a pre-hook on the generating module reads ``input_ids`` of the prefill and computes the position masks
-   (after ``generate`` has expanded the batch for beams or ``num_return_sequences``);
-2. a pre-hook on the text model (the parent of the decoder ``ModuleList``) receives the input embeddings,
-   with the audio features already merged, and runs the **capture pass**: the same text model, unpatched,
-   without a KV cache, stopped by an exception right after the deepest source layer. Re-entering at the
-   text model (not the top model) is what keeps the audio encoder to one run per ``generate()`` call.
-   Where the text model merges the audio itself (it gets ``input_ids``, as in Phi-4-multimodal), the
-   capture waits for the merged embeddings at the first decoder layer's input and re-enters from there;
-3. forward hooks on the target layers apply the patches during the real prefill, and a forward hook on the
-   text model removes everything when the prefill returns.
+**Short path** (the physical limit, DESIGN section 1: the capture pass and the patched prefill agree up to the
+output of the earliest target layer ``t_min``). Layers ``0..t_min`` run once, in the real prefill, and fill
+the KV cache that decoding uses. A forward hook on ``L[t_min]`` takes its output and runs the **capture** of
+layers ``t_min+1 .. s_max`` itself, calling those layers directly with the arguments the model gave
+``L[t_min]`` (recorded by a pre-hook) but without a KV cache; then it patches the ``t_min`` output and hands it
+back, and the model continues the prefill from the patched state (later targets have their own hooks).
+Decoder-layer calls: plain + ``(s_max - t_min)``. It needs a loop that gives every layer the same arguments
+(:attr:`~backpatch._architectures.Architecture.short_path`, checked per call against ``config.layer_types``
+and per-layer inputs).
+
+**Two-pass path** (every other family or call). The text-model pre-hook receives the input embeddings, with
+the audio features already merged, and runs the capture pass: the same text model, unpatched, without a KV
+cache, stopped by an exception right after the deepest source layer; forward hooks on the target layers then
+patch the real prefill. Decoder-layer calls: plain + ``(s_max + 1)``. Where the text model merges the audio
+itself (it gets ``input_ids``, as in Phi-4-multimodal), the capture waits for the merged embeddings at the
+first decoder layer's input and re-enters from there.
+
+On both paths the audio encoder runs once per call: the capture starts from the text model's input or from a
+layer's output, never from the top model.
 
 Module hooks are global to the module, so every hook is owned by one call (:class:`CallHooks`): it acts only
 while that call is the current one of the running thread, and passes through untouched for any other call, be it
@@ -49,6 +61,8 @@ __all__ = [
 
 # Keyword names a text model may receive its KV cache under (transformers 5.x renamed past_key_values to cache).
 _CACHE_KWARGS = ("cache", "past_key_values")
+# ... and a decoder layer (older layers took it singular).
+_LAYER_CACHE_KWARGS = (*_CACHE_KWARGS, "past_key_value")
 
 
 class BackpatchRuntimeError(RuntimeError):
@@ -181,6 +195,22 @@ def _combine(current: torch.Tensor, captured: torch.Tensor, patch: ResolvedPatch
     return (1.0 - patch.scale) * current + patch.scale * captured  # interpolate
 
 
+@contextmanager
+def _outputs_not_recorded() -> Iterator[None]:
+    """Keep transformers' output recorders (``output_hidden_states``/``output_attentions``) out of the layer
+    calls of a short-path capture: they belong to no forward pass the user asked for."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - transformers without context-variable output capture
+        yield
+        return
+    token = _active_collector.set(None)
+    try:
+        yield
+    finally:
+        _active_collector.reset(token)
+
+
 def _cache_length(kwargs: dict[str, Any]) -> int:
     for key in _CACHE_KWARGS:
         cache = kwargs.get(key)
@@ -217,8 +247,12 @@ class PatchSession:
         self._masks: dict[str, torch.Tensor] | None = None
         self._captured: dict[int, torch.Tensor] = {}
         self._capturing = False
+        #: short path: the (args, kwargs) the model gave layer t_min in this prefill
+        self._fork_call: tuple[tuple, dict] | None = None
         #: how many prefills this session patched (0 or 1); a deterministic handle for tests and benchmarks
         self.patched_prefills = 0
+        #: which path the patched prefill took: "short", "two-pass", "precaptured" (None: nothing patched yet)
+        self.path: str | None = None
 
     # ------------------------------------------------------------------------------------------ install
     def install(self) -> None:
@@ -233,6 +267,7 @@ class PatchSession:
             (self._patch_handles or self._handles).pop().remove()
         self._captured = {}
         self._masks = None
+        self._fork_call = None
 
     # --------------------------------------------------------------------------------------------- hooks
     def _on_generator_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -265,6 +300,9 @@ class PatchSession:
             return
         if not any(bool(m.any()) for m in self._masks.values()):
             self.remove()  # no row has audio: nothing to patch, leave the whole call untouched
+            return
+        if self._precaptured is None and self._short_path_fits(module, kwargs):
+            self._arm_short_path()
             return
         if kwargs.get("inputs_embeds") is not None:
             self._check_length(kwargs["inputs_embeds"])
@@ -306,8 +344,10 @@ class PatchSession:
         if self._precaptured is not None:
             patches = self.resolved.patches
             self._captured = {i: self._precaptured[(p.source, p.positions)] for i, p in enumerate(patches)}
+            self.path = "precaptured"
         else:
             self._capture(module, args, kwargs)
+            self.path = "two-pass"
         for target in sorted({p.target for p in self.resolved.patches}):
             hook = self._make_patch_hook(target)
             self._patch_handles.append(self._hooks.forward_hook(self.resolved.layers[target], hook))
@@ -315,8 +355,83 @@ class PatchSession:
     def _on_text_model_done(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self._capturing or self._masks is None:
             return
+        complete = len(self._captured) == len(self.resolved.patches)
         self.patched_prefills += 1
         self.remove()
+        if not complete:
+            raise BackpatchRuntimeError(
+                f"the prefill of {type(module).__name__} never gave layer {self.resolved.earliest_target} of "
+                f"{self.resolved.layers_path} its output, so nothing was captured; does its forward run every "
+                "layer in that ModuleList?"
+            )
+
+    # ---------------------------------------------------------------------------------------- short path
+    def _short_path_fits(self, module: nn.Module, kwargs: dict) -> bool:
+        """Whether this prefill can share layers 0..t_min between capture and patched pass (module docstring)."""
+        resolved = self.resolved
+        if not resolved.short_path or any(kwargs.get(key) is not None for key in resolved.per_layer_inputs):
+            return False
+        first, last = resolved.earliest_target, resolved.deepest_source
+        # The layers after t_min get the arguments of L[t_min]: right only where they share its attention type.
+        layer_types = getattr(getattr(module, "config", None), "layer_types", None)
+        if layer_types is not None and len(set(layer_types[first : last + 1])) > 1:
+            return False
+        # Contrastive decoding: the short path captures both streams (the batch axis of every layer argument is
+        # not known here), so it pays off only when 2 (s - t) layer-rows are fewer than the s + 1 it saves.
+        return not self._doubled or 2 * (last - first) <= last + 1
+
+    def _arm_short_path(self) -> None:
+        resolved, hooks = self.resolved, self._hooks
+        fork = resolved.earliest_target
+        self.path = "short"
+        layer = resolved.layers[fork]
+        self._patch_handles.append(hooks.forward_pre_hook(layer, self._on_fork_input, with_kwargs=True))
+        self._patch_handles.append(hooks.forward_hook(layer, self._on_fork_output))
+        for target in sorted({p.target for p in resolved.patches} - {fork}):
+            self._patch_handles.append(hooks.forward_hook(resolved.layers[target], self._make_patch_hook(target)))
+
+    def _on_fork_input(self, _layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+            raise BackpatchRuntimeError(
+                f"layer {self.resolved.earliest_target} of {self.resolved.layers_path} does not receive [batch, "
+                "tokens, hidden] states first; this architecture needs short_path=False in backpatch._architectures"
+            )
+        self._check_length(hidden)
+        self._fork_call = (args, kwargs)
+
+    def _on_fork_output(self, _layer: nn.Module, _args: tuple, output: Any) -> Any:
+        if self._fork_call is None:  # pragma: no cover - the pre-hook runs first on every call
+            return None
+        self._captured = self._capture_after_fork(_hidden(output))
+        self._fork_call = None
+        return self._patched(self.resolved.earliest_target, output)
+
+    def _capture_after_fork(self, hidden: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Run layers t_min+1 .. s_max unpatched from the output of layer t_min, without a KV cache, and keep
+        only the patched positions of every source layer."""
+        resolved, masks = self.resolved, self._masks
+        args, kwargs = self._fork_call
+        kwargs = {key: None if key in _LAYER_CACHE_KWARGS else value for key, value in kwargs.items()}
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        captured: dict[int, torch.Tensor] = {}
+        self._capturing = True  # the patch hooks of later targets stay out of the capture
+        try:
+            with torch.no_grad(), _outputs_not_recorded():
+                for index in range(resolved.earliest_target + 1, resolved.deepest_source + 1):
+                    layer = resolved.layers[index]
+                    if args:
+                        output = layer(hidden, *args[1:], **kwargs)
+                    else:
+                        output = layer(**{**kwargs, "hidden_states": hidden})
+                    hidden = _hidden(output)
+                    for i, patch in enumerate(resolved.patches):
+                        if patch.source == index:
+                            captured[i] = _select(hidden, masks[patch.positions].to(hidden.device))
+        finally:
+            self._capturing = False
+        return captured
 
     # ------------------------------------------------------------------------------------------- capture
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -370,21 +485,25 @@ class PatchSession:
             )
 
     def _make_patch_hook(self, target: int):
-        resolved = self.resolved
-        masks, captured = self._masks, self._captured
-        items = [(i, p) for i, p in enumerate(resolved.patches) if p.target == target]
-
         def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
-            hidden = _hidden(output)
-            patched = hidden.clone()
-            for index, patch in items:
-                mask = masks[patch.positions].to(hidden.device)
-                states = captured[index].to(device=hidden.device, dtype=hidden.dtype)
-                at = _at(patched, mask)
-                patched[at] = _combine(patched[at], states, patch)
-            return _with_hidden(output, patched)
+            if self._capturing or self._masks is None:
+                return None
+            return self._patched(target, output)
 
         return hook
+
+    def _patched(self, target: int, output: Any) -> Any:
+        """``output`` of layer ``target`` with every patch aimed at it applied (DESIGN section 1, step 2)."""
+        hidden = _hidden(output)
+        patched = hidden.clone()
+        for index, patch in enumerate(self.resolved.patches):
+            if patch.target != target:
+                continue
+            mask = self._masks[patch.positions].to(hidden.device)
+            states = self._captured[index].to(device=hidden.device, dtype=hidden.dtype)
+            at = _at(patched, mask)
+            patched[at] = _combine(patched[at], states, patch)
+        return _with_hidden(output, patched)
 
 
 # ------------------------------------------------------------------------------------------------ locking

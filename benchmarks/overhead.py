@@ -1,12 +1,16 @@
 """Overhead of back-patched generate() against plain generate(), measured side by side in one process.
 
-For each model it prints:
+For each model and patch it runs three things: plain ``generate()``, the engine's two-pass path ("before":
+capture pass over layers 0..s, then the whole patched prefill) and its short path ("after": layers 0..t run
+once, shared by capture and patched prefill; DESIGN section 1). It prints:
 - deterministic counts per generate() call, from hooks of this script's own: audio-encoder calls and
-  decoder-layer calls (plain vs back-patched; the engine promises encoder 1 and layers plain + s + 1);
-- wall time, median of --runs runs after --warmup, plain and back-patched runs interleaved so that machine
-  noise hits both alike, and the ratio;
-- the ratio the design predicts, 1 + (s + 1) / N * prefill share, where the prefill share is the median time
-  of the prefill forward over the median time of a whole plain generate().
+  decoder-layer calls (the engine promises encoder 1 on both paths, layers plain + s + 1 before and
+  plain + (s - t) after);
+- wall time, median and minimum of --runs runs after --warmup, all variants interleaved so that machine noise
+  hits them alike, and the ratios to plain (on a shared machine the minimum is the steadier estimate);
+- the ratios the design predicts, 1 + (s + 1) / N x prefill share before and 1 + (s - t) / N x prefill share
+  after, where the prefill share is the median time of the prefill forward over the median time of a whole
+  plain generate().
 
 Usage: python benchmarks/overhead.py [--runs 7] [--threads 2] [--models tiny,mid]
 """
@@ -14,6 +18,7 @@ Usage: python benchmarks/overhead.py [--runs 7] [--threads 2] [--models tiny,mid
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import statistics
 import time
@@ -30,6 +35,8 @@ MODELS = {
     # about 12 decoder layers, hidden 512, 750 audio tokens (30 s of audio), as the core issue asks
     "mid": dict(layers=12, hidden=512, heads=8, kv=4, ffn=1536, enc_d=256, enc_layers=2, frames=3000, text=40),
 }
+#: (source, target) patches per model: the bundled presets' default rule (3N/4 -> N/4), and a short hop
+PATCHES = {"tiny": [(4, 2)], "mid": [(9, 3), (9, 8)]}
 AUDIO_TOKEN, PAD = 3, 0
 
 
@@ -94,53 +101,67 @@ def timed(fn, runs: int, warmup: int) -> list[float]:
     return times
 
 
+def two_pass(wrapped: backpatch.BackpatchedModel) -> backpatch.BackpatchedModel:
+    """The same wrapper on the engine's two-pass path (what every generate() ran before the short path)."""
+    wrapped._resolved = dataclasses.replace(wrapped.resolved, short_path=False)
+    return wrapped
+
+
 def bench(name: str, runs: int, warmup: int, new_tokens: int) -> None:
     spec = MODELS[name]
     model, inputs = build(spec)
     n = spec["layers"]
-    source, target = round(3 * n / 4), round(n / 4)  # the bundled presets' default rule
-    wrapped = backpatch.wrap(model, Preset(patches=[Patch(source=source, target=target)]))
     kwargs = dict(max_new_tokens=new_tokens, do_sample=False)
+    variants = {}  # (source, target, "before" | "after") -> wrapper
+    for source, target in PATCHES[name]:
+        preset = Preset(patches=[Patch(source=source, target=target)])
+        variants[(source, target, "before")] = two_pass(backpatch.wrap(model, preset))
+        variants[(source, target, "after")] = backpatch.wrap(model, preset)
 
     with torch.no_grad():
         counter = Counter(model)
         model.generate(**inputs, **kwargs)
         plain_counts = counter.take()
-        wrapped.generate(**inputs, **kwargs)
-        patched_counts = counter.take()
+        counts, paths = {}, {}
+        for key, wrapped in variants.items():
+            wrapped.generate(**inputs, **kwargs)
+            counts[key], paths[key] = counter.take(), wrapped.last_session.path
         counter.close()
 
-        def plain():
-            model.generate(**inputs, **kwargs)
-
-        def patched():
-            wrapped.generate(**inputs, **kwargs)
-
-        def prefill():
-            model(**inputs, use_cache=True)
-
-        for fn in (plain, patched, prefill):
+        fns = {"plain": lambda: model.generate(**inputs, **kwargs),
+               "prefill": lambda: model(**inputs, use_cache=True)}
+        for key, wrapped in variants.items():
+            fns[key] = lambda wrapped=wrapped: wrapped.generate(**inputs, **kwargs)
+        for fn in fns.values():
             timed(fn, 0, warmup)
-        plain_t, patched_t, prefill_t = [], [], []
-        for _ in range(runs):  # interleave so that noise hits all three alike
-            plain_t += timed(plain, 1, 0)
-            patched_t += timed(patched, 1, 0)
-            prefill_t += timed(prefill, 1, 0)
+        times: dict = {key: [] for key in fns}
+        for _ in range(runs):  # interleave so that noise hits every variant alike
+            for key, fn in fns.items():
+                times[key] += timed(fn, 1, 0)
 
     med = statistics.median
-    ratio = med(patched_t) / med(plain_t)
-    share = med(prefill_t) / med(plain_t)
-    predicted = 1 + (source + 1) / n * share
+    plain_t, plain_min = med(times["plain"]), min(times["plain"])
+    share = med(times["prefill"]) / plain_t
+    share_min = min(times["prefill"]) / plain_min
     n_audio = int((inputs["input_ids"] == AUDIO_TOKEN).sum())
     print(f"\n## {name}: {n} decoder layers, hidden {spec['hidden']}, {n_audio} audio tokens, "
-          f"{inputs['input_ids'].shape[1]} prompt tokens, {new_tokens} new tokens; patch {source}->{target}")
-    print(f"counts per generate(): audio encoder plain {plain_counts[0]}, back-patched {patched_counts[0]}; "
-          f"decoder-layer calls plain {plain_counts[1]}, back-patched {patched_counts[1]} "
-          f"(= plain + {patched_counts[1] - plain_counts[1]}; bound plain + s + 1 = plain + {source + 1})")
-    print(f"time (median of {runs}, warm-up {warmup}): plain {med(plain_t) * 1e3:.1f} ms, back-patched "
-          f"{med(patched_t) * 1e3:.1f} ms, prefill forward {med(prefill_t) * 1e3:.1f} ms")
-    print(f"ratio back-patched / plain: {ratio:.3f}; predicted 1 + (s+1)/N x prefill share "
-          f"= 1 + {source + 1}/{n} x {share:.3f} = {predicted:.3f}; measured/predicted = {ratio / predicted:.3f}")
+          f"{inputs['input_ids'].shape[1]} prompt tokens, {new_tokens} new tokens")
+    print(f"time (median / min of {runs}, warm-up {warmup}): plain {plain_t * 1e3:.1f} / {plain_min * 1e3:.1f} ms, "
+          f"prefill forward {med(times['prefill']) * 1e3:.1f} / {min(times['prefill']) * 1e3:.1f} ms (prefill share "
+          f"{share:.3f} / {share_min:.3f}); audio encoder calls plain {plain_counts[0]}; decoder-layer calls plain "
+          f"{plain_counts[1]}")
+    print("ratios and predictions by median, then by min (min is the steadier one on a shared machine)")
+    print("| patch | path | encoder calls | layer calls | extra (bound) | time ms | ratio | predicted | "
+          "measured/predicted | ratio (min) | predicted (min) | measured/predicted (min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (source, target, when), (encoder, layers) in counts.items():
+        extra = source + 1 if when == "before" else source - target
+        predicted, predicted_min = 1 + extra / n * share, 1 + extra / n * share_min
+        t, t_min = med(times[(source, target, when)]), min(times[(source, target, when)])
+        print(f"| {source} -> {target} | {when} ({paths[(source, target, when)]}) | {encoder} | {layers} | "
+              f"+{layers - plain_counts[1]} (+{extra}) | {t * 1e3:.1f} | {t / plain_t:.3f} | {predicted:.3f} | "
+              f"{t / plain_t / predicted:.3f} | {t_min / plain_min:.3f} | {predicted_min:.3f} | "
+              f"{t_min / plain_min / predicted_min:.3f} |")
 
 
 def main() -> None:
