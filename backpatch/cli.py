@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_truncate_arg(p)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("demo", help="Gradio side-by-side demo, plain vs back-patched (default: the shipped organism)")
+    p = sub.add_parser("demo", help="Gradio side-by-side demo, plain vs back-patched (default: organism:smol-whisper)")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=port_number, default=7860, help="port to serve on (default: 7860)")

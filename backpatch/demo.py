@@ -6,7 +6,7 @@ the model at once. It is also the API endpoint ``/compare``: the first two input
 prompt, the first two outputs the plain and the patched answer texts (``gradio_client`` can call it).
 
 Everything model-related lives in :class:`Demo`, which the tests drive without a browser; :func:`build_app` lays
-the Gradio Blocks over it and :func:`launch` loads the model (default: the shipped organism with its preset).
+the Gradio Blocks over it and :func:`launch` loads the model (default: smol-whisper with its preset).
 Gradio is an optional dependency (the ``demo`` extra); it is imported only here.
 """
 
@@ -32,6 +32,7 @@ from .audio_io import AudioFileError, exceeds_window, read_audio, resample, too_
 from .bundled import list_presets, load_preset
 from .evaluate import ConflictItem, judge, load_conflict_set, normalize
 from .inputs import audio_window_seconds, build_inputs, decode_new_tokens, sampling_rate_of
+from .loading import display_name
 from .preset import MODES, POSITIONS, Calibration, Contrastive, Patch, Preset, PresetError
 from .wrapper import BackpatchedModel, wrap
 
@@ -616,7 +617,7 @@ def launch(model: str | None = None, preset: str | Path | Preset | None = None, 
     check_port(host, port)
     hf_model, processor = load_model_and_processor(model, dtype, device_map, trust_remote_code)
     # preset None: wrap() picks the bundled preset matching the model (an organism's matches its config)
-    app = build_app(hf_model, processor, preset, model_name=model or "organism (shipped)")
+    app = build_app(hf_model, processor, preset, model_name=display_name(model))
     options: dict[str, Any] = {"server_name": host, "server_port": port, "ssr_mode": False, "mcp_server": False,
                                "share": False, "footer_links": ["api"]}
     options.update(launch_kwargs)

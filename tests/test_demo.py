@@ -159,7 +159,7 @@ def _tone(seconds: float, rate: int = 16000) -> np.ndarray:
         ("too_long", "accepts at most 2 s of audio"),
         ("missing", "Choose an audio clip first"),
         ("empty_prompt", "The prompt is empty"),
-        ("preset_does_not_fit", "The preset does not fit this model (12 decoder layers)"),
+        ("preset_does_not_fit", "The preset does not fit this model (30 decoder layers)"),  # smol-whisper
         ("bad_control", "must be a whole number"),
         ("nothing_on", "Nothing to compare"),
     ],
