@@ -29,7 +29,7 @@ import torch
 
 from . import organism
 from .audio_io import AudioFileError, exceeds_window, read_audio, resample, too_long_message
-from .bundled import list_presets, load_preset
+from .bundled import list_presets, load_preset, uncalibrated_patch
 from .evaluate import ConflictItem, judge, load_conflict_set, normalize
 from .inputs import audio_window_seconds, build_inputs, decode_new_tokens, sampling_rate_of
 from .loading import display_name
@@ -189,7 +189,7 @@ class Demo:
     def controls(self, preset: Preset) -> dict[str, Any]:
         """UI control values for ``preset``: its first patch (or the one-rule default when it has none)."""
         n = self.num_layers
-        first = preset.patches[0] if preset.patches else Patch(source=round(3 * n / 4), target=round(n / 4))
+        first = preset.patches[0] if preset.patches else uncalibrated_patch(n)
         alpha = preset.contrastive.alpha if preset.contrastive is not None else 0.0
         return {"source": first.source, "target": first.target, "scale": first.scale, "mode": first.mode,
                 "positions": first.positions, "alpha": alpha, "patch_on": bool(preset.patches)}
@@ -224,8 +224,10 @@ class Demo:
             if positions not in POSITIONS:
                 raise _fail(f"Positions {positions!r} is not one of: {', '.join(POSITIONS)}.")
             try:
+                # the controls have no norm-matching switch: keep the base preset's choice for its first patch
+                match_norm = bool(base.patches) and base.patches[0].match_norm
                 first = Patch(source=integer(source, "source"), target=integer(target, "target"),
-                              scale=number(scale, "scale"), mode=mode, positions=positions)
+                              scale=number(scale, "scale"), mode=mode, positions=positions, match_norm=match_norm)
             except PresetError as exc:
                 raise _fail(f"These controls do not make a valid patch: {exc}") from None
             patches = [first, *patches[1:]]

@@ -3,7 +3,10 @@
 Uncalibrated presets for real models all follow the same documented rule (README, "Bundled presets"), so
 that none of them pretends to be tuned: for a text decoder of N layers,
 
-    source = round(3N/4), target = round(N/4), mode add, scale 1.0, positions audio.
+    source = round(0.9 N), target = round(N / 2), mode add, scale 0.05, positions audio
+
+(``backpatch.bundled.uncalibrated_patch``; derived from both organisms' calibrations and measured to do no harm
+on both test splits by scripts/uncalibrated_rule.py).
 
 The facts (layer counts, audio token) come from each checkpoint's config as recorded in `SOURCE`; numbers we
 could not check against the checkpoint's own config.json are marked "unverified" in the description, and
@@ -16,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from backpatch import AudioSpan, Calibration, Match, ModelFacts, Patch, Preset
+from backpatch.bundled import uncalibrated_patch
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -103,17 +107,17 @@ CHECKPOINTS: dict[str, tuple[str, str, str, str, int, AudioSpan, str]] = {
 
 def default_patch(num_layers: int) -> Patch:
     """The one rule for uncalibrated presets (see module docstring)."""
-    return Patch(source=round(3 * num_layers / 4), target=round(num_layers / 4), scale=1.0, mode="add",
-                 positions="audio")
+    return uncalibrated_patch(num_layers)
 
 
 def build(name: str) -> Preset:
     title, model_type, glob, layers, num_layers, span, source = CHECKPOINTS[name]
     patch = default_patch(num_layers)
     description = (
-        f"{title}. {num_layers} decoder layers: {source}. Uncalibrated: layers from the default rule "
-        f"(source round(3N/4) = {patch.source}, target round(N/4) = {patch.target}, add, scale 1.0, audio "
-        "positions); calibrate on your own conflict set before relying on it."
+        f"{title}. {num_layers} decoder layers: {source}. Uncalibrated: the gentle default rule (source "
+        f"round(0.9N) = {patch.source}, target round(N/2) = {patch.target}, add, scale {patch.scale:g}, audio "
+        "positions), measured to do no harm on the project's two model organisms but not tuned for this model; "
+        "calibrate on your own conflict set (`backpatch calibrate`) before relying on it."
     )
     return Preset(
         name=name, description=description, match=Match(model_type=model_type, name_or_path=glob),

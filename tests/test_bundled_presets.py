@@ -48,7 +48,7 @@ def test_uncalibrated_presets_follow_the_one_rule(name):
     n = preset.model.num_layers
     assert preset.calibration.status == "uncalibrated"
     assert [(p.source, p.target, p.mode, p.scale, p.positions) for p in preset.patches] == [
-        (round(3 * n / 4), round(n / 4), "add", 1.0, "audio")
+        (round(0.9 * n), round(n / 2), "add", 0.05, "audio")
     ]
     assert f"{n} decoder layers" in preset.description and "Uncalibrated" in preset.description
 
@@ -77,3 +77,57 @@ def test_every_family_with_a_checkpoint_preset_resolves_on_a_tiny_model_of_the_r
         resolved = resolve(fam.model, preset)
         assert resolved.layers is fam.layers
         assert int((fam.batch["input_ids"] == resolved.audio_token_id).sum()) > 0
+
+
+def test_the_rule_was_measured_to_do_no_harm_on_both_organisms_test_splits():
+    """docs/uncalibrated-rule.json (scripts/uncalibrated_rule.py) measured exactly today's rule: change the rule
+    and this fails until it is measured again."""
+    import json
+
+    from backpatch.bundled import UNCALIBRATED_RULE, uncalibrated_patch
+
+    report = json.loads((REPO / "docs" / "uncalibrated-rule.json").read_text())
+    assert report["rule"] == UNCALIBRATED_RULE
+    assert {"smol-whisper", "digits"} <= set(report["organisms"])
+    for name, entry in report["organisms"].items():
+        patch = uncalibrated_patch(entry["num_layers"])
+        assert entry["patch"] == backpatch.Preset(patches=[patch]).to_dict()["patches"][0], name
+        # both organisms on both splits; any further model (a fresh projector) on the test split at least
+        splits = ("validation", "test") if name in ("smol-whisper", "digits") else ("test",)
+        assert set(splits) <= set(entry["splits"]), name
+        for split in entry["splits"]:
+            result = entry["splits"][split]
+            assert f"/{split}/" in result["data"], (name, split, result["data"])
+            for key in ("audio_only_acc", "consistent_acc"):
+                assert result["plain"][key] - result["backpatched"][key] <= report["max_harm"] == 0.02, (name, split)
+            assert result["backpatched"]["tdr"] <= result["plain"]["tdr"] + 0.02, (name, split)
+
+
+@pytest.mark.parametrize("n", [2, 3, 12, 30, 48])
+def test_the_rule_gives_a_valid_late_to_early_patch_at_every_depth(n):
+    from backpatch.bundled import uncalibrated_patch
+
+    patch = uncalibrated_patch(n)
+    assert 0 <= patch.target < patch.source <= n - 1
+    assert (patch.scale, patch.mode, patch.positions) == (0.05, "add", "audio")
+
+
+def test_the_rule_refuses_a_one_layer_decoder_naming_the_count():
+    from backpatch.bundled import uncalibrated_patch
+
+    with pytest.raises(ValueError, match="at least 2 layers.*has 1"):
+        uncalibrated_patch(1)
+
+
+def test_diagnose_suggestion_sweep_tries_the_gentle_rule_and_the_early_targets():
+    from backpatch.bundled import uncalibrated_patch
+    from backpatch.diagnose.suggest import _sweep_settings
+
+    layers = [{"layer": i, "probe_audio_conflict": 0.5 + 0.01 * i} for i in range(30)]
+    settings = _sweep_settings(layers, 30)
+    labels = [s.label() for s in settings]
+    assert len(labels) == len(set(labels))
+    assert all(0 <= s.target < s.source < 30 for s in settings)
+    rule = uncalibrated_patch(30)
+    assert any((s.source, s.target, s.scale, s.mode) == (rule.source, rule.target, 0.05, "add") for s in settings)
+    assert "29->0 replace x1 @last" in labels  # the digits organism's kind stays in

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._architectures import Resolved
+from ..bundled import uncalibrated_patch
 from ..calibrate.grid import Candidate, Setting
 from ..calibrate.search import passes_no_harm
 from ..calibrate.sweep import Scorer, _prepare
@@ -24,22 +25,37 @@ from ..evaluate import ConflictItem, judge, metrics
 from ..preset import AudioSpan, Calibration, Match, ModelFacts, Patch, Preset
 from ..wrapper import wrap
 
-#: (mode, scale, positions) tried for every (source, target) in the suggestion sweep: the organism's best
-#: no-harm setting (last-token replace), a gentler add at the last token, and classic audio-span add
-SWEEP_COMBOS = (("replace", 1.0, "last"), ("add", 1.0, "last"), ("add", 1.0, "audio"))
+#: (mode, scale, positions) tried from the latest well-probed source into the early targets: the digits
+#: organism's best no-harm setting (last-token replace), a gentler add at the last token, classic audio-span add
+EARLY_COMBOS = (("replace", 1.0, "last"), ("add", 1.0, "last"), ("add", 1.0, "audio"))
 
 
-def _sweep_candidates(layers: list[dict], num_layers: int) -> tuple[list[int], list[int]]:
-    """Sources: the latest layer whose conflict probe accuracy is within 0.05 of the best, and the last layer;
-    targets: layer 0 and the first quarter (early, where the audio is read in)."""
+def _best_probe_source(layers: list[dict], num_layers: int) -> int:
+    """The latest layer whose conflict probe accuracy is within 0.05 of the best (the last layer without probes)."""
     scores = [(row["layer"], row["probe_audio_conflict"]) for row in layers[1:] if row["probe_audio_conflict"]
               is not None]
-    sources = {num_layers - 1}
-    if scores:
-        best = max(p for _, p in scores)
-        sources.add(max(layer for layer, p in scores if p >= best - 0.05))
-    targets = sorted({0, num_layers // 4})
-    return sorted(s for s in sources if s > targets[0]), targets
+    if not scores:
+        return num_layers - 1
+    best = max(p for _, p in scores)
+    return max(layer for layer, p in scores if p >= best - 0.05)
+
+
+def _sweep_settings(layers: list[dict], num_layers: int) -> list[Setting]:
+    """A handful of settings read off the curves, of the two kinds that worked on the organisms.
+
+    Early targets (layer 0 and the first quarter, where the audio is read in) from the latest layer where the
+    audio answer is still decodable under conflict, and from the last layer; and the gentle kind: a small ``add`` at
+    the audio span, the uncalibrated presets' rule (:func:`backpatch.bundled.uncalibrated_patch`: round(0.9 N)
+    into N/2) and its neighbours from the last layer and into the first quarter. On smol-whisper strong or far-back
+    patches wrecked the answers while small audio-span adds from late layers into the middle helped most.
+    """
+    last, early = num_layers - 1, sorted({0, num_layers // 4})
+    out = [Setting(s, t, scale, mode, positions) for s in sorted({_best_probe_source(layers, num_layers), last})
+           for t in early if s > t for mode, scale, positions in EARLY_COMBOS]
+    rule = uncalibrated_patch(num_layers)
+    out += [Setting(s, t, rule.scale, rule.mode, rule.positions) for s in sorted({rule.source, last})
+            for t in sorted({rule.target, num_layers // 4}) if s > t]
+    return list(dict.fromkeys(out))
 
 
 def _sweep(
@@ -47,14 +63,12 @@ def _sweep(
     batch_size: int, max_harm: float, progress: bool,
 ) -> tuple[list[dict], dict, Any]:
     """First-token metrics of a handful of settings: one capture per batch, then calibration's :class:`Scorer`."""
-    num_layers = len(layers)
-    sources, targets = _sweep_candidates(layers, num_layers)
-    settings = [Setting(s, t, scale, mode, positions) for s in sources for t in targets if s > t
-                for mode, scale, positions in SWEEP_COMBOS]
-    probe_preset = Preset(patches=[Patch(source=max(sources), target=min(targets))], name=base.name,
-                          model=base.model, audio_span=base.audio_span, match=base.match)
+    settings = _sweep_settings(layers, len(layers))
+    sources = sorted({s.source for s in settings})
+    probe_preset = Preset(patches=[Patch(source=max(sources), target=min(s.target for s in settings))],
+                          name=base.name, model=base.model, audio_span=base.audio_span, match=base.match)
     wrapped = wrap(model, probe_preset, processor=processor)
-    grid = {"sources": sources, "positions": sorted({p for _, _, p in SWEEP_COMBOS})}
+    grid = {"sources": sources, "positions": sorted({s.positions for s in settings})}
     batches, plain_answers = _prepare(wrapped, processor, list(items), grid, batch_size, progress)
     plain = metrics(items, [judge(a, it) for a, it in zip(plain_answers, items, strict=True)])
     # no contrastive candidates here, so no null audio is ever built
@@ -80,8 +94,9 @@ def _suggest(rows: list[dict], plain: dict, base: Preset, resolved: Resolved, mo
     verdict = ("lowers first-token TDR" if improves else "does NOT lower first-token TDR (no setting did)")
     harm = "passes" if best["no_harm"] else "FAILS"
     description = (
-        f"Suggested by `backpatch diagnose` on {Path(data).name} ({n_items} items): source where the audio answer "
-        f"stays decodable under conflict late, targets early; best of {len(rows)} first-token settings, {verdict}: "
+        f"Suggested by `backpatch diagnose` on {Path(data).name} ({n_items} items): late sources where the audio "
+        "answer stays decodable under conflict into early targets, and gentle audio-span adds from late layers into "
+        f"the middle; best of {len(rows)} first-token settings, {verdict}: "
         f"TDR {plain['tdr']} -> {m['tdr']}, audio-only {plain['audio_only_acc']} -> {m['audio_only_acc']}, "
         f"consistent {plain['consistent_acc']} -> {m['consistent_acc']}; {harm} the no-harm rule. First-token "
         "proxy only: run `backpatch calibrate` (verified with generate) before relying on it."
@@ -104,9 +119,8 @@ def _suggest(rows: list[dict], plain: dict, base: Preset, resolved: Resolved, mo
 
 
 def _unswept(layers: list[dict], base: Preset, resolved: Resolved, model: nn.Module) -> Preset:
-    """The suggestion without a sweep: last-token replace from the latest good source into the earliest target."""
-    sources, targets = _sweep_candidates(layers, resolved.num_layers)
-    return Preset(patches=[Patch(source=sources[-1], target=targets[0], mode="replace", positions="last")],
+    """The suggestion without a sweep: the uncalibrated presets' rule, measured to do no harm on both organisms."""
+    return Preset(patches=[uncalibrated_patch(resolved.num_layers)],
                   name="suggested", description="Suggested by `backpatch diagnose` without a sweep.",
                   match=base.match or Match(model_type=model.config.model_type),
                   model=ModelFacts(layers=resolved.layers_path, num_layers=resolved.num_layers),
