@@ -99,6 +99,7 @@ class ResolvedPatch:
     scale: float
     mode: str
     positions: str
+    match_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,8 @@ def _resolve_patch(patch: Patch, index: int, num_layers: int, layers_path: str, 
             f"{origin}patches[{index}]: source {patch.source} (layer {resolved['source']}) must be later than target "
             f"{patch.target} (layer {resolved['target']}) in this {num_layers}-layer model"
         )
-    return ResolvedPatch(resolved["source"], resolved["target"], patch.scale, patch.mode, patch.positions)
+    return ResolvedPatch(resolved["source"], resolved["target"], patch.scale, patch.mode, patch.positions,
+                         patch.match_norm)
 
 
 def architecture_for(model: nn.Module) -> Architecture | None:

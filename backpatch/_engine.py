@@ -187,7 +187,14 @@ def _first_rows(key: str, value: Any, rows: int) -> Any:
     return value.narrow(dim, 0, rows)
 
 
+#: smallest norm a captured state is divided by when ``match_norm`` rescales it (a zero state stays zero)
+_NORM_FLOOR = 1e-6
+
+
 def _combine(current: torch.Tensor, captured: torch.Tensor, patch: ResolvedPatch) -> torch.Tensor:
+    if patch.match_norm:
+        captured = captured * (current.norm(dim=-1, keepdim=True) / captured.norm(dim=-1, keepdim=True)
+                               .clamp_min(_NORM_FLOOR))
     if patch.mode == "add":
         return current + patch.scale * captured
     if patch.mode == "replace":

@@ -3,7 +3,8 @@
 Late-layer states are much larger than early ones. Norm matching rescales the captured states, per position, to
 the norm of the target layer's states before ``add`` / ``interpolate``. Both variants are scored by first answer
 token on the same validation clips (the calibration's coarse subset: 10% of the clips, seed 0) for the same
-settings: nearby and far pairs over the whole depth, small and large scales.
+settings: nearby and far pairs over the whole depth, small and large scales, and the region where the calibration
+found the best patches (late sources 26-28 into targets 15 and 18, ``add`` 0.1-1).
 
     python scripts/smol_whisper_norm_match.py --data VALIDATION.jsonl --out docs/smol-whisper-norm-match.json
 """
@@ -27,6 +28,8 @@ from backpatch.loading import load_model_and_processor
 
 KEYS = ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc")
 MODES = (("add", 0.25), ("add", 1.0), ("interpolate", 0.5), ("interpolate", 1.0))
+#: the calibration's best region on 30 layers (sources, targets, add scales)
+BEST_REGION = ((26, 27, 28), (15, 18), (0.1, 0.25, 0.5, 1.0))
 
 
 def settings(num_layers: int) -> list[Setting]:
@@ -35,6 +38,9 @@ def settings(num_layers: int) -> list[Setting]:
         for s in sorted({t + 1, t + 2, t + 4, num_layers - 1}):
             if t < s < num_layers:
                 out += [Setting(s, t, scale, mode, "audio") for mode, scale in MODES]
+    sources, targets, scales = BEST_REGION
+    out += [Setting(s, t, scale, "add", "audio") for s in sources for t in targets for scale in scales
+            if s < num_layers and Setting(s, t, scale, "add", "audio") not in out]
     return out
 
 

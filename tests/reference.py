@@ -27,7 +27,8 @@ def _out(output):
 def reference_logits(model, layers, batch, patches, audio_token_id, forward=None):
     """Last-position logits of one full forward pass with ``patches`` applied.
 
-    ``patches``: list of dicts with absolute ``source``/``target``, ``scale``, ``mode``, ``positions``.
+    ``patches``: list of dicts with absolute ``source``/``target``, ``scale``, ``mode``, ``positions`` and
+    optionally ``match_norm`` (captured states rescaled to the norm of the states they are combined with).
     ``forward``: callable(batch) -> logits; defaults to ``model(**batch).logits``.
     """
     forward = forward or (lambda b: model(**b).logits)
@@ -57,6 +58,8 @@ def reference_logits(model, layers, batch, patches, audio_token_id, forward=None
                     cur, new = h[:, mask], src[:, mask]
                 else:
                     cur, new = h[mask], src[mask]
+                if p.get("match_norm"):
+                    new = new / new.norm(dim=-1, keepdim=True) * cur.norm(dim=-1, keepdim=True)
                 val = {"add": cur + a * new, "replace": a * new, "interpolate": (1 - a) * cur + a * new}[p["mode"]]
                 if h.dim() == 4:
                     h[:, mask] = val

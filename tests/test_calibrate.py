@@ -174,3 +174,26 @@ def test_staged_search_on_a_budget_records_what_it_cut(setup, tmp_path):
     assert summary["short_path"] is True and Path(summary["band"]).read_bytes()[:4] == b"\x89PNG"
     assert {row["stage"] for row in summary["sweep"]} <= {"coarse", "refine", "full"}
     backpatch.Preset.from_yaml(tmp_path / "staged.yaml")
+
+
+def test_norm_matched_sweep_short_path_equals_the_engine(setup):
+    """Scoring with match_norm on the sweep's short path gives the engine's logits for a match_norm preset."""
+    _, data, model, processor = setup
+    items = load_conflict_set(data)
+    patch = backpatch.Patch(5, 1, 0.5, "interpolate", "audio", match_norm=True)
+    wrapped = backpatch.wrap(model, backpatch.Preset(patches=[patch]), processor=processor)
+    batches, _ = _prepare(wrapped, processor, items, {"sources": [5], "positions": ["audio"]}, batch_size=4,
+                          progress=False, layer_states=True)
+    from backpatch.calibrate import Scorer
+    from backpatch.calibrate.writing import _candidate_preset
+
+    scorer = Scorer(model, processor, wrapped.preset, "silence", None, _candidate_preset)
+    resolved = resolve(model, wrapped.preset, processor)
+    unmatched = resolve(model, backpatch.Preset(patches=[backpatch.Patch(5, 1, 0.5, "interpolate")]), processor)
+    with torch.no_grad():
+        for batch in batches:
+            with patch_session(resolved, precaptured=batch.states):
+                full = model(**batch.inputs, use_cache=False).logits[:, -1]
+            torch.testing.assert_close(scorer._short_logits(resolved, resolved.patches[0], batch), full)
+            torch.testing.assert_close(scorer._short_logits(unmatched, unmatched.patches[0], batch, match_norm=True),
+                                       full)

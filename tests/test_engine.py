@@ -51,6 +51,26 @@ def test_first_token_logits_equal_reference(model, batch, mode, positions):
     assert not torch.allclose(got[:2], plain[:2], atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["add", "replace", "interpolate"])
+def test_norm_matched_patch_equals_reference_and_differs_from_the_plain_combine(model, batch, mode):
+    """match_norm: the captured states are rescaled, per position, to the norm of the target layer's states."""
+    patch = dict(source=NUM_LAYERS - 1, target=1, scale=0.7, mode=mode, positions="audio")
+    got = first_logits(backpatch.wrap(model, Preset(patches=[Patch(**patch, match_norm=True)])), batch)
+    want = reference_logits(model, layers_of(model), batch, [{**patch, "match_norm": True}], AUDIO_TOKEN)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    unmatched = first_logits(backpatch.wrap(model, Preset(patches=[Patch(**patch)])), batch)
+    assert not torch.allclose(got[:2], unmatched[:2], atol=1e-4)
+
+
+def test_match_norm_false_is_bit_identical_to_no_key_over_several_tokens(model, batch):
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        off = backpatch.wrap(model, Preset(patches=[Patch(source=4, target=1, match_norm=False)])).generate(
+            **batch, **kwargs)
+        absent = backpatch.wrap(model, Preset(patches=[Patch(source=4, target=1)])).generate(**batch, **kwargs)
+    assert torch.equal(off, absent)
+
+
 def test_several_patches_and_negative_indices_equal_reference(model, batch):
     patches = [
         Patch(source=-1, target=0, scale=0.5, mode="add"),

@@ -338,3 +338,13 @@ def test_wheel_ships_presets_and_load_preset_works_from_it(tmp_path):
                             env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0] == "qwen2-audio-7b-instruct"
+
+
+def test_match_norm_is_written_only_when_on_and_must_be_a_boolean():
+    off = Preset(patches=[Patch(source=3, target=1)])
+    assert "match_norm" not in off.to_dict()["patches"][0]
+    on = Preset(patches=[Patch(source=3, target=1, match_norm=True)])
+    assert on.to_dict()["patches"][0]["match_norm"] is True
+    assert Preset.from_yaml_text(yaml.safe_dump(on.to_dict())) == on
+    with pytest.raises(PresetError, match=r"patches\[0\]\.match_norm: expected true or false, got 'yes'"):
+        Preset.from_dict({"name": "x", "patches": [{"source": 3, "target": 1, "match_norm": "yes"}]})

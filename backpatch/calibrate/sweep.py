@@ -14,6 +14,7 @@ more than the recorded arguments), so the choice is detected, never assumed per 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -141,7 +142,7 @@ class Scorer:
         at = _at(hidden, mask)
         current = hidden[at]
         if match_norm:
-            states = states * (current.norm(dim=-1, keepdim=True) / states.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+            patch = dataclasses.replace(patch, match_norm=True)
         hidden[at] = _combine(current, states, patch)
         for i in range(t + 1, resolved.num_layers):
             args, kwargs = batch.layer_args[i]
