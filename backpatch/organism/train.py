@@ -33,6 +33,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
+from backpatch.organism._batching import right_padded
 from backpatch.organism.conflicts import make_items, score
 from backpatch.organism.corpus import DEFAULT_OUT as DEFAULT_CORPUS
 from backpatch.organism.corpus import load_manifest
@@ -114,14 +115,7 @@ def make_batch(data: dict, idx: np.ndarray, hint: np.ndarray) -> dict:
         (data["hint_ids"] if h else data["plain_ids"])[i] + [data["answer"][i], data["eos"]]
         for i, h in zip(idx, hint, strict=True)
     ]
-    n = max(map(len, seqs))
-    ids = torch.full((len(seqs), n), data["pad"])
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    labels = torch.full((len(seqs), n), -100)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s)
-        mask[b, : len(s)] = 1
-        labels[b, len(s) - 2 : len(s)] = ids[b, len(s) - 2 : len(s)]
+    ids, mask, labels = right_padded(seqs, data["pad"])
     fmask = (torch.arange(200)[None, :] < data["frames"][idx][:, None]).long()
     return {
         "input_ids": ids,

@@ -40,6 +40,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from backpatch.organism import smol_whisper
+from backpatch.organism._batching import right_padded
 from backpatch.organism.corpus import load_manifest
 from backpatch.organism.processor import make_prompt
 from backpatch.organism.train import SUMMARY_KEYS, load_wavs, prepare_eval, quick_eval
@@ -93,14 +94,7 @@ def make_batch(model, data: dict, idx: np.ndarray, hint: np.ndarray) -> dict:
         full = ids[:at] + [tok["audio"]] * data["counts"][i] + ids[at + 1:] + [data["answer"][i], tok["eos"]]
         seqs.append(full)
         spans.append((at, data["counts"][i]))
-    n = max(map(len, seqs))
-    ids = torch.full((len(seqs), n), tok["pad"])
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    labels = torch.full((len(seqs), n), -100)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s)
-        mask[b, : len(s)] = 1
-        labels[b, len(s) - 2 : len(s)] = ids[b, len(s) - 2 : len(s)]
+    ids, mask, labels = right_padded(seqs, tok["pad"])
     embeds = model.get_input_embeddings()(ids)
     projected = model.model.multi_modal_projector(data["encoded"][torch.as_tensor(idx)])
     rows = [embeds[b].clone() for b in range(len(seqs))]

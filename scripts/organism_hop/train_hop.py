@@ -25,6 +25,7 @@ from transformers import GenerationConfig, Qwen2AudioForConditionalGeneration, g
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hop  # noqa: E402
 
+from backpatch.organism._batching import right_padded  # noqa: E402
 from backpatch.organism.conflicts import score  # noqa: E402
 from backpatch.organism.corpus import load_manifest  # noqa: E402
 from backpatch.organism.processor import EOS, PAD, encode  # noqa: E402
@@ -63,14 +64,7 @@ def make_batch(data: dict, idx, qtypes, hint) -> dict:
         data["ids"][(q, bool(h))][i] + [data["answer"][q][i], data["eos"]]
         for i, q, h in zip(idx, qtypes, hint, strict=True)
     ]
-    n = max(map(len, seqs))
-    ids = torch.full((len(seqs), n), data["pad"])
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    labels = torch.full((len(seqs), n), -100)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)] = torch.tensor(s)
-        mask[b, : len(s)] = 1
-        labels[b, len(s) - 2 : len(s)] = ids[b, len(s) - 2 : len(s)]
+    ids, mask, labels = right_padded(seqs, data["pad"])
     fmask = (torch.arange(200)[None, :] < data["frames"][idx][:, None]).long()
     return {"input_ids": ids, "attention_mask": mask, "input_features": data["features"][idx],
             "feature_attention_mask": fmask, "labels": labels}
