@@ -288,6 +288,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from .diagnose import diagnose
+    from .diagnose.report import _ranges_text
     from .evaluate import truncation_line
     from .loading import load_model_and_processor
 
@@ -301,7 +302,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     s = report["summary"]
     print(f"audio answer decodable at the last prompt position under conflict, last layer: "
           f"{s['probe_audio_conflict_last_layer']} (chance {s['chance_audio_conflict']}); text answer ahead in the "
-          f"logit lens from layer {s['text_takeover_layer']}")
+          "logit lens " + (f"from layer {s['text_takeover_layer']} on" if s["text_takeover_layer"] is not None
+                           else _ranges_text(s.get("text_ahead_layers"))))
     print(f"suggested preset: {Path(args.out) / 'suggested_preset.yaml'}")
     print(f"wrote {Path(args.out) / 'report.md'}, report.json and {len(report['figures'])} figures")
     return 0

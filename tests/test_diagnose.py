@@ -86,6 +86,17 @@ def test_convergence_and_takeover():
     assert text_takeover_layer([0.1, 0.9], [0.2, 0.3]) is None
 
 
+def test_text_ahead_ranges_show_a_middle_lead_that_the_takeover_layer_hides():
+    from backpatch.diagnose.probes import text_ahead_ranges
+
+    # smol-whisper's shape: nothing readable early, the text ahead in the middle, the audio level at the end
+    audio = [0.0, 0.0, 0.05, 0.1, 0.2, 0.5]
+    text = [0.0, 0.001, 0.2, 0.3, 0.1, 0.45]
+    assert text_takeover_layer(audio, text) is None
+    assert text_ahead_ranges(audio, text) == [[2, 3]]  # layer 1 is below the readability floor
+    assert text_ahead_ranges([0.1, 0.1, 0.1], [0.2, 0.05, 0.3]) == [[0, 0], [2, 2]]
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("diag")

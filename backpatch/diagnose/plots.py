@@ -91,7 +91,10 @@ def _plot(report: dict[str, Any], out_dir: Path) -> list[str]:
           "--", "v")
     ax.set_xlabel("layer")
     ax.set_title("audio vs text representation of the same digit", fontsize=10)
-    ax.set_ylim(-0.3, 1.02)
+    # cosines can be well below zero (smol-whisper's answer position: -0.52): never clip a curve
+    values = [row[key] for row in report["layers"] for key in row if key.startswith("convergence")
+              and isinstance(row[key], (int, float)) and not isinstance(row[key], bool)]
+    ax.set_ylim(min([-0.3, *values]) - 0.05, 1.02)
     with_preset_note(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     finish(fig, "convergence.png")
 

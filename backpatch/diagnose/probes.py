@@ -177,3 +177,23 @@ def text_takeover_layer(audio_prob: Sequence[float | None], text_prob: Sequence[
             break
         layer = i
     return layer
+
+
+#: both answers below this lens probability count as "neither readable yet", not as one ahead of the other
+LENS_FLOOR = 0.01
+
+
+def text_ahead_ranges(audio_prob: Sequence[float | None], text_prob: Sequence[float | None],
+                      floor: float = LENS_FLOOR) -> list[list[int]]:
+    """``[first, last]`` layer ranges where the text answer's lens probability is above the audio answer's while
+    one of them is readable (>= ``floor``): a model may lead with the text in the middle and still let the audio
+    draw level at the last layer, which :func:`text_takeover_layer` alone would hide."""
+    ranges: list[list[int]] = []
+    for i, (a, t) in enumerate(zip(audio_prob, text_prob, strict=True)):
+        if a is None or t is None or not t > a or max(a, t) < floor:
+            continue
+        if ranges and ranges[-1][1] == i - 1:
+            ranges[-1][1] = i
+        else:
+            ranges.append([i, i])
+    return ranges

@@ -9,7 +9,7 @@ from typing import Any
 from ..evaluate import truncation_line
 from ..preset import Preset
 from .analysis import KINDS, METHODS, _round
-from .probes import chance_rate, text_takeover_layer
+from .probes import chance_rate, text_ahead_ranges, text_takeover_layer
 
 
 def _assemble(model, data, items, preset, layers, first_token, sweep_rows, suggested, batch_size, limit,
@@ -30,6 +30,8 @@ def _assemble(model, data, items, preset, layers, first_token, sweep_rows, sugge
         "lens_audio_rank_last_layer": last["lens_audio_rank"],
         "text_takeover_layer": text_takeover_layer([r["lens_audio_prob"] for r in layers],
                                                    [r["lens_text_prob"] for r in layers]),
+        "text_ahead_layers": text_ahead_ranges([r["lens_audio_prob"] for r in layers],
+                                               [r["lens_text_prob"] for r in layers]),
         "convergence_first_layer": layers[0]["convergence"],
         "convergence_last_layer": last["convergence"],
         "convergence_nc_acc_first_layer": layers[0]["convergence_nc_acc"],
@@ -39,6 +41,8 @@ def _assemble(model, data, items, preset, layers, first_token, sweep_rows, sugge
     }
     if preset is not None:
         summary["text_takeover_layer_patched"] = text_takeover_layer(
+            [r["lens_audio_prob_patched"] for r in layers], [r["lens_text_prob_patched"] for r in layers])
+        summary["text_ahead_layers_patched"] = text_ahead_ranges(
             [r["lens_audio_prob_patched"] for r in layers], [r["lens_text_prob_patched"] for r in layers])
     return {
         "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
@@ -68,9 +72,16 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _takeover_text(layer: int | None) -> str:
+def _ranges_text(ranges: list[list[int]] | None) -> str:
+    if not ranges:
+        return "in no layer where either answer is readable (p >= 0.01)"
+    return "in layers " + ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges)
+
+
+def _takeover_text(layer: int | None, ranges: list[list[int]] | None = None) -> str:
     if layer is None:
-        return "the text answer is not ahead of the audio answer at the last layer."
+        ahead = f" (it is ahead {_ranges_text(ranges)})" if ranges else ""
+        return f"the text answer is not ahead of the audio answer at the last layer{ahead}."
     return f"the text answer is ahead of the audio answer from layer {layer} on."
 
 
@@ -98,6 +109,8 @@ def _markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name} | {_fmt(m['tdr'])} | {_fmt(m['afr'])} | {_fmt(m['audio_only_acc'])} | "
                          f"{_fmt(m['consistent_acc'])} |")
         lines.append("")
+    plain_lens = _takeover_text(s.get("text_takeover_layer"), s.get("text_ahead_layers"))
+    patched_lens = _takeover_text(s.get("text_takeover_layer_patched"), s.get("text_ahead_layers_patched"))
     lines += [
         "## Summary",
         "",
@@ -107,8 +120,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{_fmt(s['probe_text_conflict_last_layer'])}.",
         f"- Logit lens, last layer (conflict): audio answer p = {_fmt(s['lens_audio_prob_last_layer'])} "
         f"(mean rank {_fmt(s['lens_audio_rank_last_layer'], 2)}), text answer p = "
-        f"{_fmt(s['lens_text_prob_last_layer'])}; " + _takeover_text(s.get("text_takeover_layer"))
-        + (f" With the preset: {_takeover_text(s.get('text_takeover_layer_patched'))}" if patched else ""),
+        f"{_fmt(s['lens_text_prob_last_layer'])}; " + plain_lens + (f" With the preset: {patched_lens}" if patched
+                                                                    else ""),
         f"- Convergence (cosine of centred class means, audio vs claim word): layer 0 "
         f"{_fmt(s['convergence_first_layer'])}, last layer {_fmt(s['convergence_last_layer'])}; nearest-class "
         f"accuracy {_fmt(s['convergence_nc_acc_first_layer'])} -> {_fmt(s['convergence_nc_acc_last_layer'])}; at "
