@@ -12,7 +12,15 @@ once, shared by capture and patched prefill; DESIGN section 1). It prints:
   after, where the prefill share is the median time of the prefill forward over the median time of a whole
   plain generate().
 
-Usage: python benchmarks/overhead.py [--runs 7] [--threads 2] [--models tiny,mid]
+``smol`` is the organism ``smol-whisper`` (30 layers, a real 2-s clip from its shipped examples) with the
+back-patch of its calibrated preset (the contrastive part, a second decoding stream, is left out: its cost is
+the README's "time vs plain" column) and the prototype's 10 -> 8.
+
+``--sweep`` adds the calibration sweep on ``smol-whisper``: seconds per scored setting when each setting runs the
+whole patched model (before) and when it runs only layers t+1..N-1 from the shared capture (after), with the
+decoder-layer calls of each.
+
+Usage: python benchmarks/overhead.py [--runs 7] [--threads 2] [--models tiny,mid,smol] [--sweep]
 """
 
 from __future__ import annotations
@@ -35,9 +43,26 @@ MODELS = {
     # about 12 decoder layers, hidden 512, 750 audio tokens (30 s of audio), as the core issue asks
     "mid": dict(layers=12, hidden=512, heads=8, kv=4, ffn=1536, enc_d=256, enc_layers=2, frames=3000, text=40),
 }
-#: (source, target) patches per model: the bundled presets' default rule (3N/4 -> N/4), and a short hop
-PATCHES = {"tiny": [(4, 2)], "mid": [(9, 3), (9, 8)]}
+#: patches per model: the old bundled default rule (3N/4 -> N/4) and a short hop; smol-whisper's calibrated
+#: back-patch and the prototype's 10 -> 8
+PATCHES = {
+    "tiny": [Patch(4, 2)],
+    "mid": [Patch(9, 3), Patch(9, 8)],
+    "smol": [Patch(26, 18, 0.1, "add", "audio"), Patch(10, 8, 0.5, "interpolate", "audio")],
+}
 AUDIO_TOKEN, PAD = 3, 0
+
+
+def build_smol(n_items: int = 1):
+    """smol-whisper, its processor, the first ``n_items`` shipped example items and their inputs."""
+    from backpatch.evaluate import encode_items, load_conflict_set
+    from backpatch.loading import load_model_and_processor
+    from backpatch.organism import examples_path
+
+    model, processor = load_model_and_processor("organism:smol-whisper")
+    model.generation_config.eos_token_id = None  # always generate exactly max_new_tokens
+    items = load_conflict_set(examples_path())[:n_items]
+    return model, processor, items, dict(encode_items(processor, items))
 
 
 def build(spec: dict) -> tuple[torch.nn.Module, dict]:
@@ -108,15 +133,22 @@ def two_pass(wrapped: backpatch.BackpatchedModel) -> backpatch.BackpatchedModel:
 
 
 def bench(name: str, runs: int, warmup: int, new_tokens: int) -> None:
-    spec = MODELS[name]
-    model, inputs = build(spec)
+    if name == "smol":
+        model, processor, _, inputs = build_smol()
+        spec = {"layers": model.config.text_config.num_hidden_layers, "hidden": model.config.text_config.hidden_size}
+        audio_token, base = model.config.audio_token_id, backpatch.load_preset("smol-whisper")
+    else:
+        spec, processor, base = MODELS[name], None, None
+        (model, inputs), audio_token = build(spec), AUDIO_TOKEN
     n = spec["layers"]
     kwargs = dict(max_new_tokens=new_tokens, do_sample=False)
     variants = {}  # (source, target, "before" | "after") -> wrapper
-    for source, target in PATCHES[name]:
-        preset = Preset(patches=[Patch(source=source, target=target)])
-        variants[(source, target, "before")] = two_pass(backpatch.wrap(model, preset))
-        variants[(source, target, "after")] = backpatch.wrap(model, preset)
+    for patch in PATCHES[name]:
+        facts = {"audio_span": base.audio_span, "model": base.model} if base is not None else {}
+        preset = Preset(patches=[patch], **facts)
+        source, target = patch.source, patch.target
+        variants[(source, target, "before")] = two_pass(backpatch.wrap(model, preset, processor=processor))
+        variants[(source, target, "after")] = backpatch.wrap(model, preset, processor=processor)
 
     with torch.no_grad():
         counter = Counter(model)
@@ -143,7 +175,7 @@ def bench(name: str, runs: int, warmup: int, new_tokens: int) -> None:
     plain_t, plain_min = med(times["plain"]), min(times["plain"])
     share = med(times["prefill"]) / plain_t
     share_min = min(times["prefill"]) / plain_min
-    n_audio = int((inputs["input_ids"] == AUDIO_TOKEN).sum())
+    n_audio = int((inputs["input_ids"] == audio_token).sum())
     print(f"\n## {name}: {n} decoder layers, hidden {spec['hidden']}, {n_audio} audio tokens, "
           f"{inputs['input_ids'].shape[1]} prompt tokens, {new_tokens} new tokens")
     print(f"time (median / min of {runs}, warm-up {warmup}): plain {plain_t * 1e3:.1f} / {plain_min * 1e3:.1f} ms, "
@@ -164,19 +196,71 @@ def bench(name: str, runs: int, warmup: int, new_tokens: int) -> None:
               f"{t_min / plain_min / predicted_min:.3f} |")
 
 
+def bench_sweep(runs: int, n_items: int, batch_size: int) -> None:
+    """Calibration sweep on smol-whisper: seconds and decoder-layer calls per scored setting, before/after."""
+    from backpatch.calibrate.grid import Candidate, Setting
+    from backpatch.calibrate.sweep import Scorer, _prepare
+    from backpatch.calibrate.writing import _candidate_preset
+
+    model, processor, items, _ = build_smol(n_items)
+    wrapped = backpatch.wrap(model, processor=processor)
+    settings = [Setting(p.source, p.target, p.scale, p.mode, p.positions) for p in PATCHES["smol"]]
+    settings += [Setting(28, 15, 0.1, "add", "audio"), Setting(17, 16, 1.0, "replace", "last"),
+                 Setting(29, 2, 0.25, "add", "audio")]
+    grid = {"sources": sorted({s.source for s in settings}), "positions": sorted({s.positions for s in settings})}
+    with torch.no_grad():
+        start = time.perf_counter()
+        batches, _ = _prepare(wrapped, processor, items, grid, batch_size, False, layer_states=True)
+        capture = time.perf_counter() - start
+    scorers = {}
+    for when, short in (("before", False), ("after", True)):
+        scorers[when] = Scorer(model, processor, wrapped.preset, "silence", None, _candidate_preset)
+        scorers[when].short_path_ok = short  # before: every setting runs the whole patched model (the engine)
+    counter = Counter(model)
+    calls, times = {}, {}
+    for setting in settings:
+        for when, scorer in scorers.items():
+            scorer.score(Candidate(setting), batches)
+            calls[(setting, when)] = counter.take()[1] // len(batches)
+            times[(setting, when)] = []
+    counter.close()
+    for _ in range(runs):  # interleaved, as above
+        for setting in settings:
+            for when, scorer in scorers.items():
+                start = time.perf_counter()
+                scorer.score(Candidate(setting), batches)
+                times[(setting, when)].append(time.perf_counter() - start)
+    n = wrapped.resolved.num_layers
+    print(f"\n## calibration sweep on smol-whisper: {len(items)} items in {len(batches)} batch(es) of {batch_size}, "
+          f"{n} decoder layers; shared capture (plain forward keeping every layer) {capture:.2f} s, once per batch "
+          f"list; times per scored setting, median / min of {runs}")
+    print("| setting | layer calls per batch before | after (N - t - 1) | s before | s after | after / before "
+          "(median) | after / before (min) | predicted (N - t - 1) / N |")
+    print("|---|---|---|---|---|---|---|---|")
+    med = statistics.median
+    for setting in settings:
+        b, a = times[(setting, "before")], times[(setting, "after")]
+        print(f"| {setting.label()} | {calls[(setting, 'before')]} | {calls[(setting, 'after')]} | {med(b):.3f} | "
+              f"{med(a):.3f} | {med(a) / med(b):.3f} | {min(a) / min(b):.3f} | {(n - setting.target - 1) / n:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--models", default="tiny,mid")
+    parser.add_argument("--models", default="tiny,mid,smol")
+    parser.add_argument("--sweep", action="store_true", help="also time the calibration sweep on smol-whisper")
+    parser.add_argument("--sweep-items", type=int, default=48)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"# backpatch overhead benchmark: torch {torch.__version__}, {args.threads} threads, "
           f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
     for name in args.models.split(","):
         bench(name, args.runs, args.warmup, args.new_tokens)
+    if args.sweep:
+        bench_sweep(args.runs, args.sweep_items, args.sweep_items)
 
 
 if __name__ == "__main__":
