@@ -167,10 +167,10 @@ class Scorer:
 
     def _short_path_usable(self, candidate: Candidate, batch: _Batch) -> bool:
         """One batch, both ways: the short path is used only if it gives the engine's logits."""
-        if _final_norm(resolve(self.model, self.base_preset, self.processor).text_model) is None:
-            return False
         preset = self.candidate_preset(self.base_preset, candidate, self.null_audio)
-        resolved = resolve(self.model, preset, self.processor)
+        resolved = resolve(self.model, preset, self.processor)  # one resolve: same text model as the base preset
+        if _final_norm(resolved.text_model) is None:
+            return False
         try:
             short = self._short_logits(resolved, resolved.patches[0], batch)
         except Exception as exc:  # noqa: BLE001 - any failure means: use the engine for this model
