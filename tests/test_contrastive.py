@@ -6,22 +6,12 @@ import pytest
 import torch
 import yaml
 from reference import reference_logits
-from tiny import AUDIO_TOKEN, NUM_LAYERS, collate, make_row, tiny_qwen2_audio, tiny_with_processor
+from tiny import AUDIO_TOKEN, NUM_LAYERS, tiny_with_processor
 
 import backpatch
 from backpatch import Contrastive, Patch, Preset, PresetError
 
 GEN = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_qwen2_audio()
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return collate([make_row(0, 40), make_row(1, 30), make_row(2, None)])
 
 
 def null_batch(batch, null="zeros", value=0.0):

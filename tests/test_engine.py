@@ -7,22 +7,11 @@ import threading
 import pytest
 import torch
 from reference import reference_logits
-from tiny import AUDIO_TOKEN, NUM_LAYERS, collate, make_row, tiny_qwen2_audio
+from tiny import AUDIO_TOKEN, NUM_LAYERS, collate, make_row
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import backpatch
 from backpatch import Patch, Preset
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_qwen2_audio()
-
-
-@pytest.fixture(scope="module")
-def batch():
-    # left-padded: two audio rows of different lengths and one text-only row
-    return collate([make_row(0, 40), make_row(1, 30), make_row(2, None)])
 
 
 def first_logits(model_like, batch, **kwargs):

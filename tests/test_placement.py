@@ -4,18 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import collate, make_row, tiny_qwen2_audio
+from tiny import tiny_qwen2_audio
 from transformers import Qwen2AudioForConditionalGeneration
 
 import backpatch
 from backpatch import Patch, Preset
 
 KWARGS = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return collate([make_row(0, 40), make_row(1, 30), make_row(2, None)])
 
 
 def test_dispatched_model_with_disk_offload_matches_in_memory(tmp_path, batch):

@@ -173,11 +173,6 @@ def test_round_trip_property(patches, name, num_layers, token_id):
 
 
 # ------------------------------------------------------------------------------------ checks at wrap() time
-@pytest.fixture(scope="module")
-def model():
-    return tiny_qwen2_audio()
-
-
 @pytest.mark.parametrize("source,target,key", [(6, 1, "source"), (3, -7, "target"), (-7, 0, "source")])
 def test_layer_out_of_range_names_the_model_layer_count(model, source, target, key):
     with pytest.raises(PresetError, match=rf"patches\[0\]\.{key}: layer -?\d+ is out of range .* has 6 decoder layers"):

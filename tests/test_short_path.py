@@ -16,7 +16,7 @@ import pytest
 import torch
 from families import BUILDERS
 from reference import reference_logits
-from tiny import AUDIO_TOKEN, collate, make_row, tiny_qwen2_audio
+from tiny import AUDIO_TOKEN
 from transformers import Qwen2AudioForConditionalGeneration
 
 import backpatch
@@ -115,16 +115,6 @@ def test_scale_zero_on_the_short_path_is_bit_identical_to_plain(name):
     assert wrapped.last_session.path == "short"
     assert torch.equal(out.sequences, ref.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits, strict=True))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_qwen2_audio()
-
-
-@pytest.fixture(scope="module")
-def batch():
-    return collate([make_row(0, 40), make_row(1, 30), make_row(2, None)])
 
 
 def test_contrastive_decoding_takes_the_short_path_when_it_pays_and_matches_two_pass(model, batch):
