@@ -33,7 +33,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from backpatch.organism._batching import right_padded
+from backpatch.organism._training import optimizer_step, right_padded
 from backpatch.organism.conflicts import make_items, score
 from backpatch.organism.corpus import DEFAULT_OUT as DEFAULT_CORPUS
 from backpatch.organism.corpus import load_manifest
@@ -201,11 +201,7 @@ def train(args: argparse.Namespace) -> dict:
         idx = rng.integers(0, len(data["answer"]), args.batch_size)
         hint = rng.random(args.batch_size) < args.hint_rate
         loss = model(**make_batch(data, idx, hint)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, model.parameters())
         losses.append(loss.item())
         if step % args.eval_every == 0 or step == args.steps:
             val = quick_eval(model, processor.tokenizer, val_items, val_batches)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from backpatch.organism import smol_whisper
-from backpatch.organism._batching import right_padded
+from backpatch.organism._training import optimizer_step, right_padded
 from backpatch.organism.corpus import load_manifest
 from backpatch.organism.processor import make_prompt
 from backpatch.organism.train import SUMMARY_KEYS, load_wavs, prepare_eval, quick_eval
@@ -186,11 +186,7 @@ def train(args: argparse.Namespace) -> dict:
         idx = rng.integers(0, len(data["answer"]), args.batch_size)
         hint = rng.random(args.batch_size) < args.hint_rate
         loss = model(**make_batch(model, data, idx, hint)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(projector.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, projector.parameters())
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if step % args.eval_every == 0 or step == args.steps:

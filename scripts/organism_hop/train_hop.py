@@ -25,7 +25,7 @@ from transformers import GenerationConfig, Qwen2AudioForConditionalGeneration, g
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hop  # noqa: E402
 
-from backpatch.organism._batching import right_padded  # noqa: E402
+from backpatch.organism._training import optimizer_step, right_padded  # noqa: E402
 from backpatch.organism.conflicts import score  # noqa: E402
 from backpatch.organism.corpus import load_manifest  # noqa: E402
 from backpatch.organism.processor import EOS, PAD, encode  # noqa: E402
@@ -137,11 +137,7 @@ def main(argv=None) -> None:
         qt = [qnames[k] for k in rng.choice(len(qnames), size=args.batch_size, p=qprob)]
         hint = rng.random(args.batch_size) < args.hint_rate
         loss = model(**make_batch(data, idx, qt, hint)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, model.parameters())
         losses.append(loss.item())
         if step % args.eval_every == 0 or step == args.steps:
             val = evaluate(model, processor.tokenizer, val_items, val_batches)

@@ -1,4 +1,5 @@
-"""Right-padded training batches that the organisms' trainers share (the answer tokens are the only labels)."""
+"""What the organisms' trainers share: right-padded batches (the answer tokens are the only labels) and one
+optimizer step."""
 
 from __future__ import annotations
 
@@ -20,3 +21,12 @@ def right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
         mask[b, : len(s)] = 1
         labels[b, len(s) - 2 : len(s)] = ids[b, len(s) - 2 : len(s)]
     return ids, mask, labels
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params, max_norm: float = 1.0) -> None:
+    """Backward, clip the gradient norm of ``params`` to ``max_norm``, step the optimizer and the schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    sched.step()
