@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from backpatch import AudioSpan, Calibration, Match, ModelFacts, Patch, Preset
+from backpatch import AudioSpan, Calibration, Match, ModelFacts, Preset
 from backpatch.bundled import uncalibrated_patch
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -105,14 +105,9 @@ CHECKPOINTS: dict[str, tuple[str, str, str, str, int, AudioSpan, str]] = {
 }
 
 
-def default_patch(num_layers: int) -> Patch:
-    """The one rule for uncalibrated presets (see module docstring)."""
-    return uncalibrated_patch(num_layers)
-
-
 def build(name: str) -> Preset:
     title, model_type, glob, layers, num_layers, span, source = CHECKPOINTS[name]
-    patch = default_patch(num_layers)
+    patch = uncalibrated_patch(num_layers)
     description = (
         f"{title}. {num_layers} decoder layers: {source}. Uncalibrated: the gentle default rule (source "
         f"round(0.9N) = {patch.source}, target round(N/2) = {patch.target}, add, scale {patch.scale:g}, audio "

