@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
+
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 import backpatch
@@ -75,3 +77,29 @@ def test_organism_names_and_import():
 
     with pytest.raises(ValueError, match="unknown organism 'digit'; organisms: smol-whisper, digits"):
         backpatch.organism.path("digit")
+
+
+def test_conflicts_build_with_empty_examples_skips_them(monkeypatch, tmp_path):
+    """`--examples ''` means: no examples. It once became Path('') == '.', and build() replaced the working
+    directory with the examples."""
+    from backpatch.organism import conflicts
+
+    seen = {}
+    monkeypatch.setattr(conflicts, "build", lambda corpus, out, seed, n, examples: seen.setdefault("examples", examples)
+                        or {})
+    monkeypatch.chdir(tmp_path)
+    conflicts.main(["build", "--corpus", str(tmp_path), "--out", str(tmp_path / "out"), "--examples", ""])
+    assert seen["examples"] is None
+
+
+def test_conflicts_build_refuses_to_replace_a_folder_that_is_not_examples(tmp_path):
+    from backpatch.organism import conflicts
+
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds other files"):
+        conflicts._check_replaceable(tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+    examples = tmp_path / "examples"
+    (examples / "wav").mkdir(parents=True)
+    (examples / "examples.jsonl").write_text("")
+    conflicts._check_replaceable(examples)  # an examples folder may be replaced

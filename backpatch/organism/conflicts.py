@@ -86,6 +86,18 @@ def pick_examples(rows: Sequence[dict], seed: int, per_word: int = 3) -> list[di
     return chosen
 
 
+#: what an examples folder holds; build() replaces a folder only if it holds nothing else
+_EXAMPLES_CONTENT = frozenset({"examples.jsonl", "wav"})
+
+
+def _check_replaceable(folder: Path) -> None:
+    """Refuse to delete a folder that is not an examples folder (a mistyped --examples, the working directory)."""
+    other = sorted(p.name for p in folder.iterdir() if p.name not in _EXAMPLES_CONTENT)
+    if other:
+        raise ValueError(f"--examples {folder} holds other files ({', '.join(other[:5])}); it would be replaced, so "
+                         "pass an examples folder (examples.jsonl + wav/) or '' to skip the examples")
+
+
 def build(corpus: Path, out: Path, seed: int, n_conflict: int, examples: Path | None) -> dict[str, Path]:
     """Write the validation and test conflict sets (and optionally the shipped examples subset)."""
     paths = {}
@@ -98,6 +110,7 @@ def build(corpus: Path, out: Path, seed: int, n_conflict: int, examples: Path | 
         rows = pick_examples(load_manifest(corpus, "test"), seed)
         items = make_items(rows, seed, n_conflict)
         if examples.exists():
+            _check_replaceable(examples)
             shutil.rmtree(examples)
         paths["examples"] = write_set(items, corpus / "test" / "wav", examples, "examples.jsonl")
         logger.info("examples: %d items from %d clips -> %s", len(items), len(rows), paths["examples"])
@@ -151,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out", type=Path, default=DEFAULT_OUT)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--n-conflict", type=int, default=3, help="wrong claims per clip")
-    b.add_argument("--examples", type=Path, default=EXAMPLES_DIR, help="shipped subset dir ('' to skip)")
+    # a str, not a Path: Path("") is "." (the working directory), which build() would replace
+    b.add_argument("--examples", default=str(EXAMPLES_DIR), help="shipped subset dir ('' to skip)")
     e = sub.add_parser("eval", help="plain greedy metrics of a model on a conflict set")
     e.add_argument("--model", type=Path, default=Path(__file__).resolve().parent / "digits")
     e.add_argument("--data", type=Path, default=DEFAULT_OUT / "test" / "conflicts.jsonl")
@@ -161,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "build":
-        paths = build(args.corpus, args.out, args.seed, args.n_conflict, args.examples if str(args.examples) else None)
+        paths = build(args.corpus, args.out, args.seed, args.n_conflict, Path(args.examples) if args.examples else None)
         sys.stdout.write(json.dumps({k: str(v) for k, v in paths.items()}, indent=2) + "\n")
     else:
         torch.set_num_threads(args.threads)
