@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 import backpatch
