@@ -286,6 +286,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import serve
+    except ImportError as exc:
+        raise ValueError(str(exc) if "backpatch[serve]" in str(exc) else
+                         f"backpatch serve needs its extra ({exc}): pip install 'backpatch[serve]'") from None
+    serve(args.model, args.preset, host=args.host, port=args.port, dtype=args.dtype, device_map=args.device_map,
+          trust_remote_code=args.trust_remote_code, continuous_batching=args.continuous_batching,
+          log_level="info" if args.verbose else "warning",
+          ready=lambda url: print(f"serving {display_name(args.model)} at {url}/v1 (POST /v1/chat/completions, "
+                                  "GET /v1/models, GET /health); Ctrl-C stops", flush=True))
+    return 0
+
+
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from .diagnose import diagnose
     from .diagnose.report import _ranges_text
@@ -409,6 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=port_number, default=7860, help="port to serve on (default: 7860)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible /v1/chat/completions server with the model back-patched "
+                       "(default: organism:smol-whisper)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=port_number, default=8000, help="port to serve on (default: 8000)")
+    p.add_argument("--continuous-batching", action="store_true",
+                   help="refused: transformers' continuous batching bypasses generate(), so it cannot be back-patched")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("diagnose", help="layer-wise probes, logit lens, convergence and attention; suggests a preset")
     _add_model_args(p)
