@@ -8,7 +8,7 @@ See DESIGN.md for the semantics and the README for a quickstart.
 from . import organism
 from ._engine import BackpatchRuntimeError
 from .bundled import list_presets, load_preset
-from .preset import AudioSpan, Calibration, Contrastive, Match, ModelFacts, Patch, Preset, PresetError
+from .preset import AudioSpan, Calibration, Contrastive, Gate, Match, ModelFacts, Patch, Preset, PresetError
 from .wrapper import BackpatchedModel, apply, backpatch_hook_count, wrap
 
 __version__ = "0.1.0"
@@ -19,6 +19,7 @@ __all__ = [
     "BackpatchedModel",
     "Calibration",
     "Contrastive",
+    "Gate",
     "Match",
     "ModelFacts",
     "Patch",

@@ -66,6 +66,7 @@ class ContrastiveSession:
         config: Contrastive,
         silence: tuple[torch.Tensor, int] | None,
         hooks: CallHooks,
+        gate: Any = None,
     ) -> None:
         if config.null_audio == "silence" and silence is None:
             raise ValueError("null_audio: silence needs the processor: wrap(model, preset, processor=processor)")
@@ -79,6 +80,10 @@ class ContrastiveSession:
         self.forward_calls = 0
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._cache = None
+        #: the preset's audio-confidence gate, or None (alpha at full strength on every row and step)
+        self.gate = gate
+        #: with a gate: its strength per row at the last position of every forward call (one [B] tensor per step)
+        self.gate_steps: list[torch.Tensor] = []
 
     def install(self) -> None:
         generator = self.resolved.generator
@@ -151,7 +156,15 @@ class ContrastiveSession:
         rows, alpha = self.rows, self.config.alpha
         logits = output.logits
         main, null = logits[:rows], logits[rows:]
-        combined = (1.0 + alpha) * main - alpha * null
+        if self.gate is None:
+            combined = (1.0 + alpha) * main - alpha * null
+        else:  # alpha per row and position: g * alpha, g measured on this step's two distributions
+            from ._gate import gate_strength
+
+            strength = gate_strength(self.gate, main, null)
+            self.gate_steps.append(strength[:, -1].detach().cpu())
+            scaled = (alpha * strength).to(main.dtype).unsqueeze(-1)
+            combined = (1.0 + scaled) * main - scaled * null
         if self.config.plausibility is not None:
             probs = main.float().softmax(dim=-1)
             cut = probs < self.config.plausibility * probs.amax(dim=-1, keepdim=True)

@@ -240,6 +240,8 @@ class PatchSession:
         doubled: bool = False,
         *,
         hooks: CallHooks,
+        gate: Any = None,
+        gate_values: torch.Tensor | None = None,
     ) -> None:
         self.resolved = resolved
         #: the call that owns this session's hooks: they act for it only (see :class:`CallHooks`)
@@ -260,6 +262,11 @@ class PatchSession:
         self.patched_prefills = 0
         #: which path the patched prefill took: "short", "two-pass", "precaptured" (None: nothing patched yet)
         self.path: str | None = None
+        #: the preset's audio-confidence gate (:class:`~backpatch.preset.Gate`), or None (patches at full strength)
+        self._gate = gate
+        #: the gate's strength per main row in this prefill ([B] floats in [0, 1]); given by the caller with
+        #: ``precaptured`` states (calibration), else measured by the capture pass
+        self.gate_values: torch.Tensor | None = gate_values
 
     # ------------------------------------------------------------------------------------------ install
     def install(self) -> None:
@@ -349,6 +356,8 @@ class PatchSession:
 
     def _capture_then_arm(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._precaptured is not None:
+            if self._gate is not None and self.gate_values is None:
+                raise BackpatchRuntimeError("a gated preset with precaptured states needs the gate values too")
             patches = self.resolved.patches
             self._captured = {i: self._precaptured[(p.source, p.positions)] for i, p in enumerate(patches)}
             self.path = "precaptured"
@@ -376,6 +385,8 @@ class PatchSession:
     def _short_path_fits(self, module: nn.Module, kwargs: dict) -> bool:
         """Whether this prefill can share layers 0..t_min between capture and patched pass (module docstring)."""
         resolved = self.resolved
+        if self._gate is not None:  # the gate needs the unpatched answer distribution: the capture runs every layer
+            return False
         if not resolved.short_path or any(kwargs.get(key) is not None for key in resolved.per_layer_inputs):
             return False
         first, last = resolved.earliest_target, resolved.deepest_source
@@ -449,7 +460,9 @@ class PatchSession:
         captured: dict[int, torch.Tensor] = {}
         handles = []
         capture_kwargs = dict(kwargs)
-        if self._doubled:
+        gated = self._gate is not None
+        rows = next(iter(masks.values())).shape[0] // 2 if self._doubled else None
+        if self._doubled and not gated:
             # The null-audio rows of contrastive decoding are never patched: capture the main rows only.
             rows = next(iter(masks.values())).shape[0] // 2
             masks = {kind: mask[:rows] for kind, mask in masks.items()}
@@ -463,7 +476,7 @@ class PatchSession:
                 for index, patch in enumerate(resolved.patches):
                     if patch.source == layer:
                         captured[index] = _select(hidden, masks[patch.positions].to(hidden.device)).detach()
-                if layer == deepest:
+                if layer == deepest and not gated:  # the gate needs the answer distribution: run to the end
                     raise _StopCapture(self)
 
             return hook
@@ -476,7 +489,9 @@ class PatchSession:
         capture_kwargs.update(use_cache=False, output_hidden_states=False, output_attentions=False)
         self._capturing = True
         try:
-            module(*args, **capture_kwargs)
+            output = module(*args, **capture_kwargs)
+            if gated:
+                self.gate_values = self._measure_gate(output, rows)
         except _StopCapture as stop:
             if stop.session is not self:  # pragma: no cover - hooks act for their own call only
                 raise
@@ -490,6 +505,20 @@ class PatchSession:
                 f"the capture pass did not reach source layer {deepest} of {resolved.layers_path}; does "
                 f"{type(module).__name__}.forward run every layer in that ModuleList?"
             )
+
+    def _measure_gate(self, text_output: Any, rows: int | None) -> torch.Tensor:
+        """The gate per main row from the unpatched text model's output at the last prompt position (the LM head
+        applied to it; with contrastive rows in the batch, rows ``rows:`` are the null-audio ones)."""
+        from ._gate import gate_strength
+
+        last = getattr(text_output, "last_hidden_state", None)
+        if last is None:
+            last = text_output[0]
+        head = self.resolved.generator.get_output_embeddings()
+        logits = head(last[:, -1:].to(head.weight.device))[:, -1]
+        if rows is None:
+            return gate_strength(self._gate, logits, None).detach()
+        return gate_strength(self._gate, logits[:rows], logits[rows:]).detach()
 
     def _make_patch_hook(self, target: int):
         def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
@@ -509,7 +538,13 @@ class PatchSession:
             mask = self._masks[patch.positions].to(hidden.device)
             states = self._captured[index].to(device=hidden.device, dtype=hidden.dtype)
             at = _at(patched, mask)
-            patched[at] = _combine(patched[at], states, patch)
+            current = patched[at]
+            combined = _combine(current, states, patch)
+            if self.gate_values is not None:  # per row: h + g (patched - h); g = 0 leaves h exactly as it was
+                rows = mask.nonzero(as_tuple=True)[0]
+                strength = self.gate_values.to(device=hidden.device, dtype=hidden.dtype)[rows].unsqueeze(-1)
+                combined = current + strength * (combined - current)
+            patched[at] = combined
         return _with_hidden(output, patched)
 
 
@@ -569,8 +604,13 @@ def generation_session(
     contrastive: Any = None,
     silence: Any = None,
     precaptured: dict[tuple[int, str], torch.Tensor] | None = None,
+    gate: Any = None,
+    gate_values: torch.Tensor | None = None,
 ) -> Iterator[tuple[PatchSession | None, Any]]:
     """Back-patching and/or contrastive decoding hooks for one call, under the model's lock.
+
+    ``gate`` (a :class:`~backpatch.preset.Gate`) scales both per row; its ``audio_gap`` signal needs the null-audio
+    rows, which then ride along even at contrastive ``alpha: 0``. ``gate_values`` go with ``precaptured``.
 
     The contrastive hooks go on first, so that the patch session sees the doubled batch and patches only the
     main rows. All hooks belong to this call in this thread (:class:`CallHooks`); everything is removed on exit,
@@ -581,9 +621,11 @@ def generation_session(
     with model_lock(resolved.generator).hold(), ExitStack() as stack:
         hooks = CallHooks()
         stack.callback(hooks.close)  # last: whatever a session may have missed
-        use_contrastive = contrastive is not None and contrastive.alpha > 0
-        cs = ContrastiveSession(resolved, contrastive, silence, hooks) if use_contrastive else None
-        ps = PatchSession(resolved, precaptured, doubled=use_contrastive, hooks=hooks) if resolved.patches else None
+        needs_null = gate is not None and gate.signal == "audio_gap"
+        use_contrastive = contrastive is not None and (contrastive.alpha > 0 or needs_null)
+        cs = ContrastiveSession(resolved, contrastive, silence, hooks, gate=gate) if use_contrastive else None
+        ps = (PatchSession(resolved, precaptured, doubled=use_contrastive, hooks=hooks, gate=gate,
+                           gate_values=gate_values) if resolved.patches else None)
         if cs is not None:
             stack.callback(cs.remove)
         if ps is not None:

@@ -27,6 +27,7 @@ __all__ = [
     "AudioSpan",
     "Calibration",
     "Contrastive",
+    "Gate",
     "Match",
     "ModelFacts",
     "Patch",
@@ -302,11 +303,59 @@ class Contrastive:
                 raise _fail(_join(where, "plausibility"), f"must be in [0, 1], got {self.plausibility}", origin)
 
 
+GATE_SIGNALS = ("audio_gap", "certainty")
+
+
+@dataclass
+class Gate:
+    """Audio-confidence gate: every mitigation in the preset acts per row (and per step) in proportion to how much
+    the audio supports the answer (README, "Audio-confidence gate"; design notes in docs/design.md).
+
+    ``signal`` is measured on the unpatched first-token distribution for the patches (one value per row, before
+    the patched prefill) and on each step's distributions for contrastive decoding:
+
+    - ``audio_gap``: total variation distance between ``p(y | audio, prompt)`` and ``p(y | null audio, prompt)``,
+      in [0, 1]: how far the audio moves the answer from what the prompt alone predicts. Needs the null-audio rows
+      of a ``contrastive`` block (its ``alpha`` may be 0: the rows then only feed the gate).
+    - ``certainty``: ``exp(-entropy)`` of ``p(y | audio, prompt)``, in (0, 1]: how sure the audio-conditioned
+      model is.
+
+    The strength is ``clip((signal - low) / (high - low), 0, 1)`` (a step at ``low`` when ``low == high``): patch
+    states become ``h + g * (patched - h)``, contrastive alpha becomes ``g * alpha``. No gate block: every
+    mitigation at full strength, bit-identical to a preset without the key.
+    """
+
+    signal: str = "audio_gap"
+    low: float = 0.1
+    high: float = 0.3
+
+    def __post_init__(self) -> None:
+        self._validate("gate", None)
+
+    def _validate(self, where: str, origin: str | None) -> None:
+        _check_choice(self.signal, GATE_SIGNALS, _join(where, "signal"), origin)
+        for key in ("low", "high"):
+            value = _check_float(getattr(self, key), _join(where, key), origin)
+            if not 0.0 <= value <= 1.0:
+                raise _fail(_join(where, key), f"must be in [0, 1] (the signal's range), got {value}", origin)
+            setattr(self, key, value)
+        if self.low > self.high:
+            raise _fail(_join(where, "low"), f"low ({self.low}) must not exceed high ({self.high})", origin)
+
+    def strength(self, signal: Any) -> Any:
+        """The gate value for a signal (a float or a tensor): 0 below ``low``, 1 from ``high`` on, linear between."""
+        if self.high == self.low:
+            return (signal >= self.low) * 1.0
+        ramp = (signal - self.low) / (self.high - self.low)
+        return ramp.clamp(0.0, 1.0) if hasattr(ramp, "clamp") else min(1.0, max(0.0, ramp))
+
+
 _SECTIONS: dict[str, type] = {
     "match": Match,
     "model": ModelFacts,
     "audio_span": AudioSpan,
     "contrastive": Contrastive,
+    "gate": Gate,
     "calibration": Calibration,
 }
 
@@ -342,6 +391,7 @@ class Preset:
     model: ModelFacts | None = None
     audio_span: AudioSpan | None = None
     contrastive: Contrastive | None = None
+    gate: Gate | None = None
     calibration: Calibration | None = None
     #: where this preset was read from (a file path or ``bundled:NAME``); used in error messages, not saved.
     origin: str | None = field(default=None, compare=False, repr=False)
@@ -365,6 +415,10 @@ class Preset:
             value = getattr(self, key)
             if value is not None and not isinstance(value, cls):
                 raise _fail(key, f"expected a {cls.__name__}, got {_type_name(value)}", origin)
+        if self.gate is not None and self.gate.signal == "audio_gap" and self.contrastive is None:
+            raise _fail("gate.signal", "audio_gap compares the answer with and without the audio, so it needs the "
+                        "null-audio rows of a contrastive block; add `contrastive: {alpha: 0.0}` (rows for the gate "
+                        "only) or use signal: certainty", origin)
 
     # ----------------------------------------------------------------------------------------- dict I/O
     @classmethod
@@ -408,6 +462,8 @@ class Preset:
                               for p in self.patches]
         if self.contrastive is not None:
             out["contrastive"] = {k: v for k, v in dataclasses.asdict(self.contrastive).items() if v is not None}
+        if self.gate is not None:
+            out["gate"] = dataclasses.asdict(self.gate)
         if self.calibration is not None:
             cal = dataclasses.asdict(self.calibration)
             out["calibration"] = {k: v for k, v in cal.items() if v is not None and v != {}}

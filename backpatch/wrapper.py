@@ -63,7 +63,8 @@ _WARNED: set[str] = set()
 def _silence_for(preset: Preset, processor: Any) -> Any:
     """Silent-clip features for contrastive decoding with ``null_audio: silence`` (needs the processor)."""
     block = preset.contrastive
-    if block is None or block.alpha == 0 or block.null_audio != "silence":
+    gate_rows = preset.gate is not None and preset.gate.signal == "audio_gap"  # null rows feed the gate
+    if block is None or (block.alpha == 0 and not gate_rows) or block.null_audio != "silence":
         return None
     if processor is None or getattr(processor, "feature_extractor", None) is None:
         origin = f"{preset.origin}: " if preset.origin else ""
@@ -132,6 +133,10 @@ class BackpatchedModel:
         finally:
             self._local.disabled -= 1
 
+    def _session(self) -> Any:
+        """The hooks of one back-patched call: patches, contrastive rows and the gate of this preset."""
+        return generation_session(self._resolved, self.preset.contrastive, self._silence, gate=self.preset.gate)
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Hugging Face ``generate()``, with the preset's patches applied to the prefill.
 
@@ -143,7 +148,7 @@ class BackpatchedModel:
         if self.is_disabled:
             with plain_call():
                 return plain_generate(generator, *args, **kwargs)
-        with generation_session(self._resolved, self.preset.contrastive, self._silence) as sessions:
+        with self._session() as sessions:
             self.last_session, self.last_contrastive = sessions
             return plain_generate(generator, *args, **kwargs)
 
@@ -153,11 +158,24 @@ class BackpatchedModel:
         if self.is_disabled:
             with plain_call():
                 return generator(*args, **kwargs)
-        with generation_session(self._resolved, self.preset.contrastive, self._silence) as sessions:
+        with self._session() as sessions:
             self.last_session, self.last_contrastive = sessions
             return generator(*args, **kwargs)
 
     __call__ = forward
+
+    def last_gate(self) -> dict[str, list] | None:
+        """What the audio-confidence gate did in this wrapper's most recent call, per row: ``patch`` (the strength
+        the patches got, measured before the patched prefill) and ``contrastive`` (alpha's strength at each step).
+        ``None`` without a gate. 1.0 is full strength, 0.0 fully plain."""
+        if self.preset.gate is None:
+            return None
+        session, contrastive = self.last_session, self.last_contrastive
+        patch = session.gate_values if session is not None else None
+        steps = contrastive.gate_steps if contrastive is not None and self.preset.contrastive.alpha > 0 else []
+        return {"patch": None if patch is None else [round(float(v), 4) for v in patch],
+                "contrastive": ([[round(float(v), 4) for v in column] for column in zip(*steps, strict=True)]
+                                if steps else None)}
 
     def unwrap(self) -> nn.Module:
         """Return the base model. Hooks only live inside a call, so it is hook-free; this is checked.

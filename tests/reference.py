@@ -24,12 +24,13 @@ def _out(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-def reference_logits(model, layers, batch, patches, audio_token_id, forward=None):
+def reference_logits(model, layers, batch, patches, audio_token_id, forward=None, row_gate=None):
     """Last-position logits of one full forward pass with ``patches`` applied.
 
     ``patches``: list of dicts with absolute ``source``/``target``, ``scale``, ``mode``, ``positions`` and
     optionally ``match_norm`` (captured states rescaled to the norm of the states they are combined with).
     ``forward``: callable(batch) -> logits; defaults to ``model(**batch).logits``.
+    ``row_gate``: optional [B] strengths; each row's patched value becomes ``cur + g * (value - cur)``.
     """
     forward = forward or (lambda b: model(**b).logits)
     input_ids, attention_mask = batch["input_ids"], batch.get("attention_mask")
@@ -61,6 +62,9 @@ def reference_logits(model, layers, batch, patches, audio_token_id, forward=None
                 if p.get("match_norm"):
                     new = new / new.norm(dim=-1, keepdim=True) * cur.norm(dim=-1, keepdim=True)
                 val = {"add": cur + a * new, "replace": a * new, "interpolate": (1 - a) * cur + a * new}[p["mode"]]
+                if row_gate is not None:
+                    g = torch.stack([row_gate[b] for b in range(mask.shape[0]) for _ in range(int(mask[b].sum()))])
+                    val = cur + g.to(cur.dtype).unsqueeze(-1) * (val - cur)
                 if h.dim() == 4:
                     h[:, mask] = val
                 else:
