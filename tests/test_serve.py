@@ -125,9 +125,13 @@ class Python:
     def __init__(self, name: str) -> None:
         self.model, self.processor = load_model_and_processor(name)
         self.wrapped = backpatch.wrap(self.model, processor=self.processor)
+        self._answers: dict[tuple, str] = {}
 
     def answer(self, prompt: str = PROMPT, path: Path = CLIP, enabled: bool = True, preset=None,
                truncate: bool = False) -> str:
+        key = (prompt, str(path), enabled, truncate)
+        if preset is None and key in self._answers:  # smol-whisper answers take seconds on a busy CPU
+            return self._answers[key]
         wrapped = self.wrapped if preset is None else backpatch.wrap(self.model, preset, processor=self.processor)
         wave = load_audio(path, self.processor.feature_extractor.sampling_rate)
         inputs = build_inputs(self.processor, [wave], [prompt], truncate=truncate)
@@ -137,7 +141,10 @@ class Python:
             else:
                 with wrapped.disabled():
                     out = wrapped.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
-        return decode_new_tokens(self.processor, out, inputs["input_ids"].shape[1])[0]
+        text = decode_new_tokens(self.processor, out, inputs["input_ids"].shape[1])[0]
+        if preset is None:
+            self._answers[key] = text
+        return text
 
 
 @pytest.fixture(scope="module")
