@@ -2,11 +2,13 @@
 
 For each model it starts ``backpatch serve`` as a subprocess on 127.0.0.1 (a free port), warms it up, then runs
 ``--rounds`` rounds; in each round ``--clients`` concurrent clients (the official ``openai`` client) send
-``--requests`` greedy requests over the organism's shipped conflict items, once all plain (``extra_body``
-``{"backpatch": {"enabled": false}}``) and once all back-patched with the model's preset, the order alternating
-between rounds so that machine noise hits both alike. It prints per variant: requests/s (requests over the summed
-wall time of its phases), p50/p95 latency of single requests, mean completion tokens (an answer's length changes
-with its content), and the back-patched/plain ratios.
+``--requests`` greedy requests over the organism's shipped conflict items, once per variant: ``plain``
+(``extra_body`` ``{"backpatch": {"enabled": false}}``), ``backpatched`` (the model's preset, as served by default;
+the organisms' presets add contrastive decoding, a second decoding stream) and ``patches-only`` (the same preset's
+patches without its contrastive part, sent inline as ``{"backpatch": {"preset": {...}}}``); the variant order
+rotates between rounds so that machine noise hits all alike. It prints per variant: requests/s (requests over the
+summed wall time of its phases), p50/p95 latency of single requests, mean completion tokens (an answer's length
+changes with its content), and the ratios to plain.
 
 Usage: python benchmarks/serve.py [--models organism:digits,organism:smol-whisper] [--clients 4] [--requests 24]
        [--rounds 2] [--threads 2] [--max-tokens 8] [--stream]
@@ -81,11 +83,21 @@ def requests_for(n: int) -> list[list[dict]]:
     return out
 
 
-def one(client: OpenAI, model: str, messages: list[dict], enabled: bool, max_tokens: int,
+def variants(url: str) -> dict[str, dict | None]:
+    """The ``backpatch`` object of each variant's requests (``None``: the server's preset)."""
+    with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+        preset = backpatch.load_preset(json.loads(response.read())["preset"]).to_dict()
+    out: dict[str, dict | None] = {"plain": {"enabled": False}, "backpatched": None}
+    if preset.get("contrastive") is not None and preset.get("patches"):
+        out["patches-only"] = {"preset": {k: v for k, v in preset.items() if k not in ("contrastive", "calibration")}}
+    return out
+
+
+def one(client: OpenAI, model: str, messages: list[dict], options: dict | None, max_tokens: int,
         stream: bool) -> tuple[float, int]:
     """Latency of one request (to its last byte) and its completion tokens."""
     start = time.perf_counter()
-    extra = {"backpatch": {"enabled": enabled}}
+    extra = None if options is None else {"backpatch": options}
     if stream:
         chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
                                                      temperature=0, stream=True, extra_body=extra))
@@ -97,13 +109,13 @@ def one(client: OpenAI, model: str, messages: list[dict], enabled: bool, max_tok
     return time.perf_counter() - start, tokens
 
 
-def phase(url: str, model: str, batch: list[list[dict]], enabled: bool, clients: int, max_tokens: int,
+def phase(url: str, model: str, batch: list[list[dict]], options: dict | None, clients: int, max_tokens: int,
           stream: bool) -> tuple[float, list[float], list[int]]:
     """Wall time of ``batch`` sent by ``clients`` concurrent clients, and each request's latency and tokens."""
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        rows = list(pool.map(lambda m: one(client, model, m, enabled, max_tokens, stream), batch))
+        rows = list(pool.map(lambda m: one(client, model, m, options, max_tokens, stream), batch))
     return time.perf_counter() - start, [r[0] for r in rows], [r[1] for r in rows]
 
 
@@ -116,16 +128,18 @@ def bench(model: str, args: argparse.Namespace) -> dict:
     process, url, log = start(model, args.threads)
     try:
         batch = requests_for(args.requests)
-        phase(url, model, batch[: args.clients], True, args.clients, args.max_tokens, args.stream)  # warm-up
-        phase(url, model, batch[: args.clients], False, args.clients, args.max_tokens, args.stream)
-        totals = {True: [0.0, [], []], False: [0.0, [], []]}
+        kinds = variants(url)
+        for options in kinds.values():  # warm-up
+            phase(url, model, batch[: args.clients], options, args.clients, args.max_tokens, args.stream)
+        totals: dict[str, list] = {name: [0.0, [], []] for name in kinds}
+        names = list(kinds)
         for r in range(args.rounds):
-            for enabled in ((False, True) if r % 2 == 0 else (True, False)):
-                wall, latencies, tokens = phase(url, model, batch, enabled, args.clients, args.max_tokens,
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                wall, latencies, tokens = phase(url, model, batch, kinds[name], args.clients, args.max_tokens,
                                                 args.stream)
-                totals[enabled][0] += wall
-                totals[enabled][1] += latencies
-                totals[enabled][2] += tokens
+                totals[name][0] += wall
+                totals[name][1] += latencies
+                totals[name][2] += tokens
         with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
             hooks = json.loads(response.read())["backpatch_hook_count"]
     finally:
@@ -133,8 +147,7 @@ def bench(model: str, args: argparse.Namespace) -> dict:
         process.wait(timeout=30)
         log.unlink()
     out = {"model": model, "hooks_after": hooks}
-    for enabled, name in ((False, "plain"), (True, "backpatched")):
-        wall, latencies, tokens = totals[enabled]
+    for name, (wall, latencies, tokens) in totals.items():
         out[name] = {"requests": len(latencies), "rps": len(latencies) / wall, "p50": percentile(latencies, 0.5),
                      "p95": percentile(latencies, 0.95), "tokens": statistics.mean(tokens)}
     return out
@@ -155,17 +168,20 @@ def main() -> None:
           f"server threads {args.threads}, {args.clients} concurrent clients, {args.requests} requests x "
           f"{args.rounds} rounds per variant, max_tokens {args.max_tokens}, greedy, "
           f"{'streamed' if args.stream else 'not streamed'}; load average at start {load:.2f}")
-    print(f"{'model':<24} {'variant':<12} {'requests':>8} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'tokens':>7}")
+    print(f"{'model':<24} {'variant':<14} {'requests':>8} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'tokens':>7}")
     for model in args.models.split(","):
         result = bench(model.strip(), args)
-        for name in ("plain", "backpatched"):
+        names = [name for name in result if name not in ("model", "hooks_after")]
+        for name in names:
             r = result[name]
-            print(f"{result['model']:<24} {name:<12} {r['requests']:>8} {r['rps']:>7.2f} {r['p50']:>7.3f} "
+            print(f"{result['model']:<24} {name:<14} {r['requests']:>8} {r['rps']:>7.2f} {r['p50']:>7.3f} "
                   f"{r['p95']:>7.3f} {r['tokens']:>7.2f}")
-        p, b = result["plain"], result["backpatched"]
-        print(f"{result['model']:<24} {'ratio bp/pl':<12} {'':>8} {b['rps'] / p['rps']:>7.3f} "
-              f"{b['p50'] / p['p50']:>7.3f} {b['p95'] / p['p95']:>7.3f} {b['tokens'] / p['tokens']:>7.3f}"
-              f"   (hooks left after the run: {result['hooks_after']})")
+        p = result["plain"]
+        for name in names[1:]:
+            b = result[name]
+            print(f"{result['model']:<24} {name + '/plain':<26} {b['rps'] / p['rps']:>7.3f} "
+                  f"{b['p50'] / p['p50']:>7.3f} {b['p95'] / p['p95']:>7.3f} {b['tokens'] / p['tokens']:>7.3f}")
+        print(f"{result['model']:<24} backpatch hooks left on the model after the run: {result['hooks_after']}")
 
 
 if __name__ == "__main__":

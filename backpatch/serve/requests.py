@@ -108,7 +108,8 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "temperature": (lambda v: _is_number(v) and v >= 0, "a number of at least 0"),
     "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
     "seed": (_is_int, "a whole number"),
-    "frequency_penalty": (lambda v: _is_number(v) and -2 <= v <= 2, "a number between -2 and 2"),
+    # transformers maps it to repetition_penalty = 1 + frequency_penalty, which must stay above 0
+    "frequency_penalty": (lambda v: _is_number(v) and -1 < v <= 2, "a number above -1 and at most 2"),
     "stop": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
              "a string or a list of strings"),
     "logit_bias": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and k.lstrip("-").isdigit()
