@@ -514,8 +514,13 @@ class PatchSession:
         last = getattr(text_output, "last_hidden_state", None)
         if last is None:
             last = text_output[0]
-        head = self.resolved.generator.get_output_embeddings()
+        generator = self.resolved.generator
+        head = generator.get_output_embeddings()
         logits = head(last[:, -1:].to(head.weight.device))[:, -1]
+        config = generator.config.get_text_config() if hasattr(generator.config, "get_text_config") else None
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap:  # Gemma: the model's own logits are soft-capped after the head
+            logits = torch.tanh(logits / cap) * cap
         if rows is None:
             return gate_strength(self._gate, logits, None).detach()
         return gate_strength(self._gate, logits[:rows], logits[rows:]).detach()

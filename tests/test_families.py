@@ -133,3 +133,40 @@ def test_contrastive_decoding_equals_two_forward_reference(name):
     torch.testing.assert_close(out.logits[0], want, rtol=1e-4, atol=1e-4)
     assert out.sequences.shape[0] == fam.batch["input_ids"].shape[0]
     assert backpatch.backpatch_hook_count(fam.model) == 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gated_patches_equal_the_reference_with_the_measured_gate(name):
+    """The audio-confidence gate on every family: the capture runs the whole text model and the LM head for the
+    unpatched distribution (audio_gap: both streams), each row's patch is scaled by its own strength, and a
+    closed gate is plain generation bit for bit."""
+    fam = family(name)
+    patch = {"source": len(fam.layers) - 1, "target": 0, "scale": 0.8, "mode": "add", "positions": "audio"}
+    contrastive = backpatch.Contrastive(alpha=0.0, null_audio="zeros")
+    probe = backpatch.wrap(fam.model, Preset(patches=[Patch(**patch)], contrastive=contrastive,
+                                             gate=backpatch.Gate("audio_gap", 0.0, 0.0)))
+    with torch.no_grad():
+        probe.generate(**fam.batch, max_new_tokens=1, **KWARGS)
+    measured = torch.tensor(probe.last_gate()["patch"])
+    assert measured.shape[0] == fam.batch["input_ids"].shape[0] and bool((measured == 1.0).all())
+    # random audio barely moves a tiny model's answer (audio_gap ~ 1e-8, all float noise): the numbers are
+    # checked with the certainty signal, which is O(1) on every family
+    with torch.no_grad():
+        log_p = fam.logits(fam.batch)[:, -1].float().log_softmax(-1)
+    certainty = torch.exp((log_p.exp() * log_p).sum(-1))
+    gate = backpatch.Gate("certainty", float(certainty.min()) * 0.5, min(1.0, float(certainty.max()) * 1.5))
+    wrapped = backpatch.wrap(fam.model, Preset(patches=[Patch(**patch)], gate=gate))
+    with torch.no_grad():
+        got = wrapped.generate(**fam.batch, max_new_tokens=1, **KWARGS).logits[0]
+        strength = wrapped.last_session.gate_values
+        torch.testing.assert_close(strength, gate.strength(certainty), rtol=0, atol=1e-4)
+        assert bool(((strength > 0.05) & (strength < 0.95)).any()), "the test needs a partial gate"
+        want = reference_logits(fam.model, fam.layers, fam.batch, [patch], wrapped.resolved.audio_token_id,
+                                forward=fam.logits, row_gate=strength)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        closed = backpatch.wrap(fam.model, Preset(patches=[Patch(**patch)], gate=backpatch.Gate("certainty", 1.0, 1.0)))
+        out = closed.generate(**fam.batch, max_new_tokens=2, **KWARGS)
+        plain = wrapped.resolved.generator.generate(**fam.batch, max_new_tokens=2, **KWARGS)
+    assert torch.equal(out.sequences, plain.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, plain.logits, strict=True))
+    assert backpatch.backpatch_hook_count(fam.model) == 0
