@@ -259,8 +259,8 @@ def build_app(model: Any, processor: Any, preset: Preset | str | None = None, mo
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        return _error(400, f"the request body is not a JSON object ({first.get('msg', 'invalid')})", where)
+        return _error(400, f"the request body is not a JSON object ({first.get('msg', 'invalid')}); send the chat "
+                      "completion request as JSON")
 
     @app.exception_handler(Exception)
     async def _server_error(_request: Request, exc: Exception) -> JSONResponse:
