@@ -191,6 +191,27 @@ def test_smol_whisper_answers_as_python_plain_patched_and_streamed(smol_server, 
     assert health(smol_server.url)["backpatch_hook_count"] == 0
 
 
+def test_a_client_leaving_mid_stream_leaves_no_hook_and_no_change(smol_server, smol_python):
+    """/health counts the hooks of a generation in flight (contrastive decoding holds two for the whole call); a client
+    that disconnects mid-stream cancels it, the hooks go, and the next answer is unchanged."""
+    client, model = smol_server.client(), "organism:smol-whisper"
+    # 2000 tokens take minutes on one CPU thread (400 took 52 s here); cancelled, the hooks go within a second
+    long = json.dumps({"max_new_tokens": 2000, "min_new_tokens": 2000, "do_sample": False})
+    stream = client.chat.completions.create(model=model, messages=messages(), stream=True,
+                                            extra_body={"generation_config": long})
+    next(iter(stream))
+    seen, deadline = 0, time.monotonic() + 30
+    while not seen and time.monotonic() < deadline:
+        seen = health(smol_server.url)["backpatch_hook_count"]
+    stream.close()
+    assert seen > 0
+    deadline = time.monotonic() + 30
+    while health(smol_server.url)["backpatch_hook_count"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert health(smol_server.url)["backpatch_hook_count"] == 0
+    assert ask(client, model) == smol_python.answer()
+
+
 def test_readme_client_snippet_runs_against_the_server(smol_server, smol_python, capsys):
     blocks = re.findall(re.escape(MARK) + r"\s*```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
     assert len(blocks) == 1, f"README.md has {len(blocks)} blocks marked {MARK!r}"

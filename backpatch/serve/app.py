@@ -245,8 +245,15 @@ def build_app(model: Any, processor: Any, preset: Preset | str | None = None, mo
     @app.get("/health")
     def health() -> dict[str, Any]:
         """Liveness, and backpatch's hook count on the model (0 whenever no request is being generated)."""
-        return {"status": "ok", "model": name, "preset": default.preset.name,
-                "backpatch_hook_count": backpatch_hook_count(model)}
+        for _ in range(10):
+            try:
+                hooks = backpatch_hook_count(model)
+                break
+            except RuntimeError:  # the inference thread added or removed a hook while this one counted: count again
+                continue
+        else:  # pragma: no cover - ten collisions in a row
+            hooks = None
+        return {"status": "ok", "model": name, "preset": default.preset.name, "backpatch_hook_count": hooks}
 
     @app.exception_handler(RequestError)
     async def _request_error(_request: Request, exc: RequestError) -> JSONResponse:
