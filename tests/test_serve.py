@@ -60,13 +60,13 @@ def health(url: str) -> dict:
 class Server:
     """``backpatch serve`` in a subprocess on a random free port; stopped (and waited for) on exit."""
 
-    def __init__(self, model: str) -> None:
+    def __init__(self, model: str, *options: str) -> None:
         self.model, self.port = model, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="backpatch-serve-", suffix=".log", delete=False)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.process = subprocess.Popen([sys.executable, "-c", SERVER, "serve", "--model", model, "--host",
-                                         "127.0.0.1", "--port", str(self.port)],
+                                         "127.0.0.1", "--port", str(self.port), *options],
                                         stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait(self, timeout: float = 300) -> Server:
@@ -122,8 +122,8 @@ def ask(client: OpenAI, model: str, prompt: str = PROMPT, path: Path = CLIP, str
 class Python:
     """The same model loaded in this process: the answers ``wrap(...).generate`` gives."""
 
-    def __init__(self, name: str) -> None:
-        self.model, self.processor = load_model_and_processor(name)
+    def __init__(self, name: str, dtype: str = "auto") -> None:
+        self.model, self.processor = load_model_and_processor(name, dtype)
         self.wrapped = backpatch.wrap(self.model, processor=self.processor)
         self._answers: dict[tuple, str] = {}
 
@@ -135,6 +135,9 @@ class Python:
         wrapped = self.wrapped if preset is None else backpatch.wrap(self.model, preset, processor=self.processor)
         wave = load_audio(path, self.processor.feature_extractor.sampling_rate)
         inputs = build_inputs(self.processor, [wave], [prompt], truncate=truncate)
+        for key, value in inputs.items():  # as the server (and the demo) do for a bf16/fp16 model
+            if value.is_floating_point():
+                inputs[key] = value.to(self.model.dtype)
         with torch.no_grad():
             if enabled:
                 out = wrapped.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
@@ -370,6 +373,17 @@ def _write_tmp(data: bytes) -> Path:
     path = Path(tempfile.mkdtemp(prefix="backpatch-serve-test-")) / "long.wav"
     path.write_bytes(data)
     return path
+
+
+def test_bfloat16_server_answers_as_python_in_bfloat16():
+    server, python = Server("organism:digits", "--dtype", "bfloat16"), Python("organism:digits", "bfloat16")
+    try:
+        client = server.wait().client()
+        assert ask(client, "organism:digits") == python.answer()
+        assert ask(client, "organism:digits", stream=True, backpatch_options={"enabled": False}) == python.answer(
+            enabled=False)
+    finally:
+        server.stop()
 
 
 def test_cli_refuses_continuous_batching_in_one_sentence(capsys):

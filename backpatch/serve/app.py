@@ -79,8 +79,8 @@ class RequestModel:
         """The wrapped ``generate()``; ``disabled()`` is per thread, so it is entered here, on the inference thread."""
         dtype = getattr(self._wrapped.base_model, "dtype", None)
         for key, value in kwargs.items():
-            # The handler moves inputs to the model's device but keeps float32 features (bf16 models need them cast,
-            # as backpatch.demo does).
+            # The handler moves inputs to the model's device but keeps float32 features; cast them to the model's
+            # dtype as backpatch.demo does (Qwen2-Audio casts them itself, not every family's encoder does).
             if isinstance(value, torch.Tensor) and value.is_floating_point() and dtype is not None:
                 kwargs[key] = value.to(dtype)
         with torch.no_grad():
