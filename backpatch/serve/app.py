@@ -14,8 +14,10 @@ happens:
 4. routes that would run the model unpatched (``/v1/responses``, ``/v1/completions``, ...) or unload it
    (``/reset``) are removed, and ``/health`` reports backpatch's hook count.
 
-Continuous batching is not offered: transformers runs it through its own paged-attention batch processor, never
-through ``generate()``, so the prefill hooks would not run (see :data:`CONTINUOUS_BATCHING_REFUSAL`).
+Continuous batching is not offered: transformers runs it through its own paged-attention batch processor
+(``generation/continuous_batching``: ``model(**batch_data)`` on the packed tokens of many requests, which it takes
+as ``input_ids`` only), never through ``generate()``, so the prefill hooks would not run; and its handler uses it for
+text-only models alone (see :data:`CONTINUOUS_BATCHING_REFUSAL`).
 """
 
 from __future__ import annotations
