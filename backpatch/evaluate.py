@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .audio_io import TRUNCATE_HINT, AudioTooLongError, clip_seconds, exceeds_window, fit_to_window, load_audio
 from .inputs import audio_window_seconds, build_inputs, decode_new_tokens, sampling_rate_of, truncation_enabled
+from .paired import paired_report
 
 __all__ = [
     "ConflictItem",
@@ -50,7 +51,9 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("conflict", "consistent", "audio_only")
 METRICS = ("tdr", "afr", "other_rate", "consistent_acc", "audio_only_acc")
-ANNOTATIONS = ("framing", "label", "group")
+ANNOTATIONS = ("framing", "label", "group", "perturbation")
+#: annotations the report breaks the metrics down by (``by_<key>``)
+BREAKDOWNS = ("framing", "label", "perturbation")
 #: rows shown per breakdown in the terminal table (the JSON report has all)
 TABLE_ROWS = 30
 #: long clips named in a refusal (all are counted)
@@ -74,6 +77,8 @@ class ConflictItem:
     label: str | None = None
     group: str | None = None
     choices: tuple[str, ...] | None = None
+    #: how the clip was degraded (stress sets, ``backpatch.organism.perturb``); None for clean audio
+    perturbation: str | None = None
 
 
 def load_conflict_set(path: str | Path, limit: int | None = None) -> list[ConflictItem]:
@@ -114,7 +119,8 @@ def load_conflict_set(path: str | Path, limit: int | None = None) -> list[Confli
             raise ConflictSetError(f"{where}: choices must be a list of strings")
         items.append(ConflictItem(str(row["id"]), audio, row["prompt"], row["audio_answer"], text_answer, row["kind"],
                                   *(_optional_text(row, key) for key in ("framing", "label", "group")),
-                                  tuple(choices) if choices is not None else None))
+                                  tuple(choices) if choices is not None else None,
+                                  _optional_text(row, "perturbation")))
         if limit is not None and len(items) >= limit:
             break
     if not items:
@@ -271,9 +277,11 @@ def answer_items(
     max_new_tokens: int = 16,
     progress: bool = True,
     truncate: bool | None = None,
+    gates: list | None = None,
 ) -> tuple[list[str], list[str]]:
     """Plain and back-patched greedy answers for ``items`` (same inputs for both, batched); ``truncate`` as in
-    :func:`encode_items`."""
+    :func:`encode_items`. With a gated preset, ``gates`` (a list) receives each item's gate strengths:
+    ``{"patch": g or None, "contrastive_first_step": g or None}``."""
     plain: list[str] = []
     patched: list[str] = []
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
@@ -283,7 +291,18 @@ def answer_items(
         with wrapped.disabled():
             plain += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)
         patched += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)
+        if gates is not None:
+            gates += _gate_rows(wrapped.last_gate(), len(batch))
     return plain, patched
+
+
+def _gate_rows(report: dict | None, rows: int) -> list[dict | None]:
+    """Per row of one call: the patch gate and the contrastive gate of the first generated token."""
+    if report is None:
+        return [None] * rows
+    patch, steps = report["patch"], report["contrastive"]
+    return [{"patch": patch[r] if patch else None, "contrastive_first_step": steps[r][0] if steps else None}
+            for r in range(rows)]
 
 
 def evaluate(
@@ -296,8 +315,12 @@ def evaluate(
     model_name: str | None = None,
     progress: bool = True,
     truncate: bool | None = None,
+    max_harm: float = 0.02,
 ) -> dict[str, Any] | None:
     """Plain vs back-patched metrics on a conflict set; the report (README: "Evaluation") as a dict.
+
+    ``report["paired"]`` has the paired no-harm bounds (:mod:`backpatch.paired`) per split and control kind; a
+    control metric whose upper bound on the loss exceeds ``max_harm`` is marked in the table (``!``).
 
     Clips longer than the model's audio window are refused before any model work, naming every such item,
     unless ``truncate=True``: then they are cut to the window and ``report["truncated_audio"]`` says which.
@@ -314,9 +337,11 @@ def evaluate(
     state = PartialState(cpu=not torch.cuda.is_available())
     indices = list(range(len(items)))
     with state.split_between_processes(indices) as mine:
+        gates: list = []
         plain, patched = answer_items(wrapped, processor, [items[i] for i in mine], batch_size, max_new_tokens,
-                                      progress=progress and state.is_local_main_process, truncate=truncate)
-        rows = list(zip(mine, plain, patched, strict=True))
+                                      progress=progress and state.is_local_main_process, truncate=truncate,
+                                      gates=gates)
+        rows = list(zip(mine, plain, patched, gates, strict=True))
     if state.num_processes > 1:
         rows = gather_object(rows)
         # Every rank leaves the process group together. A rank that exits while another still holds its gloo
@@ -326,9 +351,10 @@ def evaluate(
         state.destroy_process_group()
     if not state.is_main_process:
         return None
-    answers = {index: (p, b) for index, p, b in rows}
+    answers = {index: (p, b, g) for index, p, b, g in rows}
     plain = [answers[i][0] for i in indices]
     patched = [answers[i][1] for i in indices]
+    gate_rows = [answers[i][2] for i in indices]
     plain_verdicts = [judge(a, it) for a, it in zip(plain, items, strict=True)]
     patched_verdicts = [judge(a, it) for a, it in zip(patched, items, strict=True)]
     report = {
@@ -342,33 +368,85 @@ def evaluate(
         "items": [
             {"id": it.id, "kind": it.kind, "audio_answer": it.audio_answer, "text_answer": it.text_answer,
              **{key: getattr(it, key) for key in ANNOTATIONS if getattr(it, key) is not None},
-             "plain": p, "backpatched": b, "plain_follows": pv, "backpatched_follows": bv}
-            for it, p, b, pv, bv in zip(items, plain, patched, plain_verdicts, patched_verdicts, strict=True)
+             "plain": p, "backpatched": b, "plain_follows": pv, "backpatched_follows": bv,
+             **({"gate": g} if g is not None else {})}
+            for it, p, b, pv, bv, g in zip(items, plain, patched, plain_verdicts, patched_verdicts, gate_rows,
+                                           strict=True)
         ],
+        "paired": paired_report(items, plain_verdicts, patched_verdicts),
+        "max_harm": max_harm,
     }
+    if wrapped.preset.gate is not None:
+        report["gate"] = gate_summary(gate_rows)
     if truncated is not None:
         report["truncated_audio"] = truncated
-    for key in ("framing", "label"):  # TDR broken down by framing and by label, when the items say
+    for key in BREAKDOWNS:  # TDR broken down by framing, label and perturbation, when the items say
         parts = breakdown(items, plain_verdicts, patched_verdicts, key)
         if parts is not None:
             report[f"by_{key}"] = parts
     return report
 
 
+def gate_summary(rows: Sequence[dict | None]) -> dict[str, Any]:
+    """How often and how much the audio-confidence gate weakened the mitigation over an evaluation."""
+    out: dict[str, Any] = {}
+    for key in ("patch", "contrastive_first_step"):
+        values = [r[key] for r in rows if r is not None and r[key] is not None]
+        if values:
+            out[key] = {"mean": round(sum(values) / len(values), 4),
+                        "weakened": round(sum(v < 1.0 for v in values) / len(values), 4),
+                        "closed": round(sum(v == 0.0 for v in values) / len(values), 4), "n": len(values)}
+    return out
+
+
+#: control metric -> the item kind whose paired harm bound it shows
+_CONTROL_OF = {"consistent_acc": "consistent", "audio_only_acc": "audio_only"}
+
+
+def harmed(report: dict[str, Any], metric: str) -> list[str]:
+    """The splits where ``metric`` (a control accuracy) loses more than the report's ``max_harm`` at the paired
+    upper bound; empty when it holds (or the report has no paired block)."""
+    kind = _CONTROL_OF.get(metric)
+    paired, limit = report.get("paired"), report.get("max_harm", 0.02)
+    if kind is None or not paired:
+        return []
+    return [split for split, kinds in paired["harm"].items()
+            if kind in kinds and kinds[kind]["upper"] is not None and kinds[kind]["upper"] > limit + 1e-9]
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """The two metric columns side by side, with intervals and counts, for the terminal."""
+    """The two metric columns side by side, with intervals and counts, for the terminal; ``!`` marks a control
+    metric whose paired harm bound exceeds the no-harm limit."""
     lines = [f"{'metric':<16}{'plain':>24}{'backpatched':>24}"]
+    marked = []
     for name in METRICS:
         cells = []
         for column in ("plain", "backpatched"):
             value, ci = report[column][name], report[column]["ci95"][name]
             cells.append("n/a" if value is None else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
-        lines.append(f"{name:<16}{cells[0]:>24}{cells[1]:>24}")
+        splits = harmed(report, name)
+        if splits:
+            marked.append(f"{name} ({', '.join(splits)})")
+        flag = " !" if splits else ""
+        lines.append(f"{name:<16}{cells[0]:>24}{cells[1]:>24}{flag}")
     p = report["plain"]
     lines.append(f"items: {p['n_conflict']} conflict, {p['n_consistent']} consistent, {p['n_audio_only']} audio-only")
+    if marked:
+        limit = report.get("max_harm", 0.02)
+        lines.append(f"! harm: the paired 95% upper bound on the accuracy loss exceeds {limit:g} "
+                     f"for {'; '.join(marked)}: this preset costs accuracy here; recalibrate (backpatch calibrate) "
+                     "or add a gate")
+    paired = report.get("paired")
+    if paired and paired.get("tdr_reduction") is not None:
+        lines.append(f"TDR reduction {paired['tdr_reduction']:+.3f} (paired bootstrap 95% lower bound "
+                     f"{paired['tdr_reduction_lower']:+.3f}); worst harm bound {paired['harm_upper']}")
+    gate = report.get("gate")
+    if gate and gate.get("patch"):
+        lines.append(f"gate: patch strength mean {gate['patch']['mean']:.3f}, weakened on "
+                     f"{100 * gate['patch']['weakened']:.1f}% of items, closed on {100 * gate['patch']['closed']:.1f}%")
     if truncation_line(report.get("truncated_audio")):
         lines.append(truncation_line(report["truncated_audio"]))
-    for key in ("framing", "label"):
+    for key in BREAKDOWNS:
         if f"by_{key}" in report:
             lines += ["", *_breakdown_table(report[f"by_{key}"], key)]
     return "\n".join(lines)
@@ -382,12 +460,14 @@ def _cell(m: dict[str, Any], name: str) -> str:
 def _breakdown_table(parts: dict[str, dict[str, Any]], key: str) -> list[str]:
     width = max(len(key), *(len(v) for v in list(parts)[:TABLE_ROWS])) + 2
     lines = [f"{key:<{width}}{'conflicts':>10}{'TDR plain':>24}{'TDR backpatched':>24}{'AFR plain':>11}"
-             f"{'AFR bp':>8}"]
+             f"{'AFR bp':>8}{'audio-only':>16}{'consistent':>16}"]
     for value, m in list(parts.items())[:TABLE_ROWS]:
         p, b = m["plain"], m["backpatched"]
-        afr = ["n/a" if x["afr"] is None else f"{x['afr']:.3f}" for x in (p, b)]
-        lines.append(f"{value:<{width}}{p['n_conflict']:>10}{_cell(p, 'tdr'):>24}{_cell(b, 'tdr'):>24}{afr[0]:>11}"
-                     f"{afr[1]:>8}")
+        short = {name: ["n/a" if x[name] is None else f"{x[name]:.3f}" for x in (p, b)]
+                 for name in ("afr", "audio_only_acc", "consistent_acc")}
+        controls = "".join(f"{short[n][0] + ' > ' + short[n][1]:>16}" for n in ("audio_only_acc", "consistent_acc"))
+        lines.append(f"{value:<{width}}{p['n_conflict']:>10}{_cell(p, 'tdr'):>24}{_cell(b, 'tdr'):>24}"
+                     f"{short['afr'][0]:>11}{short['afr'][1]:>8}{controls}")
     if len(parts) > TABLE_ROWS:
         lines.append(f"... {len(parts) - TABLE_ROWS} more {key}s in the JSON report (by_{key})")
     return lines

@@ -18,6 +18,7 @@ from backpatch.evaluate import (
     ConflictItem,
     ConflictSetError,
     evaluate,
+    format_table,
     judge,
     load_conflict_set,
     metrics,
@@ -185,7 +186,7 @@ def test_accelerate_two_processes_merge_to_the_single_process_report(setup):
 
 
 def test_breakdowns_by_framing_and_label_and_their_table():
-    from backpatch.evaluate import breakdown, format_table
+    from backpatch.evaluate import breakdown
 
     def annotated(kind, framing, label, text="three"):
         return ConflictItem("x", None, "p", label, text if kind != "audio_only" else None, kind, framing, label)
@@ -236,3 +237,50 @@ def test_evaluate_reports_tdr_per_framing_and_label(setup, tmp_path):
         rows = [r for r in report["items"] if r.get("framing") == name and r["kind"] == "conflict"]
         assert parts["backpatched"]["followed_text"] == sum(r["backpatched_follows"] == "text" for r in rows)
     assert report["items"][0]["group"] == "g" and report["items"][0]["label"] == lines[0]["audio_answer"]
+
+
+def test_evaluate_reports_by_perturbation_and_paired_harm(setup):
+    root, data, preset = setup
+    lines = [json.loads(line) for line in data.read_text().splitlines()]
+    for n, row in enumerate(lines):
+        if n % 2:
+            row["perturbation"] = "snr0"
+    stressed = data.parent / "stressed.jsonl"
+    stressed.write_text("".join(json.dumps(row) + "\n" for row in lines))
+    model, processor = load_model_and_processor(str(root / "model"))
+    wrapped = backpatch.wrap(model, str(preset))
+    report = evaluate(wrapped, processor, stressed, batch_size=8, max_new_tokens=3, progress=False)
+    assert set(report["by_perturbation"]) == {"snr0"}
+    assert report["by_perturbation"]["snr0"]["plain"]["n_conflict"] == sum(
+        1 for r in lines if r.get("perturbation") and r["kind"] == "conflict")
+    assert set(report["paired"]["harm"]) == {"clean", "perturbed"}
+    rows = [r for r in report["items"] if r.get("perturbation") and r["kind"] == "audio_only"]
+    lost = sum(r["plain_follows"] == "audio" and r["backpatched_follows"] != "audio" for r in rows)
+    assert report["paired"]["harm"]["perturbed"]["audio_only"]["lost"] == lost
+    assert "perturbation" in format_table(report) and "audio-only" in format_table(report)
+
+
+def test_table_marks_a_control_metric_beyond_the_harm_bound():
+    from backpatch.evaluate import harmed, metrics
+
+    m = metrics([item("audio_only")] * 2, ["audio", "audio"])
+    harm = {"clean": {"audio_only": {"n": 40, "lost": 6, "gained": 0, "loss": 0.15, "upper": 0.3}}}
+    report = {"plain": m, "backpatched": m, "max_harm": 0.02,
+              "paired": {"harm": harm, "harm_upper": 0.3, "tdr_reduction": None}}
+    assert harmed(report, "audio_only_acc") == ["clean"] and harmed(report, "consistent_acc") == []
+    table = format_table(report)
+    assert [line for line in table.splitlines() if line.startswith("audio_only_acc")][0].endswith(" !")
+    assert "! harm: the paired 95% upper bound on the accuracy loss exceeds 0.02 for audio_only_acc (clean)" in table
+    harm["clean"]["audio_only"]["upper"] = 0.01
+    assert " !" not in format_table(report)
+
+
+def test_evaluate_records_the_gate_per_item(setup):
+    root, data, _ = setup
+    model, processor = load_model_and_processor(str(root / "model"))
+    gated = Preset(patches=[Patch(source=-1, target=0, scale=3.0)], name="g",
+                   gate=backpatch.Gate("certainty", 1.0, 1.0))  # never opens: plain answers everywhere
+    report = evaluate(backpatch.wrap(model, gated), processor, data, batch_size=8, max_new_tokens=3, progress=False)
+    assert all(r["gate"]["patch"] == 0.0 and r["plain"] == r["backpatched"] for r in report["items"])
+    assert report["gate"]["patch"] == {"mean": 0.0, "weakened": 1.0, "closed": 1.0, "n": 16}
+    assert "closed on 100.0%" in format_table(report)
