@@ -26,7 +26,7 @@ from ._architectures import Resolved
 from ._engine import CallHooks
 from .preset import Contrastive
 
-__all__ = ["ContrastiveSession", "silence_frame"]
+__all__ = ["ContrastiveSession", "null_features", "silence_frame"]
 
 _CACHE_KWARGS = ("cache", "past_key_values")
 _NOT_BATCHED = frozenset({"cache_position", "logits_to_keep"})
@@ -48,6 +48,21 @@ def silence_frame(processor: Any) -> tuple[torch.Tensor, int]:
     bins = int(getattr(extractor, "feature_size", tensor.shape[1]))
     frame = tensor[0, :, 0] if tensor.shape[1] == bins else tensor[0, 0, :]
     return frame.float(), bins
+
+
+def null_features(key: str, value: torch.Tensor, null_audio: str,
+                  silence: tuple[torch.Tensor, int] | None) -> torch.Tensor:
+    """Audio features ``value`` (forward keyword ``key``) replaced by null audio: zeros, or the silent frame."""
+    if null_audio == "zeros":
+        return torch.zeros_like(value)
+    frame, bins = silence
+    frame = frame.to(device=value.device, dtype=value.dtype)
+    if value.dim() == 3 and value.shape[1] == bins:
+        return frame[None, :, None].expand_as(value).clone()
+    if value.dim() == 3 and value.shape[2] == bins:
+        return frame[None, None, :].expand_as(value).clone()
+    raise ValueError(f"cannot build silence for {key} of shape {tuple(value.shape)}: no axis has {bins} mel bins; "
+                     "use null_audio: zeros")
 
 
 def batch_dim(key: str, value: torch.Tensor) -> int | None:
@@ -103,16 +118,7 @@ class ContrastiveSession:
 
     # ---------------------------------------------------------------------------------------------- hooks
     def _null(self, key: str, value: torch.Tensor) -> torch.Tensor:
-        if self.config.null_audio == "zeros":
-            return torch.zeros_like(value)
-        frame, bins = self.silence
-        frame = frame.to(device=value.device, dtype=value.dtype)
-        if value.dim() == 3 and value.shape[1] == bins:
-            return frame[None, :, None].expand_as(value).clone()
-        if value.dim() == 3 and value.shape[2] == bins:
-            return frame[None, None, :].expand_as(value).clone()
-        raise ValueError(f"cannot build silence for {key} of shape {tuple(value.shape)}: no axis has {bins} mel bins; "
-                         "use null_audio: zeros")
+        return null_features(key, value, self.config.null_audio, self.silence)
 
     def _double(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if args:

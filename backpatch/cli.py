@@ -250,6 +250,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             "voices, so they are no default")
     data = args.data
     _check_data(args, data)
+    if args.stress_data:
+        _check_data(args, args.stress_data)
     model, processor = load_model_and_processor(args.model, args.dtype, args.device_map, args.trust_remote_code)
     grid = {key: value for key, value in {
         "sources": _int_list(args.sources), "targets": _int_list(args.targets), "scales": _float_list(args.scales),
@@ -259,7 +261,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size,
                         verify_top=args.verify_top, max_new_tokens=args.max_new_tokens, name=args.name,
                         limit=args.limit, budget_minutes=args.budget_minutes, seed=args.seed,
-                        truncate=args.truncate_audio)
+                        truncate=args.truncate_audio, stress_data=args.stress_data, max_harm=args.max_harm,
+                        gates=not args.no_gates)
     if summary["data_warning"]:
         print(f"warning: {summary['data_warning']}")
     if truncation_line(summary.get("truncated_audio")):
@@ -269,7 +272,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     for row in summary["verified"]:
         p, b = row["plain"], row["backpatched"]
         print(f"  verified {row['setting']:<32} TDR {p['tdr']} -> {b['tdr']}   audio-only {p['audio_only_acc']} -> "
-              f"{b['audio_only_acc']}   consistent {p['consistent_acc']} -> {b['consistent_acc']}")
+              f"{b['audio_only_acc']}   consistent {p['consistent_acc']} -> {b['consistent_acc']}   harm bound "
+              f"{row['paired']['harm_upper']}")
+        if "perturbed" in row:
+            p, b = row["perturbed"]["plain"], row["perturbed"]["backpatched"]
+            print(f"  {'(perturbed)':>41} TDR {p['tdr']} -> {b['tdr']}   audio-only {p['audio_only_acc']} -> "
+                  f"{b['audio_only_acc']}   consistent {p['consistent_acc']} -> {b['consistent_acc']}")
     print(f"chosen: {summary['chosen']}{'' if summary['no_harm'] else '  (fails the no-harm rule!)'}")
     print(f"wrote {summary['preset']}, {summary['heatmap']} and {Path(args.out).with_suffix('.sweep.json')}")
     return 0
@@ -409,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--null-audio", choices=["silence", "zeros"], help="null audio for contrastive (default: silence)")
     p.add_argument("--verify-top", type=positive_int, default=3, help="best no-harm settings to verify with "
                    "generate()")
+    p.add_argument("--stress-data", help="a perturbed validation conflict set (python -m backpatch.organism.perturb "
+                   "build): searched with --data, and the no-harm rule must hold on it too")
+    p.add_argument("--max-harm", type=positive_float, default=0.02,
+                   help="no-harm bound: the paired 95%% upper bound on the loss of audio-only and of consistent "
+                   "accuracy (default 0.02)")
+    p.add_argument("--no-gates", action="store_true", help="do not try audio-confidence gates in the last stage")
     p.add_argument("--budget-minutes", type=positive_float, default=60.0,
                    help="time budget of the search (default 60); stages that reach their share stop and say so")
     p.add_argument("--seed", type=int, default=0, help="seed of the staged search's clip subsets and order")

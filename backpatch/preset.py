@@ -332,6 +332,9 @@ class Gate:
     def __post_init__(self) -> None:
         self._validate("gate", None)
 
+    def __hash__(self) -> int:  # calibration keeps candidates (which may carry a gate) in sets and dict keys
+        return hash((self.signal, self.low, self.high))
+
     def _validate(self, where: str, origin: str | None) -> None:
         _check_choice(self.signal, GATE_SIGNALS, _join(where, "signal"), origin)
         for key in ("low", "high"):

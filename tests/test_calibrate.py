@@ -197,3 +197,67 @@ def test_norm_matched_sweep_short_path_equals_the_engine(setup):
             torch.testing.assert_close(scorer._short_logits(resolved, resolved.patches[0], batch), full)
             torch.testing.assert_close(scorer._short_logits(unmatched, unmatched.patches[0], batch, match_norm=True),
                                        full)
+
+
+@pytest.mark.parametrize("gate", [backpatch.Gate("audio_gap", 0.0, 0.0), backpatch.Gate("audio_gap", 0.3, 0.3),
+                                  backpatch.Gate("certainty", 0.0, 1.0), None])
+@pytest.mark.parametrize("alpha", [0.0, 1.5])
+@pytest.mark.parametrize("short_path", [True, False])
+def test_gated_and_contrastive_scoring_equals_generate(setup, gate, alpha, short_path):
+    """What calibration scores for a candidate (stored plain and null-audio logits, cached patched logits, the
+    gate per row) is what generate() with that candidate's preset gives as first-token logits."""
+    from backpatch.calibrate import Candidate, Scorer
+    from backpatch.calibrate.writing import _candidate_preset
+
+    _, data, model, processor = setup
+    items = load_conflict_set(data)
+    setting = Setting(5, 1, 1.5, "add", "audio")
+    base = backpatch.wrap(model, backpatch.Preset(patches=[setting.patch()]), processor=processor)
+    batches, _ = _prepare(base, processor, items, {"sources": [5], "positions": ["audio"]}, batch_size=4,
+                          progress=False, layer_states=short_path, null=("zeros", None))
+    scorer = Scorer(model, processor, base.preset, "zeros", None, _candidate_preset)
+    if gate is not None and gate.low == 0.3:  # a step inside the range of the signal: some rows on, some off
+        gaps = torch.cat([0.5 * (b.main_logits.softmax(-1) - b.null_logits.softmax(-1)).abs().sum(-1)
+                          for b in batches])
+        gate = backpatch.Gate("audio_gap", float(gaps.median()), float(gaps.median()))
+    candidate = Candidate(setting, alpha, gate)
+    preset = _candidate_preset(base.preset, candidate, "zeros")
+    wrapped = backpatch.wrap(model, preset, processor=processor)
+    for index, batch in enumerate(batches):
+        with torch.no_grad():
+            want = wrapped.generate(**batch.inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True).logits[0].float()
+            got = scorer.first_token_logits(candidate, batches, index)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert scorer.short_path_ok is (True if short_path else None)
+    metrics = scorer.score(candidate, batches)
+    assert len(metrics["verdicts"]) == len(items)
+
+
+def test_staged_search_with_stress_data_and_gates(setup, tmp_path):
+    """Perturbed items join the search as their own split of the no-harm rule; the last stage tries gates on the
+    strongest settings; every sweep row records its paired harm bound and TDR reduction bound."""
+    from backpatch.calibrate import calibrate
+
+    root, data, model, processor = setup
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    stress = data.parent / "stress.jsonl"
+    stress.write_text("".join(json.dumps({**row, "id": "s" + row["id"], "perturbation": "snr0"}) + "\n"
+                              for row in rows))
+    summary = calibrate(model, processor, data, tmp_path / "g.yaml", grid={"alphas": [1.0]}, batch_size=4,
+                        verify_top=1, max_new_tokens=2, budget_minutes=5.0, progress=False, stress_data=stress)
+    assert summary["n_items"] == 2 * len(rows) and summary["stress_data"] == str(stress)
+    full = [row for row in summary["sweep"] if row["stage"] == "full"]
+    assert any(row["gate"] is not None for row in full)
+    assert {s["harm_rule"] for s in summary["search"]["stages"]} == {"point loss", "upper bound"}
+    for row in summary["sweep"]:
+        assert set(row["harm"]) == {"clean", "perturbed"}
+        assert row["harm_upper"] == max(b["upper"] for kinds in row["harm"].values() for b in kinds.values())
+        assert row["no_harm"] == (row["harm_upper"] <= 0.02 if row["stage"] == "full" else
+                                  all(b["loss"] <= 0.02 for kinds in row["harm"].values() for b in kinds.values()))
+    verified = summary["verified"][0]
+    assert "perturbed" in verified and set(verified["paired"]["harm"]) == {"clean", "perturbed"}
+    preset = backpatch.Preset.from_yaml(tmp_path / "g.yaml")
+    assert preset.calibration.metrics["harm_upper_bound"] == summary["chosen_paired"]["harm_upper"]
+    assert "perturbed_consistent_acc_before" in preset.calibration.metrics  # (TDR is None on a random model)
+    assert "audio-confidence gates" in summary["searched"] and summary["searched"] in preset.description

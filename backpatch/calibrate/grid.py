@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from ..preset import Patch, patch_label
+from ..preset import Gate, Patch, patch_label
 
 
 @dataclass(frozen=True)
@@ -36,15 +36,36 @@ class Setting:
 
 @dataclass(frozen=True)
 class Candidate:
-    """What a preset applies: an optional patch setting and an optional contrastive alpha."""
+    """What a preset applies: an optional patch setting, an optional contrastive alpha, an optional gate."""
 
     setting: Setting | None
     alpha: float = 0.0
+    gate: Gate | None = None
 
     def label(self) -> str:
         parts = ([self.setting.label()] if self.setting else []) + ([f"contrastive a={self.alpha:g}"] if self.alpha
                                                                      else [])
-        return " + ".join(parts) or "plain"
+        text = " + ".join(parts) or "plain"
+        return f"{text} | {gate_label(self.gate)}" if self.gate is not None else text
+
+
+def gate_label(gate: Gate) -> str:
+    """``gate audio_gap >= 0.2`` (a step) or ``gate certainty 0.3..0.7`` (a ramp)."""
+    if gate.low == gate.high:
+        return f"gate {gate.signal} >= {gate.low:g}"
+    return f"gate {gate.signal} {gate.low:g}..{gate.high:g}"
+
+
+#: the gate stage's steps per signal: audio_gap is a total variation distance, certainty exp(-entropy)
+GATE_STEPS = {"audio_gap": (0.05, 0.1, 0.2, 0.3, 0.5), "certainty": (0.3, 0.5, 0.7, 0.9)}
+
+
+def gate_grid() -> list[Gate]:
+    """Gates the staged search tries on its strongest settings: a step at each threshold of each signal.
+
+    Steps (``low == high``), not ramps: a row is then patched fully or not at all, so every gate of one setting
+    reuses that setting's patched logits (scoring a gate costs no forward pass)."""
+    return [Gate(signal, step, step) for signal, steps in GATE_STEPS.items() for step in steps]
 
 
 def default_grid(num_layers: int) -> dict[str, list]:

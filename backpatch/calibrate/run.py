@@ -6,7 +6,9 @@ way every setting is scored by first answer token (:mod:`.sweep`), and the best 
 are then verified with full ``generate()`` through :func:`backpatch.evaluate.evaluate`; the verified numbers
 go into the preset.
 
-No-harm rule: audio-only and consistent accuracy each within ``max_harm`` (2 points) of plain.
+No-harm rule (:mod:`backpatch.paired`): on the paired items, the exact 95% upper bound on the loss of audio-only
+and of consistent accuracy stays within ``max_harm`` (2 points), on the clean data and on the perturbed
+``stress_data`` alike; settings are ranked by the lower bound of their TDR reduction.
 
 The data must not be test data (the organism's shipped examples are its test voices: a warning says so), and a
 warning states the standard error that too few conflict items imply (:func:`conflict_count_warning`).
@@ -30,11 +32,12 @@ from tqdm.auto import tqdm
 from .._contrastive import silence_frame
 from ..evaluate import check_clip_lengths, evaluate, judge, load_conflict_set, metrics
 from ..inputs import audio_truncation, truncation_enabled
+from ..paired import paired_report
 from ..preset import Patch, Preset
 from ..wrapper import preset_for, wrap
 from .grid import Candidate, _settings, default_grid
 from .plots import _plot_band, _plot_heatmap
-from .search import StageRecord, clip_subsets, passes_no_harm, staged_search, tdr_key
+from .search import StageRecord, clip_subsets, passes_no_harm, rank_key, staged_search, tdr_key
 from .sweep import Scorer, _prepare
 from .writing import _calibrated_preset, _candidate_preset, _with_patches
 
@@ -74,10 +77,30 @@ def conflict_count_warning(n_conflict: int, n_settings_hint: str, n_first_stage:
     return text
 
 
-def _row(candidate: Candidate, m: dict[str, Any], plain: dict[str, Any], max_harm: float, **extra) -> dict:
+def _row(candidate: Candidate, m: dict[str, Any], plain: dict[str, Any], max_harm: float, bounded: bool = True,
+         **extra) -> dict:
+    paired = m.get("paired") or {}
     return {"setting": candidate.label(), "patch": asdict(candidate.setting) if candidate.setting else None,
-            "alpha": candidate.alpha, "no_harm": passes_no_harm(m, plain, max_harm), **extra,
-            **{k: m[k] for k in METRIC_KEYS}}
+            "alpha": candidate.alpha, "gate": asdict(candidate.gate) if candidate.gate else None,
+            "no_harm": passes_no_harm(m, plain, max_harm, bounded), **extra,
+            **{k: m[k] for k in METRIC_KEYS},
+            "harm_upper": paired.get("harm_upper"), "tdr_reduction": paired.get("tdr_reduction"),
+            "tdr_reduction_lower": paired.get("tdr_reduction_lower"), "harm": paired.get("harm")}
+
+
+def _public(m: dict[str, Any]) -> dict[str, Any]:
+    """Metrics without the per-item verdicts (kept for paired statistics, not for the JSON)."""
+    return {k: v for k, v in m.items() if k != "verdicts"}
+
+
+def load_calibration_items(data: str | Path, stress_data: str | Path | None, limit: int | None) -> list:
+    """The clean items, then the stress items; a stress item without a ``perturbation`` gets ``"stress"`` so that
+    the no-harm rule checks it as its own split."""
+    items = load_conflict_set(data, limit)
+    if stress_data is not None:
+        items += [it if it.perturbation else dataclasses.replace(it, perturbation="stress")
+                  for it in load_conflict_set(stress_data, limit)]
+    return items
 
 
 def calibrate(
@@ -97,6 +120,8 @@ def calibrate(
     budget_minutes: float = 60.0,
     seed: int = 0,
     truncate: bool | None = None,
+    stress_data: str | Path | None = None,
+    gates: bool = True,
 ) -> dict[str, Any]:
     """Search, verify, and write ``out`` (a preset YAML), ``out`` with ``.png`` (heatmap), ``.band.png`` (staged
     search: no-harm TDR over source x target per mode) and ``.sweep.json``.
@@ -107,19 +132,23 @@ def calibrate(
 
     Clips longer than the model's audio window are refused before any model work, unless ``truncate=True``;
     then the summary, the sweep JSON and the preset's description record which items were cut.
+
+    ``stress_data``: a perturbed validation set (e.g. ``python -m backpatch.organism.perturb build``); its items
+    are searched with the clean ones and the no-harm rule must hold on both. ``gates``: the staged search also
+    tries the audio-confidence gate on its strongest settings.
     """
     truncate = truncation_enabled(truncate)
     with audio_truncation(truncate):  # the sweep builds its inputs deep down: it inherits the choice
         return _calibrate(model, processor, data, out, base_preset, grid, batch_size, verify_top, max_new_tokens,
-                          max_harm, name, limit, progress, budget_minutes, seed, truncate)
+                          max_harm, name, limit, progress, budget_minutes, seed, truncate, stress_data, gates)
 
 
 def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verify_top, max_new_tokens, max_harm,
-               name, limit, progress, budget_minutes, seed, truncate) -> dict[str, Any]:
+               name, limit, progress, budget_minutes, seed, truncate, stress_data=None, gates=True) -> dict[str, Any]:
     started = time.perf_counter()
     budget_s = budget_minutes * 60.0
     out = Path(out)
-    items = load_conflict_set(data, limit)
+    items = load_calibration_items(data, stress_data, limit)
     truncated = check_clip_lengths(items, processor, truncate)
     _warn_about_data(data)
     # The base preset only contributes facts (layer path, audio span, match); its patches are replaced.
@@ -137,28 +166,32 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     if data_warning:
         logger.warning("calibration data: %s", data_warning)
     grid = {**default_grid(num_layers), **grid}
-    if grid["alphas"] and grid["null_audio"] == "silence" and getattr(processor, "feature_extractor", None) is None:
+    gates = gates and staged
+    needs_null = bool(grid["alphas"]) or gates
+    if needs_null and grid["null_audio"] == "silence" and getattr(processor, "feature_extractor", None) is None:
         raise ValueError("contrastive calibration with null_audio silence needs a processor with a feature extractor")
-    silence = silence_frame(processor) if grid["alphas"] and grid["null_audio"] == "silence" else None
+    silence = silence_frame(processor) if needs_null and grid["null_audio"] == "silence" else None
     scorer = Scorer(model, processor, wrapped.preset, grid["null_audio"], silence, _candidate_preset)
+    null = (grid["null_audio"], silence) if needs_null else None
 
     if staged:
         grid.update(sources=list(range(1, num_layers)), targets=list(range(num_layers - 1)),
                     positions=["audio", "last"], modes=["add", "interpolate", "replace"])
         records, plain = _staged(wrapped, processor, items, grid, scorer, batch_size, budget_s, max_harm, seed,
-                                 progress)
+                                 progress, null, gates)
         # verify from the last stage that scored anything (a tight budget may leave the full stage empty)
         scored = [r for r in records if r.results]
         if not scored:
             raise ValueError(f"the time budget ({budget_minutes:g} min) ran out before any setting was scored; "
                              "raise --budget-minutes")
-        results, plain = scored[-1].results, scored[-1].plain
-        sweep_rows = [_row(c, m, r.plain, max_harm, stage=r.name, n_items=r.n_items) for r in records
+        results, plain, bounded = scored[-1].results, scored[-1].plain, scored[-1].bounded
+        sweep_rows = [_row(c, m, r.plain, max_harm, r.bounded, stage=r.name, n_items=r.n_items) for r in records
                       for c, m in r.results]
         n_settings = sum(len(r.results) for r in records)
-        search_info = {"kind": "staged", "budget_minutes": budget_minutes, "seed": seed,
+        search_info = {"kind": "staged", "budget_minutes": budget_minutes, "seed": seed, "gates": gates,
                        "stages": [{"name": r.name, "n_items": r.n_items, "n_settings": len(r.results),
-                                   "truncated": r.truncated, "seconds": r.seconds,
+                                   "truncated": r.truncated, "seconds": r.seconds, "harm_rule": "upper bound"
+                                   if r.bounded else "point loss",
                                    "plain": {k: r.plain[k] for k in METRIC_KEYS}} for r in records]}
         patch_results = [(c.setting, m) for c, m in records[0].results if c.alpha == 0]
         heat_plain = records[0].plain
@@ -169,21 +202,21 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         if not settings:
             raise ValueError("the calibration grid is empty: every source must be later than some target")
         logger.info("calibrating %d settings on %d items", len(settings), len(items))
-        batches, plain_answers = _prepare(wrapped, processor, items, grid, batch_size, progress)
-        plain = metrics(items, [judge(a, it) for a, it in zip(plain_answers, items, strict=True)])
-        record = StageRecord("grid", len(items), plain)
+        batches, plain_answers = _prepare(wrapped, processor, items, grid, batch_size, progress, null=null)
+        plain = _plain_metrics(items, plain_answers)
+        record = StageRecord("grid", len(items), plain, items=items, bounded=True)
         deadline = started + 0.85 * budget_s
         for setting in tqdm(settings, desc="sweep patches", unit="setting", disable=not progress):
             if time.perf_counter() > deadline:
                 record.truncated += 1
                 continue
-            record.results.append((Candidate(setting), scorer.score(Candidate(setting), batches)))
-        best_patches = [c.setting for c, m in sorted(record.results, key=lambda r: tdr_key(r[1]))
-                        if passes_no_harm(m, plain, max_harm)][:3]
+            record.results.append((Candidate(setting), _paired(scorer.score(Candidate(setting), batches), record)))
+        best_patches = [c.setting for c, m in sorted(record.results, key=lambda r: rank_key(r[1]))
+                        if passes_no_harm(m, plain, max_harm, bounded=True)][:3]
         contrastive = [Candidate(s, float(a)) for a in grid["alphas"] if a > 0 for s in (None, *best_patches)]
-        record.results += [(c, scorer.score(c, batches)) for c in tqdm(contrastive, desc="sweep contrastive",
-                                                                       unit="setting", disable=not progress)]
-        results = record.results
+        record.results += [(c, _paired(scorer.score(c, batches), record))
+                           for c in tqdm(contrastive, desc="sweep contrastive", unit="setting", disable=not progress)]
+        results, bounded = record.results, True
         sweep_rows = [_row(c, m, plain, max_harm) for c, m in results]
         n_settings = len(results)
         search_info = {"kind": "grid", "budget_minutes": budget_minutes, "truncated": record.truncated}
@@ -191,18 +224,25 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         heat_plain = plain
     sweep_seconds = time.perf_counter() - started
 
-    eligible = sorted((r for r in results if passes_no_harm(r[1], plain, max_harm)), key=lambda r: tdr_key(r[1]))
-    candidates = eligible[:verify_top] or sorted(results, key=lambda r: tdr_key(r[1]))[:1]
+    eligible = sorted((r for r in results if passes_no_harm(r[1], plain, max_harm, bounded)),
+                      key=lambda r: rank_key(r[1]))
+    candidates = eligible[:verify_top] or sorted(results, key=lambda r: rank_key(r[1]))[:1]
     verified = []
     for candidate, proxy in tqdm(candidates, desc="verify with generate()", unit="setting", disable=not progress):
         preset = _candidate_preset(wrapped.preset, candidate, grid["null_audio"])
-        report = evaluate(wrap(model, preset, processor=processor), processor, data, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens, limit=limit, progress=progress, truncate=truncate)
-        verified.append((candidate, proxy, report))
-    good = [v for v in verified if passes_no_harm(v[2]["backpatched"], v[2]["plain"], max_harm)]
+        wrapped_candidate = wrap(model, preset, processor=processor)
+        reports = [evaluate(wrapped_candidate, processor, path, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            limit=limit, progress=progress, truncate=truncate, max_harm=max_harm)
+                   for path in (data, stress_data) if path is not None]
+        verdicts = {column: [row[f"{column}_follows"] for report in reports for row in report["items"]]
+                    for column in ("plain", "backpatched")}
+        paired = paired_report(items, verdicts["plain"], verdicts["backpatched"])
+        verified.append((candidate, proxy, reports[0], reports[1] if len(reports) > 1 else None, paired))
+    good = [v for v in verified if v[4]["harm_upper"] is None or v[4]["harm_upper"] <= max_harm + 1e-9]
     if not good:
-        logger.warning("no verified setting passes the no-harm rule; writing the lowest-TDR one, marked as harmful")
-    best, _, best_report = min(good or verified, key=lambda v: tdr_key(v[2]["backpatched"]))
+        logger.warning("no verified setting passes the no-harm rule; writing the best-ranked one, marked as harmful")
+    best, _, best_report, best_stress, best_paired = min(
+        good or verified, key=lambda v: (-(v[4]["tdr_reduction_lower"] or 0.0), tdr_key(v[2]["backpatched"])))
     total_seconds = time.perf_counter() - started
 
     heatmap = out.with_suffix(".png")
@@ -212,9 +252,12 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     if staged:
         band = out.with_suffix(".band.png")
         _plot_band(patch_results, num_layers, band, heat_plain, max_harm)
+    scored_candidates = [c for r in (records if staged else [record]) for c, _ in r.results]
     how = f"; staged coarse-to-fine search, budget {budget_minutes:g} min" if staged else ""
     preset = _calibrated_preset(wrapped, model, best, best_report, data, name or out.stem, n_settings,
-                                total_seconds, grid["null_audio"], no_harm=bool(good), search=how)
+                                total_seconds, grid["null_audio"], no_harm=bool(good), search=how,
+                                searched=_searched(scored_candidates), stress_report=best_stress,
+                                harm_upper=best_paired["harm_upper"])
     if truncated is not None and truncated["n"]:
         preset = dataclasses.replace(preset, description=f"{preset.description} {truncated['n']} items' clips were "
                                      f"cut to their first {truncated['limit_s']:g} s (--truncate-audio).")
@@ -223,13 +266,16 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         "preset": str(out), "heatmap": str(heatmap), "band": str(band) if band else None, "data": str(data),
         "n_items": len(items), "n_settings": n_settings, "grid": grid, "search": search_info,
         "sweep_seconds": round(sweep_seconds, 1), "total_seconds": round(total_seconds, 1),
-        "plain_first_token": plain, "chosen": best.label(), "no_harm": bool(good),
+        "plain_first_token": _public(plain), "chosen": best.label(), "no_harm": bool(good),
+        "stress_data": str(stress_data) if stress_data is not None else None, "max_harm": max_harm,
+        "searched": _searched(scored_candidates), "chosen_paired": best_paired,
         "short_path": scorer.short_path_ok,
         "n_conflict": n_conflict, "tdr_standard_error": round(tdr_standard_error(n_conflict), 4),
         "data_warning": data_warning,
         **({"truncated_audio": truncated} if truncated is not None else {}),
-        "verified": [{"setting": s.label(), "proxy": p, "plain": r["plain"], "backpatched": r["backpatched"]}
-                     for s, p, r in verified],
+        "verified": [{"setting": s.label(), "proxy": _public(p), "plain": r["plain"], "backpatched": r["backpatched"],
+                      **({"perturbed": {"plain": st["plain"], "backpatched": st["backpatched"]}} if st else {}),
+                      "paired": pr} for s, p, r, st, pr in verified],
         "sweep": sweep_rows,
     }
     out.with_suffix(".sweep.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
@@ -250,22 +296,46 @@ def _warn_about_data(data: str | Path) -> None:
                        data)
 
 
+def _plain_metrics(items, answers) -> dict[str, Any]:
+    verdicts = [judge(a, it) for a, it in zip(answers, items, strict=True)]
+    return {**metrics(items, verdicts), "verdicts": verdicts}
+
+
+def _paired(m: dict[str, Any], record: StageRecord) -> dict[str, Any]:
+    m["paired"] = paired_report(record.items, record.plain["verdicts"], m["verdicts"])
+    return m
+
+
+def _searched(candidates: Sequence[Candidate]) -> str:
+    """What the search really scored, for the preset's description: only the kinds it got to."""
+    kinds = []
+    if any(c.setting is not None and not c.alpha for c in candidates):
+        kinds.append("back-patching")
+    if any(c.setting is None and c.alpha for c in candidates):
+        kinds.append("contrastive decoding")
+    if any(c.setting is not None and c.alpha for c in candidates):
+        kinds.append("both")
+    if any(c.gate is not None for c in candidates):
+        kinds.append("audio-confidence gates")
+    return ", ".join(kinds[:-1]) + (" and " if len(kinds) > 1 else "") + kinds[-1] if kinds else "nothing"
+
+
 def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, budget_s: float, max_harm: float,
-            seed: int, progress: bool) -> tuple[list[StageRecord], dict[str, Any]]:
+            seed: int, progress: bool, null=None, gates: bool = True) -> tuple[list[StageRecord], dict[str, Any]]:
     """Captures for the nested subsets, then :func:`staged_search`. The two small subsets keep every layer's
     state (short path); the full set only the source states."""
     subsets = clip_subsets(items, STAGE_FRACTIONS, seed)
     refine = subsets[1]
     # whole batches: stage 1 is the first batches of stage 2's (stage 2 lists stage 1's items first)
     n_first = min(len(refine), math.ceil(len(subsets[0]) / batch_size) * batch_size)
-    small, small_plain = _prepare(wrapped, processor, refine, grid, batch_size, progress, layer_states=True)
-
-    def plain_of(its, answers):
-        return metrics(its, [judge(a, it) for a, it in zip(answers, its, strict=True)])
+    small, small_plain = _prepare(wrapped, processor, refine, grid, batch_size, progress, layer_states=True,
+                                  null=null)
+    plain_of = _plain_metrics
 
     first = small[: math.ceil(n_first / batch_size)]
-    stages = [(lambda c: scorer.score(c, first), plain_of(refine[:n_first], small_plain[:n_first]), n_first),
-              (lambda c: scorer.score(c, small), plain_of(refine, small_plain), len(refine))]
+    stages = [(lambda c: scorer.score(c, first), plain_of(refine[:n_first], small_plain[:n_first]), n_first,
+               refine[:n_first]),
+              (lambda c: scorer.score(c, small), plain_of(refine, small_plain), len(refine), refine)]
     full_plain: dict[str, Any] = {}
 
     def full_stage(finalists):
@@ -273,10 +343,10 @@ def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, bu
         positions = sorted({c.setting.positions for c in finalists if c.setting} or {"audio"})
         del small[:]  # free the per-layer states of the small subsets before capturing the full set
         batches, answers = _prepare(wrapped, processor, subsets[2], {"sources": sources, "positions": positions},
-                                    batch_size, progress)
+                                    batch_size, progress, null=null)
         full_plain.update(plain_of(subsets[2], answers))
-        return (lambda c: scorer.score(c, batches)), full_plain, len(subsets[2])
+        return (lambda c: scorer.score(c, batches)), full_plain, len(subsets[2]), subsets[2]
 
     records = staged_search(wrapped.resolved.num_layers, stages, full_stage, grid["alphas"], budget_s, max_harm,
-                            seed=seed, progress=progress)
+                            seed=seed, progress=progress, gates=gates)
     return records, full_plain

@@ -6,6 +6,15 @@ layer away) and contrastive decoding (each alpha alone and with the two best pat
 few of stage 2 on every item. Subsets are whole clips (all items of a clip together), seeded, nested. This is
 successive halving: most settings are discarded on little data, the few that matter are measured on all of it.
 
+Stage 3 also tries the audio-confidence gate (:func:`.grid.gate_grid`) on the strongest settings of stage 2,
+whether or not they passed the no-harm rule there: a gate is how a strong but harmful setting can become harmless.
+
+No-harm rule (:mod:`backpatch.paired`): every scored setting gets a paired report against the plain answers of the
+same items, per split (clean, perturbed) and control kind (audio-only, consistent). The screening stages (coarse,
+refine) require the paired point loss to stay within ``max_harm``; the last stage requires its exact 95% upper
+bound to (a bound on 30-odd items would reject any single flip, so it is used where the items are many). Settings
+are ranked by the lower bound of their TDR reduction, then by TDR.
+
 Budget: stage 1 may use up to 40% of ``budget_s``, stage 2 up to 65%, stage 3 up to 85% (the rest is for the
 ``generate()`` verification); a stage that reaches its share stops and says so (``truncated`` in the record).
 """
@@ -21,15 +30,25 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .grid import Candidate, Setting, band_grid, refinements
+from ..paired import paired_report
+from .grid import Candidate, Setting, band_grid, gate_grid, refinements
 
 logger = logging.getLogger(__name__)
 
 STAGE_SHARES = (0.40, 0.65, 0.85)
 
 
-def passes_no_harm(candidate: dict[str, Any], plain: dict[str, Any], max_harm: float = 0.02) -> bool:
-    """Audio-only and consistent accuracy each within ``max_harm`` of plain (missing kinds do not count)."""
+def passes_no_harm(candidate: dict[str, Any], plain: dict[str, Any], max_harm: float = 0.02,
+                   bounded: bool = False) -> bool:
+    """Audio-only and consistent accuracy each within ``max_harm`` of plain (missing kinds do not count).
+
+    With a paired report (``candidate["paired"]``): per split and kind, the paired point loss, or with ``bounded``
+    its 95% upper bound. Without one (metrics of unpaired runs): the difference of the two accuracies."""
+    paired = candidate.get("paired")
+    if paired is not None:
+        field = "upper" if bounded else "loss"
+        return all(bound[field] is None or bound[field] <= max_harm + 1e-9
+                   for kinds in paired["harm"].values() for bound in kinds.values())
     for key in ("audio_only_acc", "consistent_acc"):
         if plain[key] is not None and candidate[key] is not None and candidate[key] < plain[key] - max_harm - 1e-9:
             return False
@@ -38,6 +57,13 @@ def passes_no_harm(candidate: dict[str, Any], plain: dict[str, Any], max_harm: f
 
 def tdr_key(m: dict[str, Any]) -> float:
     return m["tdr"] if m["tdr"] is not None else 1.0
+
+
+def rank_key(m: dict[str, Any]) -> tuple[float, float]:
+    """Highest lower bound of the TDR reduction first (paired runs), then lowest TDR."""
+    paired = m.get("paired") or {}
+    lower = paired.get("tdr_reduction_lower")
+    return (-lower if lower is not None else 0.0, tdr_key(m))
 
 
 @dataclass
@@ -50,6 +76,9 @@ class StageRecord:
     results: list[tuple[Candidate, dict[str, Any]]] = field(default_factory=list)
     truncated: int = 0
     seconds: float = 0.0
+    #: the stage's items and plain verdicts (for each setting's paired report), and which harm rule applies
+    items: Sequence[Any] = ()
+    bounded: bool = False
 
 
 def clip_subsets(items: Sequence[Any], fractions: Sequence[float], seed: int = 0) -> list[list[Any]]:
@@ -80,20 +109,25 @@ def _run_stage(record: StageRecord, candidates: Sequence[Candidate], score: Call
                            record.truncated, len(candidates))
             break
         m = score(candidate)
+        if record.items and "verdicts" in m and "verdicts" in record.plain:
+            m["paired"] = paired_report(record.items, record.plain["verdicts"], m["verdicts"])
         record.results.append((candidate, m))
-        if passes_no_harm(m, record.plain, max_harm) and (best is None or tdr_key(m) < tdr_key(best[1])):
+        if passes_no_harm(m, record.plain, max_harm, record.bounded) and (best is None or
+                                                                          rank_key(m) < rank_key(best[1])):
             best = (candidate, m)
             bar.set_postfix_str(f"best {candidate.label()} TDR {m['tdr']}")
     bar.close()
     record.seconds = round(time.perf_counter() - started, 1)
 
 
-def ranked(record: StageRecord, max_harm: float, patches_only: bool | None = None) -> list[Candidate]:
-    """Candidates of a stage that pass the no-harm rule, lowest TDR first."""
-    rows = [(c, m) for c, m in record.results if passes_no_harm(m, record.plain, max_harm)]
+def ranked(record: StageRecord, max_harm: float | None, patches_only: bool | None = None) -> list[Candidate]:
+    """Candidates of a stage that pass the no-harm rule (all of them with ``max_harm=None``), best first
+    (:func:`rank_key`)."""
+    rows = [(c, m) for c, m in record.results
+            if max_harm is None or passes_no_harm(m, record.plain, max_harm, record.bounded)]
     if patches_only is not None:
         rows = [(c, m) for c, m in rows if (c.alpha == 0) == patches_only]
-    return [c for c, _ in sorted(rows, key=lambda r: tdr_key(r[1]))]
+    return [c for c, _ in sorted(rows, key=lambda r: rank_key(r[1]))]
 
 
 def staged_search(
@@ -106,16 +140,17 @@ def staged_search(
     keep: tuple[int, int, int] = (16, 8, 6),
     seed: int = 0,
     progress: bool = True,
+    gates: bool = True,
 ) -> list[StageRecord]:
-    """Run the three stages. ``stage_scorers[k]`` is ``(score, plain metrics, n_items)`` of stage ``k``'s subset;
-    ``full_stage(finalists)`` prepares the last stage for just the finalists (only their source layers are
-    captured on the full set)."""
+    """Run the three stages. ``stage_scorers[k]`` is ``(score, plain metrics, n_items, items)`` of stage ``k``'s
+    subset; ``full_stage(finalists)`` prepares the last stage for just the finalists (only their source layers are
+    captured on the full set) and returns the same four. ``gates``: try the audio-confidence gates in stage 3."""
     started = time.perf_counter()
     deadlines = [started + share * budget_s for share in STAGE_SHARES]
     coarse = [Candidate(s) for s in band_grid(num_layers)]
     random.Random(seed).shuffle(coarse)  # a budget cut then drops a random, not a systematic, part of the grid
-    records = [StageRecord(name, n, plain) for name, (_, plain, n) in zip(("coarse", "refine"), stage_scorers,
-                                                                          strict=True)]
+    records = [StageRecord(name, n, plain, items=items) for name, (_, plain, n, items)
+               in zip(("coarse", "refine"), stage_scorers, strict=True)]
     _run_stage(records[0], coarse, stage_scorers[0][0], deadlines[0], max_harm, progress)
 
     best1 = ranked(records[0], max_harm)[: keep[0]]
@@ -130,7 +165,15 @@ def staged_search(
     finalists += ranked(records[1], max_harm, patches_only=False)[: max(2, keep[2] // 2)]
     if not finalists:  # nothing passed: measure the lowest-TDR settings anyway, so the report shows why
         finalists = [c for c, _ in sorted(records[1].results, key=lambda r: tdr_key(r[1]))[: keep[2]]]
-    score, plain, n_items = full_stage(finalists)
-    records.append(StageRecord("full", n_items, plain))
+    if gates:
+        # the strongest settings, harmful or not, and the best no-harm ones: each under every gate of the grid
+        strongest = ranked(records[1], None, patches_only=True)[:2] + ranked(records[1], None, patches_only=False)[:2]
+        gated = list(dict.fromkeys([*strongest, *finalists[:2]]))
+        finalists = list(dict.fromkeys([*finalists, *strongest,
+                                        *(Candidate(c.setting, c.alpha, g) for c in gated for g in gate_grid())]))
+    # one setting's candidates together: they share its patched logits (the scorer caches the latest settings)
+    finalists.sort(key=lambda c: (str(c.setting), c.alpha))
+    score, plain, n_items, items = full_stage(finalists)
+    records.append(StageRecord("full", n_items, plain, items=items, bounded=True))
     _run_stage(records[2], finalists, score, deadlines[2], max_harm, progress)
     return records

@@ -23,7 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._architectures import ResolvedPatch, resolve
+from .._contrastive import null_features
 from .._engine import _at, _combine, _hidden, _select, generation_session
+from .._gate import gate_strength
 from .._positions import position_masks
 from ..evaluate import encode_items, judge, metrics
 from ..wrapper import BackpatchedModel
@@ -37,27 +39,46 @@ SHORT_PATH_ATOL = 1e-4
 
 class _Batch:
     """One batch of items: model inputs, the plain states of every candidate source at each position kind and,
-    for the short path, every layer's plain output and call arguments."""
+    for the short path, every layer's plain output and call arguments; the plain first-token logits with the audio
+    (``main_logits``) and, when contrastive decoding or gates are searched, with null audio (``null_logits``)."""
 
-    def __init__(self, items, inputs, states, masks=None, layer_out=None, layer_args=None):
+    def __init__(self, items, inputs, states, masks=None, layer_out=None, layer_args=None, main_logits=None,
+                 null_logits=None):
         self.items = items
         self.inputs = inputs
         self.states = states
         self.masks = masks
         self.layer_out = layer_out
         self.layer_args = layer_args
+        self.main_logits = main_logits
+        self.null_logits = null_logits
 
 
 @torch.no_grad()
-def _first_token_answers(model: nn.Module, processor: Any, inputs: Any) -> list[str]:
-    logits = model(**inputs, use_cache=False).logits[:, -1]
+def _first_token_logits(model: nn.Module, inputs: Any) -> torch.Tensor:
+    return model(**inputs, use_cache=False).logits[:, -1].float()
+
+
+def _decode(processor: Any, logits: torch.Tensor) -> list[str]:
     return [processor.decode([int(t)], skip_special_tokens=True) for t in logits.argmax(-1)]
 
 
 @torch.no_grad()
+def _first_token_answers(model: nn.Module, processor: Any, inputs: Any) -> list[str]:
+    return _decode(processor, _first_token_logits(model, inputs))
+
+
+def null_inputs(inputs: Any, feature_keys: tuple[str, ...], null_audio: str, silence: Any) -> dict[str, Any]:
+    """The same batch with its audio features replaced by null audio (what contrastive decoding's rows see)."""
+    return {key: null_features(key, value, null_audio, silence) if key in feature_keys else value
+            for key, value in inputs.items()}
+
+
+@torch.no_grad()
 def _prepare(wrapped: BackpatchedModel, processor: Any, items, grid, batch_size: int, progress: bool,
-             layer_states: bool = False):
-    """Plain first-token answers and captured source states, one unpatched forward per batch."""
+             layer_states: bool = False, null: tuple[str, Any] | None = None):
+    """Plain first-token answers and captured source states, one unpatched forward per batch; with ``null``
+    (``(null_audio, silence)``) also the plain first-token logits of the null-audio batch."""
     resolved = wrapped.resolved
     batches, plain_answers = [], []
     sources = sorted(set(grid["sources"]))
@@ -93,12 +114,17 @@ def _prepare(wrapped: BackpatchedModel, processor: Any, items, grid, batch_size:
             handles += [layer.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True)
                         for i, layer in enumerate(resolved.layers)]
         try:
-            plain_answers += _first_token_answers(resolved.generator, processor, inputs)
+            main_logits = _first_token_logits(resolved.generator, inputs)
         finally:
             for h in handles:
                 h.remove()
+        plain_answers += _decode(processor, main_logits)
+        null_logits = None
+        if null is not None:
+            null_logits = _first_token_logits(resolved.generator,
+                                              null_inputs(inputs, resolved.audio_feature_keys, *null))
         batches.append(_Batch(chunk, inputs, states, masks, layer_out if layer_states else None,
-                              layer_args if layer_states else None))
+                              layer_args if layer_states else None, main_logits, null_logits))
     return batches, plain_answers
 
 
@@ -122,6 +148,9 @@ class Scorer:
         #: decoder-layer calls per scored setting (counted when ``count_layers``; tests assert on it)
         self.layer_calls: list[int] = []
         self.count_layers = count_layers
+        #: ungated patched first-token logits of recent settings, per batch: every gate and alpha of a setting
+        #: reuses them (a step gate patches a row fully or not at all)
+        self._patched_cache: dict[tuple, list[torch.Tensor]] = {}
 
     # -------------------------------------------------------------------------------- engine (reference)
     def _engine_answers(self, candidate: Candidate, batches) -> list[str]:
@@ -134,7 +163,8 @@ class Scorer:
         return answers
 
     # -------------------------------------------------------------------------------- short path
-    def _short_logits(self, resolved, patch: ResolvedPatch, batch: _Batch, match_norm: bool = False) -> torch.Tensor:
+    def _short_logits(self, resolved, patch: ResolvedPatch, batch: _Batch, match_norm: bool = False,
+                      row_gate: torch.Tensor | None = None) -> torch.Tensor:
         t = patch.target
         hidden = batch.layer_out[t].clone()
         mask = batch.masks[patch.positions].to(hidden.device)
@@ -143,7 +173,11 @@ class Scorer:
         current = hidden[at]
         if match_norm:
             patch = dataclasses.replace(patch, match_norm=True)
-        hidden[at] = _combine(current, states, patch)
+        combined = _combine(current, states, patch)
+        if row_gate is not None:  # the engine's gated combine: h + g (patched - h), g per row
+            strength = row_gate.to(hidden.dtype)[mask.nonzero(as_tuple=True)[0]].unsqueeze(-1)
+            combined = current + strength * (combined - current)
+        hidden[at] = combined
         for i in range(t + 1, resolved.num_layers):
             args, kwargs = batch.layer_args[i]
             hidden = _hidden(resolved.layers[i](hidden, *args, **kwargs))
@@ -185,17 +219,75 @@ class Scorer:
         logger.info("calibration short path vs engine: max |logit diff| %.2e", diff)
         return diff <= SHORT_PATH_ATOL
 
+    # -------------------------------------------------------------------------------- gates and contrastive
+    def _patched_logits(self, candidate: Candidate, batches, index: int, strength: torch.Tensor | None):
+        """First-token logits of ``candidate.setting`` on batch ``index``, each row's patch scaled by ``strength``
+        (None: full strength). Ungated logits are cached per setting, and a 0/1 gate picks rows from them."""
+        batch = batches[index]
+        key = (candidate.setting, id(batches))
+        if key not in self._patched_cache:
+            if len(self._patched_cache) >= 2:
+                self._patched_cache.pop(next(iter(self._patched_cache)))
+            self._patched_cache[key] = []
+        cached = self._patched_cache[key]
+        if index >= len(cached):
+            cached.append(self._one_patched(candidate.setting, batch, None))
+        ungated = cached[index]
+        if strength is None:
+            return ungated
+        if bool(((strength == 0) | (strength == 1)).all()):
+            return torch.where(strength.unsqueeze(-1) == 1, ungated, batch.main_logits)
+        return self._one_patched(candidate.setting, batch, strength)
+
+    def _one_patched(self, setting, batch: _Batch, strength: torch.Tensor | None) -> torch.Tensor:
+        preset = self.candidate_preset(self.base_preset, Candidate(setting), self.null_audio)
+        resolved = resolve(self.model, preset, self.processor)
+        if batch.layer_out is not None and self.short_path_ok is None:
+            self.short_path_ok = self._short_path_usable(Candidate(setting), batch)
+        if batch.layer_out is not None and self.short_path_ok:
+            return self._short_logits(resolved, resolved.patches[0], batch, row_gate=strength).float()
+        # the engine on the stored states, each row's patch scaled by the strength measured on the stored logits
+        with generation_session(resolved, None, None, precaptured=batch.states, gate_values=strength):
+            return _first_token_logits(resolved.generator, batch.inputs)
+
+    def first_token_logits(self, candidate: Candidate, batches, index: int) -> torch.Tensor:
+        """What ``generate()`` with this candidate's preset gives as first-token logits on batch ``index``: the
+        gate of each row from the stored plain distributions, the patched logits, then the contrastive combine
+        with the stored null-audio logits (the gate re-measured on the patched distribution, as the engine does)."""
+        batch = batches[index]
+        main, null, gate = batch.main_logits, batch.null_logits, candidate.gate
+        if (candidate.alpha or (gate is not None and gate.signal == "audio_gap")) and null is None:
+            raise ValueError("scoring contrastive or audio_gap-gated candidates needs the null-audio logits")
+        if candidate.setting is None:
+            patched = main
+        else:
+            strength = gate_strength(gate, main, null) if gate is not None else None
+            patched = self._patched_logits(candidate, batches, index, strength)
+        if not candidate.alpha:
+            return patched
+        alpha = torch.full(patched.shape[:1], candidate.alpha)
+        if gate is not None:
+            alpha = alpha * gate_strength(gate, patched, null)
+        alpha = alpha.unsqueeze(-1)
+        return (1.0 + alpha) * patched - alpha * null
+
     # -------------------------------------------------------------------------------- entry
     @torch.no_grad()
     def score(self, candidate: Candidate, batches, match_norm: bool = False) -> dict[str, Any]:
+        """Metrics of ``candidate`` on ``batches``, with every item's verdict (``verdicts``) for paired statistics."""
         items = [it for b in batches for it in b.items]
+        mixed = batches[0].main_logits is not None and (candidate.alpha or candidate.gate is not None)
         simple = candidate.setting is not None and not candidate.alpha and batches[0].layer_out is not None
         if simple and self.short_path_ok is None:
             self.short_path_ok = self._short_path_usable(candidate, batches[0])
-        if simple and self.short_path_ok:
+        if mixed and not match_norm:
+            answers = [a for i in range(len(batches))
+                       for a in _decode(self.processor, self.first_token_logits(candidate, batches, i))]
+        elif simple and self.short_path_ok and candidate.gate is None:
             answers = self._short_answers(candidate, batches, match_norm)
         else:
             if match_norm:
                 raise ValueError("norm-matched scoring needs the short path (layer states) and no contrastive alpha")
             answers = self._engine_answers(candidate, batches)
-        return metrics(items, [judge(a, it) for a, it in zip(answers, items, strict=True)])
+        verdicts = [judge(a, it) for a, it in zip(answers, items, strict=True)]
+        return {**metrics(items, verdicts), "verdicts": verdicts}

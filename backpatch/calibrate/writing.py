@@ -13,33 +13,53 @@ def _with_patches(preset: Preset, patches: list[Patch], contrastive: Contrastive
     return dataclasses.replace(preset, patches=list(patches), contrastive=contrastive)
 
 
+def _contrastive_block(candidate: Candidate, null_audio: str) -> Contrastive | None:
+    """The contrastive block a candidate needs: its alpha, or alpha 0 for the null rows an audio_gap gate reads."""
+    gate_rows = candidate.gate is not None and candidate.gate.signal == "audio_gap"
+    return Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.alpha or gate_rows else None
+
+
 def _candidate_preset(base: Preset, candidate: Candidate, null_audio: str) -> Preset:
-    contrastive = Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.alpha else None
-    return _with_patches(base, [candidate.setting.patch()] if candidate.setting else [], contrastive)
+    preset = _with_patches(base, [candidate.setting.patch()] if candidate.setting else [],
+                           _contrastive_block(candidate, null_audio))
+    return dataclasses.replace(preset, gate=candidate.gate)
 
 
 def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings, seconds, null_audio,
-                       no_harm, search: str = "") -> Preset:
+                       no_harm, search: str = "", searched: str = "back-patching, contrastive decoding and both",
+                       stress_report: dict | None = None, harm_upper: float | None = None) -> Preset:
     before, after = report["plain"], report["backpatched"]
     metric_values = {}
-    for key in ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc"):
-        for suffix, source in (("before", before), ("after", after)):
-            if source[key] is not None:
-                metric_values[f"{key}_{suffix}"] = float(source[key])
+    for prefix, source_report in (("", report), ("perturbed_", stress_report)):
+        if source_report is None:
+            continue
+        for key in ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc"):
+            for suffix, source in (("before", source_report["plain"]), ("after", source_report["backpatched"])):
+                if source[key] is not None:
+                    metric_values[f"{prefix}{key}_{suffix}"] = float(source[key])
     metric_values["n_conflict"] = float(before["n_conflict"])
+    if harm_upper is not None:
+        metric_values["harm_upper_bound"] = float(harm_upper)
     config = model.config
     name_or_path = getattr(config, "_name_or_path", "") or ""
     glob = f"*{Path(name_or_path).parent.name}/{Path(name_or_path).name}*" if name_or_path else None
     base = wrapped.preset
     description = (
         f"Calibrated by `backpatch calibrate` on {Path(data).name} ({before['n_conflict']} conflicts): "
-        f"{n_settings} settings (back-patching, contrastive decoding and both{search}) scored by first answer token, "
+        f"{n_settings} settings ({searched}{search}) scored by first answer token, "
         f"the best no-harm ones verified with full greedy "
         f"generate; chosen {candidate.label()}. TDR {before['tdr']} -> {after['tdr']}, audio-only "
         f"{before['audio_only_acc']} -> {after['audio_only_acc']}, consistent {before['consistent_acc']} -> "
-        f"{after['consistent_acc']} (on {Path(data).name}){'' if no_harm else '; WARNING: fails the no-harm rule'}. "
-        f"Run time {seconds:.0f} s."
+        f"{after['consistent_acc']} (on {Path(data).name}){'' if no_harm else '; WARNING: fails the no-harm rule'}."
     )
+    if stress_report is not None:
+        sp, sb = stress_report["plain"], stress_report["backpatched"]
+        description += (f" Perturbed validation ({Path(stress_report['data']).name}): TDR {sp['tdr']} -> {sb['tdr']}, "
+                        f"audio-only {sp['audio_only_acc']} -> {sb['audio_only_acc']}, consistent "
+                        f"{sp['consistent_acc']} -> {sb['consistent_acc']}.")
+    if harm_upper is not None:
+        description += f" Paired 95% upper bound on any control accuracy loss: {harm_upper:g}."
+    description += f" Run time {seconds:.0f} s."
     return Preset(
         name=name,
         description=description,
@@ -47,7 +67,8 @@ def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings
         model=ModelFacts(layers=wrapped.resolved.layers_path, num_layers=wrapped.resolved.num_layers),
         audio_span=base.audio_span or AudioSpan(token_id=wrapped.resolved.audio_token_id),
         patches=[candidate.setting.patch()] if candidate.setting else [],
-        contrastive=Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.alpha else None,
+        contrastive=_contrastive_block(candidate, null_audio),
+        gate=candidate.gate,
         calibration=Calibration(status="calibrated", data=str(data), metrics=metric_values),
     )
 
