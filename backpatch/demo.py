@@ -13,6 +13,7 @@ Gradio is an optional dependency (the ``demo`` extra); it is imported only here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -62,7 +63,33 @@ def _describe(preset: Preset) -> str:
     text = "back-patching " + "; ".join(parts) if parts else "no back-patching"
     if preset.contrastive is not None and preset.contrastive.alpha > 0:
         text += f" + contrastive α={preset.contrastive.alpha:g} ({preset.contrastive.null_audio})"
+    if preset.gate is not None:
+        from .calibrate.grid import gate_label
+
+        text += f", {gate_label(preset.gate)}"
     return text
+
+
+def gate_note(report: dict | None) -> str | None:
+    """One sentence on what the audio-confidence gate did to the mitigation for this answer (None: no gate)."""
+    if report is None:
+        return None
+    patch, steps = report["patch"], report["contrastive"]
+    parts = []
+    if patch:
+        parts.append(f"patches at {100 * patch[0]:.0f}% strength")
+    if steps:
+        parts.append(f"contrastive α at {100 * steps[0][0]:.0f}% on the first token")
+    strengths = ([patch[0]] if patch else []) + ([steps[0][0]] if steps else [])
+    if not strengths:
+        return None
+    if max(strengths) == 0.0:
+        verdict = "gate closed: the audio did not clearly support an answer, so this is the plain model's answer"
+    elif min(strengths) < 1.0:
+        verdict = "gate weakened the mitigation: the audio support was partial"
+    else:
+        verdict = "gate open: full mitigation"
+    return f"{verdict} ({', '.join(parts)})"
 
 
 @dataclass
@@ -236,15 +263,17 @@ class Demo:
         alpha = number(0.0 if alpha is None else alpha, "contrastive alpha")
         if alpha < 0:
             raise _fail(f"The contrastive alpha must be >= 0 (0 turns it off), got {alpha:g}.")
+        # the base preset's gate is kept; an audio_gap gate reads the null-audio rows, which stay at alpha 0
+        gate_rows = base.gate is not None and base.gate.signal == "audio_gap"
         contrastive = None
-        if alpha > 0:
+        if alpha > 0 or gate_rows:
             template = base.contrastive or Contrastive()
             contrastive = Contrastive(alpha=alpha, null_audio=template.null_audio,
                                       plausibility=template.plausibility)
-        if not patches and contrastive is None:
+        if not patches and alpha == 0:
             raise _fail("Nothing to compare: turn back-patching on or set a contrastive alpha above 0.")
         unchanged = patches == base.patches and contrastive == (
-            base.contrastive if base.contrastive is not None and base.contrastive.alpha > 0 else None)
+            base.contrastive if base.contrastive is not None and (base.contrastive.alpha > 0 or gate_rows) else None)
         if unchanged and name in (None, base.name):
             return base
         description = base.description if unchanged else (
@@ -252,7 +281,7 @@ class Demo:
         calibration = base.calibration if unchanged else Calibration(status="uncalibrated")
         try:
             return Preset(patches=patches, name=name or base.name, description=description, match=base.match,
-                          model=base.model, audio_span=base.audio_span, contrastive=contrastive,
+                          model=base.model, audio_span=base.audio_span, contrastive=contrastive, gate=base.gate,
                           calibration=calibration)
         except PresetError as exc:
             raise _fail(f"These controls do not make a valid preset: {exc}") from None
@@ -291,9 +320,7 @@ class Demo:
         if not _NAME_RE.match(name):
             raise _fail("A preset name may hold only letters, digits, '.', '_' and '-' (it is also the file name).")
         if name != preset.name:
-            preset = Preset(patches=preset.patches, name=name, description=preset.description, match=preset.match,
-                            model=preset.model, audio_span=preset.audio_span, contrastive=preset.contrastive,
-                            calibration=preset.calibration)
+            preset = dataclasses.replace(preset, name=name)
         self.fit(preset)
         folder = Path(tempfile.mkdtemp(dir=self._save_dir))
         path = folder / f"{name}.yaml"
@@ -390,6 +417,7 @@ class Demo:
                 with wrapped.disabled():
                     (plain,), plain_logits = self._generate(wrapped, inputs)
                 (patched,), patched_logits = self._generate(wrapped, inputs)
+                gate = gate_note(wrapped.last_gate())
         except gr.Error:
             raise
         except Exception as exc:  # keep serving: show what went wrong instead of a bare "Error"
@@ -397,6 +425,8 @@ class Demo:
             raise _fail(f"The model could not answer this input ({type(exc).__name__}: {exc}).") from None
         result = CompareResult(plain, patched, self.top_tokens(plain_logits[0]), self.top_tokens(patched_logits[0]),
                                "", preset)
+        if gate is not None:
+            result.extra["gate"] = gate
         clip = self.match_clip(wave) if self.clips else None
         if clip is not None:
             item = _item_for(clip, prompt)
@@ -416,6 +446,8 @@ class Demo:
             banner = ('<div style="padding:.6em 1em;border-radius:8px;background:#eef1f4;border:2px solid #c5ccd3;'
                       'font-size:1.15em"><b>= Same answer</b></div>')
         lines = [banner, f"<p>With preset: <code>{_escape(r.preset.name)}</code>: {_escape(_describe(r.preset))}</p>"]
+        if "gate" in r.extra:
+            lines.append(f'<p id="bp-gate"><b>Audio-confidence gate:</b> {_escape(r.extra["gate"])}</p>')
         if clip is not None:
             claim = r.extra.get("claim")
             said = f"The clip says <b>{clip.audio_answer}</b> (example {clip.key})"

@@ -117,6 +117,30 @@ def test_controls_start_from_the_preset_and_change_what_runs(demo):
     assert r.preset.patches == [] and r.preset.contrastive.alpha == 1.0
 
 
+def test_compare_shows_what_the_audio_confidence_gate_did(demo):
+    """Beside the answers: whether the gate left the mitigation at full strength, weakened it, or closed it."""
+    import dataclasses
+
+    base = backpatch.load_preset(PRESET)
+    contrastive = base.contrastive or backpatch.Contrastive(alpha=0.0)
+    closed = dataclasses.replace(base, name="closed", contrastive=contrastive,
+                                 gate=backpatch.Gate("certainty", 1.0, 1.0))
+    opened = dataclasses.replace(base, name="opened", contrastive=contrastive,
+                                 gate=backpatch.Gate("audio_gap", 0.0, 0.0))
+    clip, prompt = _clip(demo)
+    uploaded = {"closed": closed, "opened": opened}
+    r = demo.compare(str(clip.path), prompt, preset_name="closed", uploaded=uploaded)
+    assert r.preset.gate == closed.gate and r.plain == r.patched and r.plain_top == r.patched_top
+    assert "gate closed" in r.extra["gate"] and "patches at 0% strength" in r.extra["gate"]
+    assert 'id="bp-gate"' in r.verdict_html and "gate closed" in r.verdict_html
+    r = demo.compare(str(clip.path), prompt, preset_name="opened", uploaded=uploaded)
+    assert "gate open: full mitigation" in r.extra["gate"]
+    # editing a control keeps the base preset's gate
+    r = demo.compare(str(clip.path), prompt, scale=0.05, preset_name="closed", uploaded=uploaded)
+    assert r.preset.gate == closed.gate and r.preset.patches[0].scale == 0.05
+    assert "gate" not in demo.compare(str(clip.path), prompt).extra or base.gate is not None
+
+
 def test_save_preset_writes_the_controls_as_yaml(demo, tmp_path):
     made = demo.preset_from_controls(PRESET, source=10, target=2, scale=0.5, mode="add", positions="audio",
                                      alpha=2.0, patch_on=True)
