@@ -2,7 +2,7 @@
 
 Back-patching routes late-layer hidden states back into an earlier decoder layer during the prefill of
 ``generate()`` (training-free), to reduce *text dominance*: following a misleading prompt over the audio.
-See DESIGN.md for the semantics and the README for a quickstart.
+See docs/design.md for the semantics and the README for a quickstart.
 """
 
 from . import organism

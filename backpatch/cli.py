@@ -262,7 +262,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                         verify_top=args.verify_top, max_new_tokens=args.max_new_tokens, name=args.name,
                         limit=args.limit, budget_minutes=args.budget_minutes, seed=args.seed,
                         truncate=args.truncate_audio, stress_data=args.stress_data, max_harm=args.max_harm,
-                        gates=not args.no_gates)
+                        gates=not args.no_gates, full_stage=not args.skip_full_stage)
     if summary["data_warning"]:
         print(f"warning: {summary['data_warning']}")
     if truncation_line(summary.get("truncated_audio")):
@@ -422,7 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-harm", type=positive_float, default=0.02,
                    help="no-harm bound: the paired 95%% upper bound on the loss of audio-only and of consistent "
                    "accuracy (default 0.02)")
-    p.add_argument("--no-gates", action="store_true", help="do not try audio-confidence gates in the last stage")
+    p.add_argument("--no-gates", action="store_true", help="do not try audio-confidence gates (staged search)")
+    p.add_argument("--skip-full-stage", action="store_true",
+                   help="skip the staged search's first-token stage on every item (the generate() verification still "
+                   "checks the finalists on every item): for data where a forward over every item is expensive")
     p.add_argument("--budget-minutes", type=positive_float, default=60.0,
                    help="time budget of the search (default 60); stages that reach their share stop and say so")
     p.add_argument("--seed", type=int, default=0, help="seed of the staged search's clip subsets and order")

@@ -278,18 +278,25 @@ def answer_items(
     progress: bool = True,
     truncate: bool | None = None,
     gates: list | None = None,
+    plain_answers: Sequence[str] | None = None,
 ) -> tuple[list[str], list[str]]:
     """Plain and back-patched greedy answers for ``items`` (same inputs for both, batched); ``truncate`` as in
     :func:`encode_items`. With a gated preset, ``gates`` (a list) receives each item's gate strengths:
-    ``{"patch": g or None, "contrastive_first_step": g or None}``."""
+    ``{"patch": g or None, "contrastive_first_step": g or None}``. ``plain_answers``: the plain answers of these
+    items from an earlier run with the same settings (they do not depend on the preset): not generated again."""
     plain: list[str] = []
     patched: list[str] = []
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
+    if plain_answers is not None and len(plain_answers) != len(items):
+        raise ValueError(f"plain_answers has {len(plain_answers)} answers for {len(items)} items")
     for batch in tqdm(_batches(items, batch_size), desc="evaluate", unit="batch", disable=not progress):
         inputs = encode_items(processor, batch, truncate=truncate).to(wrapped.device)
         length = inputs["input_ids"].shape[1]
-        with wrapped.disabled():
-            plain += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)
+        if plain_answers is not None:
+            plain += plain_answers[len(plain) : len(plain) + len(batch)]
+        else:
+            with wrapped.disabled():
+                plain += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)
         patched += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)
         if gates is not None:
             gates += _gate_rows(wrapped.last_gate(), len(batch))
@@ -316,11 +323,13 @@ def evaluate(
     progress: bool = True,
     truncate: bool | None = None,
     max_harm: float = 0.02,
+    plain_answers: Sequence[str] | None = None,
 ) -> dict[str, Any] | None:
     """Plain vs back-patched metrics on a conflict set; the report (README: "Evaluation") as a dict.
 
     ``report["paired"]`` has the paired no-harm bounds (:mod:`backpatch.paired`) per split and control kind; a
     control metric whose upper bound on the loss exceeds ``max_harm`` is marked in the table (``!``).
+    ``plain_answers`` (single process): the plain answers of an earlier report on the same data and settings.
 
     Clips longer than the model's audio window are refused before any model work, naming every such item,
     unless ``truncate=True``: then they are cut to the window and ``report["truncated_audio"]`` says which.
@@ -338,9 +347,12 @@ def evaluate(
     indices = list(range(len(items)))
     with state.split_between_processes(indices) as mine:
         gates: list = []
+        if plain_answers is not None and len(plain_answers) != len(items):
+            raise ValueError(f"plain_answers has {len(plain_answers)} answers for {len(items)} items")
+        known = [plain_answers[i] for i in mine] if plain_answers is not None else None
         plain, patched = answer_items(wrapped, processor, [items[i] for i in mine], batch_size, max_new_tokens,
                                       progress=progress and state.is_local_main_process, truncate=truncate,
-                                      gates=gates)
+                                      gates=gates, plain_answers=known)
         rows = list(zip(mine, plain, patched, gates, strict=True))
     if state.num_processes > 1:
         rows = gather_object(rows)

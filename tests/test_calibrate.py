@@ -235,7 +235,7 @@ def test_gated_and_contrastive_scoring_equals_generate(setup, gate, alpha, short
 
 
 def test_staged_search_with_stress_data_and_gates(setup, tmp_path):
-    """Perturbed items join the search as their own split of the no-harm rule; the last stage tries gates on the
+    """Perturbed items join the search as their own split of the no-harm rule; the refine stage tries gates on the
     strongest settings; every sweep row records its paired harm bound and TDR reduction bound."""
     from backpatch.calibrate import calibrate
 
@@ -247,8 +247,8 @@ def test_staged_search_with_stress_data_and_gates(setup, tmp_path):
     summary = calibrate(model, processor, data, tmp_path / "g.yaml", grid={"alphas": [1.0]}, batch_size=4,
                         verify_top=1, max_new_tokens=2, budget_minutes=5.0, progress=False, stress_data=stress)
     assert summary["n_items"] == 2 * len(rows) and summary["stress_data"] == str(stress)
-    full = [row for row in summary["sweep"] if row["stage"] == "full"]
-    assert any(row["gate"] is not None for row in full)
+    refine = [row for row in summary["sweep"] if row["stage"] == "refine"]
+    assert {row["gate"]["signal"] for row in refine if row["gate"]} == {"audio_gap", "certainty"}
     assert {s["harm_rule"] for s in summary["search"]["stages"]} == {"point loss", "upper bound"}
     for row in summary["sweep"]:
         assert set(row["harm"]) == {"clean", "perturbed"}
@@ -261,3 +261,23 @@ def test_staged_search_with_stress_data_and_gates(setup, tmp_path):
     assert preset.calibration.metrics["harm_upper_bound"] == summary["chosen_paired"]["harm_upper"]
     assert "perturbed_consistent_acc_before" in preset.calibration.metrics  # (TDR is None on a random model)
     assert "audio-confidence gates" in summary["searched"] and summary["searched"] in preset.description
+
+
+def test_calibration_can_skip_the_full_stage_and_reuses_plain_answers_in_verification(setup, tmp_path, monkeypatch):
+    from backpatch import evaluate as evaluate_module
+    from backpatch.calibrate import calibrate, run
+
+    _, data, model, processor = setup
+    seen = []
+    real = evaluate_module.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("plain_answers"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "evaluate", spy)
+    summary = calibrate(model, processor, data, tmp_path / "s.yaml", grid={"alphas": [1.0]}, batch_size=4,
+                        verify_top=2, max_new_tokens=2, budget_minutes=5.0, progress=False, full_stage=False)
+    assert [s["name"] for s in summary["search"]["stages"]] == ["coarse", "refine"]
+    assert len(summary["verified"]) == 2 and seen[0] is None and seen[1] is not None
+    assert summary["verified"][0]["plain"] == summary["verified"][1]["plain"]

@@ -284,3 +284,23 @@ def test_evaluate_records_the_gate_per_item(setup):
     assert all(r["gate"]["patch"] == 0.0 and r["plain"] == r["backpatched"] for r in report["items"])
     assert report["gate"]["patch"] == {"mean": 0.0, "weakened": 1.0, "closed": 1.0, "n": 16}
     assert "closed on 100.0%" in format_table(report)
+
+
+def test_known_plain_answers_are_not_generated_again(setup):
+    root, data, preset = setup
+    model, processor = load_model_and_processor(str(root / "model"))
+    wrapped = backpatch.wrap(model, str(preset))
+    first = evaluate(wrapped, processor, data, batch_size=8, max_new_tokens=3, progress=False)
+    answers = [row["plain"] for row in first["items"]]
+    calls = []
+    original = wrapped.disabled
+
+    def counting():
+        calls.append(1)
+        return original()
+
+    wrapped.disabled = counting
+    again = evaluate(wrapped, processor, data, batch_size=8, max_new_tokens=3, progress=False, plain_answers=answers)
+    assert calls == [] and again["plain"] == first["plain"] and again["backpatched"] == first["backpatched"]
+    with pytest.raises(ValueError, match="plain_answers has 1 answers for 16 items"):
+        evaluate(wrapped, processor, data, batch_size=8, max_new_tokens=3, progress=False, plain_answers=["x"])

@@ -122,6 +122,7 @@ def calibrate(
     truncate: bool | None = None,
     stress_data: str | Path | None = None,
     gates: bool = True,
+    full_stage: bool = True,
 ) -> dict[str, Any]:
     """Search, verify, and write ``out`` (a preset YAML), ``out`` with ``.png`` (heatmap), ``.band.png`` (staged
     search: no-harm TDR over source x target per mode) and ``.sweep.json``.
@@ -135,16 +136,19 @@ def calibrate(
 
     ``stress_data``: a perturbed validation set (e.g. ``python -m backpatch.organism.perturb build``); its items
     are searched with the clean ones and the no-harm rule must hold on both. ``gates``: the staged search also
-    tries the audio-confidence gate on its strongest settings.
+    tries the audio-confidence gate on its strongest settings. ``full_stage=False`` skips the staged search's
+    first-token stage on every item (the ``generate()`` verification still checks the finalists on every item).
     """
     truncate = truncation_enabled(truncate)
     with audio_truncation(truncate):  # the sweep builds its inputs deep down: it inherits the choice
         return _calibrate(model, processor, data, out, base_preset, grid, batch_size, verify_top, max_new_tokens,
-                          max_harm, name, limit, progress, budget_minutes, seed, truncate, stress_data, gates)
+                          max_harm, name, limit, progress, budget_minutes, seed, truncate, stress_data, gates,
+                          full_stage)
 
 
 def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verify_top, max_new_tokens, max_harm,
-               name, limit, progress, budget_minutes, seed, truncate, stress_data=None, gates=True) -> dict[str, Any]:
+               name, limit, progress, budget_minutes, seed, truncate, stress_data=None, gates=True,
+               full_stage=True) -> dict[str, Any]:
     started = time.perf_counter()
     budget_s = budget_minutes * 60.0
     out = Path(out)
@@ -178,7 +182,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         grid.update(sources=list(range(1, num_layers)), targets=list(range(num_layers - 1)),
                     positions=["audio", "last"], modes=["add", "interpolate", "replace"])
         records, plain = _staged(wrapped, processor, items, grid, scorer, batch_size, budget_s, max_harm, seed,
-                                 progress, null, gates)
+                                 progress, null, gates, full_stage)
         # verify from the last stage that scored anything (a tight budget may leave the full stage empty)
         scored = [r for r in records if r.results]
         if not scored:
@@ -228,12 +232,16 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
                       key=lambda r: rank_key(r[1]))
     candidates = eligible[:verify_top] or sorted(results, key=lambda r: rank_key(r[1]))[:1]
     verified = []
+    paths = [path for path in (data, stress_data) if path is not None]
+    plain_answers: dict[int, list[str]] = {}  # the plain answers do not depend on the candidate: generated once
     for candidate, proxy in tqdm(candidates, desc="verify with generate()", unit="setting", disable=not progress):
         preset = _candidate_preset(wrapped.preset, candidate, grid["null_audio"])
         wrapped_candidate = wrap(model, preset, processor=processor)
         reports = [evaluate(wrapped_candidate, processor, path, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                            limit=limit, progress=progress, truncate=truncate, max_harm=max_harm)
-                   for path in (data, stress_data) if path is not None]
+                            limit=limit, progress=progress, truncate=truncate, max_harm=max_harm,
+                            plain_answers=plain_answers.get(k)) for k, path in enumerate(paths)]
+        for k, report in enumerate(reports):
+            plain_answers[k] = [row["plain"] for row in report["items"]]
         verdicts = {column: [row[f"{column}_follows"] for report in reports for row in report["items"]]
                     for column in ("plain", "backpatched")}
         paired = paired_report(items, verdicts["plain"], verdicts["backpatched"])
@@ -321,7 +329,8 @@ def _searched(candidates: Sequence[Candidate]) -> str:
 
 
 def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, budget_s: float, max_harm: float,
-            seed: int, progress: bool, null=None, gates: bool = True) -> tuple[list[StageRecord], dict[str, Any]]:
+            seed: int, progress: bool, null=None, gates: bool = True,
+            full_stage: bool = True) -> tuple[list[StageRecord], dict[str, Any]]:
     """Captures for the nested subsets, then :func:`staged_search`. The two small subsets keep every layer's
     state (short path); the full set only the source states."""
     subsets = clip_subsets(items, STAGE_FRACTIONS, seed)
@@ -338,7 +347,7 @@ def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, bu
               (lambda c: scorer.score(c, small), plain_of(refine, small_plain), len(refine), refine)]
     full_plain: dict[str, Any] = {}
 
-    def full_stage(finalists):
+    def prepare_full(finalists):
         sources = sorted({c.setting.source for c in finalists if c.setting} or {1})
         positions = sorted({c.setting.positions for c in finalists if c.setting} or {"audio"})
         del small[:]  # free the per-layer states of the small subsets before capturing the full set
@@ -347,6 +356,6 @@ def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, bu
         full_plain.update(plain_of(subsets[2], answers))
         return (lambda c: scorer.score(c, batches)), full_plain, len(subsets[2]), subsets[2]
 
-    records = staged_search(wrapped.resolved.num_layers, stages, full_stage, grid["alphas"], budget_s, max_harm,
-                            seed=seed, progress=progress, gates=gates)
-    return records, full_plain
+    records = staged_search(wrapped.resolved.num_layers, stages, prepare_full, grid["alphas"], budget_s, max_harm,
+                            seed=seed, progress=progress, gates=gates, full=full_stage)
+    return records, full_plain if full_stage else records[-1].plain

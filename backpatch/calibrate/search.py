@@ -6,8 +6,11 @@ layer away) and contrastive decoding (each alpha alone and with the two best pat
 few of stage 2 on every item. Subsets are whole clips (all items of a clip together), seeded, nested. This is
 successive halving: most settings are discarded on little data, the few that matter are measured on all of it.
 
-Stage 3 also tries the audio-confidence gate (:func:`.grid.gate_grid`) on the strongest settings of stage 2,
-whether or not they passed the no-harm rule there: a gate is how a strong but harmful setting can become harmless.
+Stage 2 also tries the audio-confidence gate (:func:`.grid.gate_grid`) on the strongest settings of stage 1
+(by TDR reduction, whether or not they passed the no-harm rule: a gate is how a strong but harmful setting can
+become harmless) and on the best ones; a step gate reuses its setting's patched logits, so it costs no forward.
+Stage 3 re-scores the finalists, gated ones included, on every item; it can be skipped (``full=False``) where a
+forward over every item is expensive, since the ``generate()`` verification checks the finalists on every item.
 
 No-harm rule (:mod:`backpatch.paired`): every scored setting gets a paired report against the plain answers of the
 same items, per split (clean, perturbed) and control kind (audio-only, consistent). The screening stages (coarse,
@@ -141,10 +144,12 @@ def staged_search(
     seed: int = 0,
     progress: bool = True,
     gates: bool = True,
+    full: bool = True,
 ) -> list[StageRecord]:
     """Run the three stages. ``stage_scorers[k]`` is ``(score, plain metrics, n_items, items)`` of stage ``k``'s
     subset; ``full_stage(finalists)`` prepares the last stage for just the finalists (only their source layers are
-    captured on the full set) and returns the same four. ``gates``: try the audio-confidence gates in stage 3."""
+    captured on the full set) and returns the same four. ``gates``: try the audio-confidence gates in stage 2.
+    ``full``: run stage 3 (else the records end with stage 2)."""
     started = time.perf_counter()
     deadlines = [started + share * budget_s for share in STAGE_SHARES]
     coarse = [Candidate(s) for s in band_grid(num_layers)]
@@ -157,22 +162,24 @@ def staged_search(
     settings: list[Setting] = [c.setting for c in best1 if c.setting is not None]
     neighbours = [Candidate(s) for s in refinements(settings[: keep[1]], num_layers)]
     top_patches = [c.setting for c in best1[:2]]
-    contrastive = [Candidate(s, float(a)) for a in alphas if a > 0 for s in (None, *top_patches)]
-    _run_stage(records[1], [*best1, *neighbours, *contrastive], stage_scorers[1][0], deadlines[1], max_harm,
-               progress)
+    strongest = [c.setting for c in ranked(records[0], None)[:2]]  # harmful or not: a gate may make them harmless
+    contrastive = [Candidate(s, float(a)) for a in alphas if a > 0
+                   for s in dict.fromkeys((None, *top_patches, *strongest))]
+    refine = list(dict.fromkeys([*best1, *neighbours, *(Candidate(s) for s in strongest), *contrastive]))
+    if gates:
+        gated = [c for c in refine if c.setting in (*top_patches[:1], *strongest) or (c.setting is None)]
+        refine += [Candidate(c.setting, c.alpha, g) for c in gated for g in gate_grid()]
+    # one setting's candidates together: they share its patched logits (the scorer caches the latest settings)
+    refine.sort(key=lambda c: (str(c.setting), c.alpha, c.gate is not None))
+    _run_stage(records[1], refine, stage_scorers[1][0], deadlines[1], max_harm, progress)
+    if not full:
+        return records
 
     finalists = ranked(records[1], max_harm, patches_only=True)[: keep[2]]
     finalists += ranked(records[1], max_harm, patches_only=False)[: max(2, keep[2] // 2)]
     if not finalists:  # nothing passed: measure the lowest-TDR settings anyway, so the report shows why
         finalists = [c for c, _ in sorted(records[1].results, key=lambda r: tdr_key(r[1]))[: keep[2]]]
-    if gates:
-        # the strongest settings, harmful or not, and the best no-harm ones: each under every gate of the grid
-        strongest = ranked(records[1], None, patches_only=True)[:2] + ranked(records[1], None, patches_only=False)[:2]
-        gated = list(dict.fromkeys([*strongest, *finalists[:2]]))
-        finalists = list(dict.fromkeys([*finalists, *strongest,
-                                        *(Candidate(c.setting, c.alpha, g) for c in gated for g in gate_grid())]))
-    # one setting's candidates together: they share its patched logits (the scorer caches the latest settings)
-    finalists.sort(key=lambda c: (str(c.setting), c.alpha))
+    finalists.sort(key=lambda c: (str(c.setting), c.alpha, c.gate is not None))
     score, plain, n_items, items = full_stage(finalists)
     records.append(StageRecord("full", n_items, plain, items=items, bounded=True))
     _run_stage(records[2], finalists, score, deadlines[2], max_harm, progress)
