@@ -204,18 +204,26 @@ def plot_curve(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     families = list(dict.fromkeys(level["family"] for level in result["levels"]))
-    fig, axes = plt.subplots(1, len(families), figsize=(2.6 * len(families), 2.8), sharey=True)
+    columns = 4
+    rows = -(-len(families) // columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(3.0 * columns, 2.6 * rows), sharey=True, squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(families) :]:
+        ax.axis("off")
     units = {"pitch": "cents", "tempo": "tempo factor", "noise": "SNR (dB)", "reverb": "reverberance (%)",
              "band": "upper cut-off (Hz)", "gain": "gain (dB)"}
-    for ax, family in zip(axes, families, strict=True):
-        rows = sorted((r for r in result["levels"] if r["family"] == family), key=lambda r: r["strength"])
-        ax.plot([r["strength"] for r in rows], [r["audio_only_acc"] for r in rows], "o-")
+    for ax, family in zip(axes, families, strict=False):
+        points = sorted((r for r in result["levels"] if r["family"] == family), key=lambda r: r["strength"])
+        ax.plot([r["strength"] for r in points], [r["audio_only_acc"] for r in points], "o-")
+        if len(points) == 1:  # one level of its family: name it instead of a meaningless axis
+            ax.set_xticks([points[0]["strength"]], [points[0]["name"]], fontsize=7)
         ax.axhline(result["clean"], color="grey", linestyle="--", linewidth=1, label="clean")
         ax.axhline(0.1, color="red", linestyle=":", linewidth=1, label="chance")
         ax.set_title(family)
-        ax.set_xlabel(units.get(family, family))
+        ax.set_xlabel(units.get(family, ""))
         ax.set_ylim(0, 1.02)
-    axes[0].set_ylabel("audio-only accuracy (plain)")
+    for row in grid:
+        row[0].set_ylabel("audio-only accuracy (plain)")
     axes[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"{Path(result['model']).name}: plain audio-only accuracy under perturbation "
                  f"({result['split']}, {result['n_clips']} clips per point)", fontsize=9)
