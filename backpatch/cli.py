@@ -22,7 +22,7 @@ from .bundled import list_presets, load_preset
 from .evaluate import ConflictSetError
 from .loading import ORGANISM_PREFIX, display_name
 from .organism._wheels import OrganismBuildError
-from .preset import PresetError, patch_label
+from .preset import PresetError, gate_label, patch_label
 
 EXIT_USAGE = 2
 
@@ -76,10 +76,12 @@ def port_number(text: str) -> int:
 
 
 def _format_patches(preset) -> str:
-    """The preset's methods on one line: its patches, and contrastive decoding when it has it."""
+    """The preset's methods on one line: its patches, contrastive decoding and the gate when it has them."""
     parts = [patch_label(p) for p in preset.patches]
     if preset.contrastive is not None:
         parts.append(f"contrastive alpha {preset.contrastive.alpha:g} ({preset.contrastive.null_audio})")
+    if preset.gate is not None:
+        parts.append(gate_label(preset.gate))
     return "; ".join(parts)
 
 

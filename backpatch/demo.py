@@ -34,7 +34,7 @@ from .bundled import list_presets, load_preset, uncalibrated_patch
 from .evaluate import ConflictItem, judge, load_conflict_set, normalize
 from .inputs import audio_window_seconds, build_inputs, decode_new_tokens, sampling_rate_of
 from .loading import display_name
-from .preset import MODES, POSITIONS, Calibration, Contrastive, Patch, Preset, PresetError
+from .preset import MODES, POSITIONS, Calibration, Contrastive, Patch, Preset, PresetError, gate_label
 from .wrapper import BackpatchedModel, wrap
 
 # No telemetry and no version check from a demo that must run offline (read when gradio builds the Blocks).
@@ -64,8 +64,6 @@ def _describe(preset: Preset) -> str:
     if preset.contrastive is not None and preset.contrastive.alpha > 0:
         text += f" + contrastive α={preset.contrastive.alpha:g} ({preset.contrastive.null_audio})"
     if preset.gate is not None:
-        from .calibrate.grid import gate_label
-
         text += f", {gate_label(preset.gate)}"
     return text
 

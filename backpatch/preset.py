@@ -113,6 +113,13 @@ def patch_label(patch: Any) -> str:
     return f"{patch.source}->{patch.target} {patch.mode} x{patch.scale:g} @{patch.positions}{norm}"
 
 
+def gate_label(gate: Any) -> str:
+    """``gate audio_gap >= 0.2`` (a step) or ``gate certainty 0.3..0.7`` (a ramp): one line, like patch_label."""
+    if gate.low == gate.high:
+        return f"gate {gate.signal} >= {gate.low:g}"
+    return f"gate {gate.signal} {gate.low:g}..{gate.high:g}"
+
+
 @dataclass
 class Patch:
     """One back-patch: route layer ``source``'s output back into layer ``target`` at ``positions``.

@@ -130,3 +130,13 @@ def test_diagnose_subcommand_writes_the_report(checkpoint, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["diagnose", "--model", str(directory), "--data", str(tmp_path / "none.jsonl"),
                  "--out", str(out)]) == 2
+
+
+def test_presets_line_names_the_gate():
+    from backpatch.cli import _format_patches
+
+    preset = backpatch.Preset(patches=[backpatch.Patch(5, 2, 0.1)], contrastive=backpatch.Contrastive(alpha=0.0),
+                              gate=backpatch.Gate("audio_gap", 0.2, 0.2))
+    assert _format_patches(preset) == "5->2 add x0.1 @audio; contrastive alpha 0 (silence); gate audio_gap >= 0.2"
+    ramp = backpatch.Preset(patches=[backpatch.Patch(5, 2)], gate=backpatch.Gate("certainty", 0.3, 0.7))
+    assert _format_patches(ramp).endswith("; gate certainty 0.3..0.7")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from ..preset import Gate, Patch, patch_label
+from ..preset import Gate, Patch, gate_label, patch_label
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,6 @@ class Candidate:
                                                                      else [])
         text = " + ".join(parts) or "plain"
         return f"{text} | {gate_label(self.gate)}" if self.gate is not None else text
-
-
-def gate_label(gate: Gate) -> str:
-    """``gate audio_gap >= 0.2`` (a step) or ``gate certainty 0.3..0.7`` (a ramp)."""
-    if gate.low == gate.high:
-        return f"gate {gate.signal} >= {gate.low:g}"
-    return f"gate {gate.signal} {gate.low:g}..{gate.high:g}"
 
 
 #: the gate stage's steps per signal: audio_gap is a total variation distance, certainty exp(-entropy)
