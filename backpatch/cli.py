@@ -199,12 +199,14 @@ def _relaunch_with_accelerate(args: argparse.Namespace, argv: Sequence[str]) -> 
 
 def _check_data(args: argparse.Namespace, data: str) -> None:
     """A bad conflict set, or clips longer than the model's audio window, fail here, before a model is loaded."""
+    from .answerability import check_labels
     from .evaluate import check_clip_lengths, load_conflict_set
 
     items = load_conflict_set(data, args.limit)
     early = _processor_alone(args)
     if early is not None:
         check_clip_lengths(items, early, args.truncate_audio)
+        check_labels(items, early)  # a set none of whose labels the model can write is refused here
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -222,6 +224,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"model: {report['model']}   preset: {wrapped.preset.name} [{_format_patches(wrapped.preset)}]")
     print(f"data:  {data}")
     print(format_table(report))
+    for warning in report.get("warnings", []):
+        print(f"WARNING: {warning}", file=sys.stderr)
     if args.out:
         print(f"report written to {args.out}")
     return 0
@@ -267,6 +271,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                         gates=not args.no_gates, full_stage=not args.skip_full_stage)
     if summary["data_warning"]:
         print(f"warning: {summary['data_warning']}")
+    for warning in summary["warnings"]:
+        print(f"WARNING: {warning}; the preset is written with status: uncalibrated", file=sys.stderr)
     if truncation_line(summary.get("truncated_audio")):
         print(truncation_line(summary["truncated_audio"]))
     print(f"swept {summary['n_settings']} settings on {summary['n_items']} items in {summary['sweep_seconds']} s "

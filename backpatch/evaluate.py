@@ -339,9 +339,12 @@ def evaluate(
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
+    from .answerability import chance_warning, check_labels
+
     items = load_conflict_set(data, limit)
     truncate = truncation_enabled(truncate)
     truncated = check_clip_lengths(items, processor, truncate)
+    warnings = [w for w in (check_labels(items, processor),) if w]  # raises when no label can be written
     # On a CPU-only machine accelerate treats torchrun-launched processes as distributed only with cpu=True.
     state = PartialState(cpu=not torch.cuda.is_available())
     indices = list(range(len(items)))
@@ -390,6 +393,11 @@ def evaluate(
     }
     if wrapped.preset.gate is not None:
         report["gate"] = gate_summary(gate_rows)
+    warnings += [w for w in (chance_warning(items, report["plain"]),) if w]
+    if warnings:
+        report["warnings"] = warnings
+        for warning in warnings:
+            logger.warning("eval: %s", warning)
     if truncated is not None:
         report["truncated_audio"] = truncated
     for key in BREAKDOWNS:  # TDR broken down by framing, label and perturbation, when the items say
@@ -429,7 +437,8 @@ def harmed(report: dict[str, Any], metric: str) -> list[str]:
 def format_table(report: dict[str, Any]) -> str:
     """The two metric columns side by side, with intervals and counts, for the terminal; ``!`` marks a control
     metric whose paired harm bound exceeds the no-harm limit."""
-    lines = [f"{'metric':<16}{'plain':>24}{'backpatched':>24}"]
+    lines = [f"WARNING: {warning}" for warning in report.get("warnings", [])]
+    lines.append(f"{'metric':<16}{'plain':>24}{'backpatched':>24}")
     marked = []
     for name in METRICS:
         cells = []

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._contrastive import silence_frame
+from ..answerability import chance_warning, check_labels
 from ..evaluate import check_clip_lengths, evaluate, judge, load_conflict_set, metrics
 from ..inputs import audio_truncation, truncation_enabled
 from ..paired import paired_report
@@ -154,6 +155,9 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     out = Path(out)
     items = load_calibration_items(data, stress_data, limit)
     truncated = check_clip_lengths(items, processor, truncate)
+    label_warning = check_labels(items, processor)  # raises when the model can write none of the labels
+    if label_warning:
+        logger.warning("calibration data: %s", label_warning)
     _warn_about_data(data)
     # The base preset only contributes facts (layer path, audio span, match); its patches are replaced.
     base_preset = preset_for(model, base_preset, fallback=Preset(patches=[Patch(source=1, target=0)],
@@ -251,6 +255,14 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         logger.warning("no verified setting passes the no-harm rule; writing the best-ranked one, marked as harmful")
     best, _, best_report, best_stress, best_paired = min(
         good or verified, key=lambda v: (-(v[4]["tdr_reduction_lower"] or 0.0), tdr_key(v[2]["backpatched"])))
+    # Data the model does not hear, or answers that never name a label, calibrate nothing: the preset then says so
+    # (status uncalibrated) instead of claiming a calibration
+    not_calibrated = [w for w in (label_warning, chance_warning(items, _verified_plain(verified))) if w]
+    if best_report["plain"]["tdr"] is None or best_report["backpatched"]["tdr"] is None:
+        not_calibrated.append("no conflict item was answered with its audio or its text label (TDR undefined), so no "
+                              "setting was scored on real answers; check the model's answers with backpatch eval")
+    for warning in not_calibrated:
+        logger.warning("calibration: %s", warning)
     total_seconds = time.perf_counter() - started
 
     heatmap = out.with_suffix(".png")
@@ -265,7 +277,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     preset = _calibrated_preset(wrapped, model, best, best_report, data, name or out.stem, n_settings,
                                 total_seconds, grid["null_audio"], no_harm=bool(good), search=how,
                                 searched=_searched(scored_candidates), stress_report=best_stress,
-                                harm_upper=best_paired["harm_upper"])
+                                harm_upper=best_paired["harm_upper"], not_calibrated=not_calibrated)
     if truncated is not None and truncated["n"]:
         preset = dataclasses.replace(preset, description=f"{preset.description} {truncated['n']} items' clips were "
                                      f"cut to their first {truncated['limit_s']:g} s (--truncate-audio).")
@@ -275,6 +287,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         "n_items": len(items), "n_settings": n_settings, "grid": grid, "search": search_info,
         "sweep_seconds": round(sweep_seconds, 1), "total_seconds": round(total_seconds, 1),
         "plain_first_token": _public(plain), "chosen": best.label(), "no_harm": bool(good),
+        "status": preset.calibration.status, "warnings": not_calibrated,
         "stress_data": str(stress_data) if stress_data is not None else None, "max_harm": max_harm,
         "searched": _searched(scored_candidates), "chosen_paired": best_paired,
         "short_path": scorer.short_path_ok,
@@ -302,6 +315,19 @@ def _warn_about_data(data: str | Path) -> None:
         logger.warning("calibration data %s is the organism's shipped examples, which are its test voices: numbers "
                        "measured on them after tuning on them are optimistic; calibrate on a validation split instead",
                        data)
+
+
+def _verified_plain(verified) -> dict[str, Any]:
+    """Plain metrics over every verified item (clean and stress), from the first verification."""
+    reports = [r for r in verified[0][2:4] if r is not None]
+    return metrics_of_reports(reports)
+
+
+def metrics_of_reports(reports) -> dict[str, Any]:
+    """The plain audio-only accuracy and count over several eval reports (what the chance check needs)."""
+    n = sum(r["plain"]["n_audio_only"] for r in reports)
+    right = sum(round((r["plain"]["audio_only_acc"] or 0.0) * r["plain"]["n_audio_only"]) for r in reports)
+    return {"n_audio_only": n, "audio_only_acc": right / n if n else None}
 
 
 def _plain_metrics(items, answers) -> dict[str, Any]:

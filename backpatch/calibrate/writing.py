@@ -27,7 +27,8 @@ def _candidate_preset(base: Preset, candidate: Candidate, null_audio: str) -> Pr
 
 def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings, seconds, null_audio,
                        no_harm, search: str = "", searched: str = "back-patching, contrastive decoding and both",
-                       stress_report: dict | None = None, harm_upper: float | None = None) -> Preset:
+                       stress_report: dict | None = None, harm_upper: float | None = None,
+                       not_calibrated: list[str] | None = None) -> Preset:
     before, after = report["plain"], report["backpatched"]
     metric_values = {}
     for prefix, source_report in (("", report), ("perturbed_", stress_report)):
@@ -60,6 +61,9 @@ def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings
     if harm_upper is not None:
         description += f" Paired 95% upper bound on any control accuracy loss: {harm_upper:g}."
     description += f" Run time {seconds:.0f} s."
+    if not_calibrated:
+        description = ("NOT CALIBRATED: " + " ".join(f"{w[0].upper()}{w[1:]}." for w in not_calibrated) + " "
+                       + description)
     return Preset(
         name=name,
         description=description,
@@ -69,7 +73,8 @@ def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings
         patches=[candidate.setting.patch()] if candidate.setting else [],
         contrastive=_contrastive_block(candidate, null_audio),
         gate=candidate.gate,
-        calibration=Calibration(status="calibrated", data=str(data), metrics=metric_values),
+        calibration=Calibration(status="uncalibrated" if not_calibrated else "calibrated", data=str(data),
+                                metrics=metric_values),
     )
 
 
