@@ -214,9 +214,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     data = args.data or _default_data(args)
     _check_data(args, data)
+    plain_answers = _plain_from(args.plain_from, data, args) if args.plain_from else None
     wrapped, processor = _load(args)
     report = evaluate(wrapped, processor, data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                      limit=args.limit, model_name=display_name(args.model), truncate=args.truncate_audio)
+                      limit=args.limit, model_name=display_name(args.model), truncate=args.truncate_audio,
+                      plain_answers=plain_answers)
     if report is None:  # a non-main accelerate process: the main one writes the report
         return 0
     if args.out:
@@ -229,6 +231,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.out:
         print(f"report written to {args.out}")
     return 0
+
+
+def _plain_from(path: str, data: str, args: argparse.Namespace) -> list[str]:
+    """The plain answers of an earlier eval report on the same data: item ids must match one for one."""
+    from .evaluate import load_conflict_set
+
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+        rows = report["items"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"--plain-from {path}: not a backpatch eval report ({type(exc).__name__}: {exc})") from None
+    ids = [item.id for item in load_conflict_set(data, args.limit)]
+    if [row.get("id") for row in rows] != ids:
+        raise ValueError(f"--plain-from {path}: its items are not the items of {data} (ids differ); run the plain "
+                         "answers again without --plain-from")
+    if report.get("settings", {}).get("max_new_tokens") != args.max_new_tokens:
+        raise ValueError(f"--plain-from {path}: it was answered with max_new_tokens "
+                         f"{report.get('settings', {}).get('max_new_tokens')}, this run asks {args.max_new_tokens}")
+    return [row["plain"] for row in rows]
 
 
 def _int_list(text: str | None) -> list[int] | None:
@@ -404,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--max-new-tokens", type=positive_int, default=16)
     p.add_argument("--limit", type=positive_int, help="only the first N items (quick looks)")
+    p.add_argument("--plain-from", help="reuse the plain answers of an earlier --out report on the same data and "
+                   "settings (comparing presets without generating the plain answers again)")
     _add_truncate_arg(p)
     p.add_argument("--launcher", choices=["accelerate"], help="split the items over processes with accelerate")
     p.add_argument("--num-processes", type=positive_int, default=2, help="processes for --launcher accelerate")

@@ -304,3 +304,19 @@ def test_known_plain_answers_are_not_generated_again(setup):
     assert calls == [] and again["plain"] == first["plain"] and again["backpatched"] == first["backpatched"]
     with pytest.raises(ValueError, match="plain_answers has 1 answers for 16 items"):
         evaluate(wrapped, processor, data, batch_size=8, max_new_tokens=3, progress=False, plain_answers=["x"])
+
+
+def test_cli_eval_plain_from_an_earlier_report(setup, tmp_path, capsys):
+    root, data, preset = setup
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    args = ["eval", "--model", str(root / "model"), "--preset", str(preset), "--data", str(data),
+            "--max-new-tokens", "3", "--batch-size", "5"]
+    assert main([*args, "--out", str(first)]) == 0
+    assert main([*args, "--out", str(second), "--plain-from", str(first)]) == 0
+    a, b = json.loads(first.read_text()), json.loads(second.read_text())
+    assert a["plain"] == b["plain"] and a["backpatched"] == b["backpatched"]
+    capsys.readouterr()
+    assert main([*args[:-4], "--max-new-tokens", "2", "--batch-size", "5", "--plain-from", str(first)]) == 2
+    assert "it was answered with max_new_tokens 3, this run asks 2" in capsys.readouterr().err
+    assert main([*args, "--limit", "3", "--plain-from", str(first)]) == 2
+    assert "its items are not the items of" in capsys.readouterr().err
