@@ -284,3 +284,59 @@ def test_calibration_can_skip_the_full_stage_and_reuses_plain_answers_in_verific
     assert [s["name"] for s in summary["search"]["stages"]] == ["coarse", "refine"]
     assert len(summary["verified"]) == 2 and seen[0] is None and seen[1] is not None
     assert summary["verified"][0]["plain"] == summary["verified"][1]["plain"]
+
+
+def test_refine_order_groups_settings_by_priority_not_by_name():
+    """A budget cut must drop the least promising refine candidates: groups keep the order of their first
+    candidate, and one setting's alphas and gates stay together (they share its patched logits)."""
+    from backpatch.calibrate import Candidate
+    from backpatch.calibrate.search import by_priority
+
+    late, early = Setting(28, 15, 0.1, "add", "audio"), Setting(10, 9, 1.0, "replace", "last")
+    gate = backpatch.Gate("audio_gap", 0.2, 0.2)
+    listed = [Candidate(None, 2.0), Candidate(late), Candidate(early), Candidate(late, 1.0), Candidate(None, 2.0, gate),
+              Candidate(early, 0.0, gate)]
+    assert by_priority(listed) == [Candidate(None, 2.0), Candidate(None, 2.0, gate), Candidate(late),
+                                   Candidate(late, 1.0), Candidate(early), Candidate(early, 0.0, gate)]
+
+
+def test_resume_reuses_what_an_earlier_run_scored_and_refuses_another_run(setup, tmp_path, monkeypatch):
+    """A search cut short goes on where it stopped: settings in the earlier sweep JSON are not scored again, the
+    rest are; a sweep of other data, seed or batch size is refused with the flag to fix."""
+    from backpatch.calibrate import calibrate
+    from backpatch.calibrate.sweep import Scorer
+
+    _, data, model, processor = setup
+    kwargs = dict(grid={"alphas": [1.0]}, verify_top=1, max_new_tokens=2, budget_minutes=5.0, progress=False)
+    first = calibrate(model, processor, data, tmp_path / "a.yaml", batch_size=4, **kwargs)
+    sweep = json.loads((tmp_path / "a.sweep.json").read_text())
+    coarse = [row for row in sweep["sweep"] if row["stage"] == "coarse"]
+    dropped = coarse[::2]  # as if the budget had cut these
+    sweep["sweep"] = [row for row in sweep["sweep"] if row not in dropped]
+    (tmp_path / "cut.sweep.json").write_text(json.dumps(sweep))
+    scored = []
+    real = Scorer.score
+
+    def counting(self, candidate, batches):
+        scored.append(candidate.label())
+        return real(self, candidate, batches)
+
+    monkeypatch.setattr(Scorer, "score", counting)
+    second = calibrate(model, processor, data, tmp_path / "b.yaml", batch_size=4, resume=tmp_path / "cut.sweep.json",
+                       **kwargs)
+    coarse_stage = second["search"]["stages"][0]
+    assert coarse_stage["reused"] == len(coarse) - len(dropped)
+    assert sorted(scored[: len(dropped)]) == sorted(row["setting"] for row in dropped)
+    assert second["chosen"] == first["chosen"] and second["search"]["resumed_from"] == str(tmp_path / "cut.sweep.json")
+    with pytest.raises(ValueError, match=r"seed 0 there, 1 here.*same --data, --stress-data, --seed"):
+        calibrate(model, processor, data, tmp_path / "c.yaml", batch_size=4, seed=1, resume=tmp_path / "a.sweep.json",
+                  **kwargs)
+    sweep["search"]["stages"][0]["n_items"] += 1  # as a run with another batch size would have recorded
+    (tmp_path / "other.sweep.json").write_text(json.dumps(sweep))
+    with pytest.raises(ValueError, match=r"coarse stage scored \d+ items, this one would score .*--batch-size"):
+        calibrate(model, processor, data, tmp_path / "c.yaml", batch_size=4, resume=tmp_path / "other.sweep.json",
+                  **kwargs)
+    with pytest.raises(ValueError, match=r"not the .sweep.json of a staged"):
+        (tmp_path / "x.json").write_text("{}")
+        calibrate(model, processor, data, tmp_path / "c.yaml", batch_size=4, resume=tmp_path / "x.json", **kwargs)
+    assert not (tmp_path / "c.yaml").exists()

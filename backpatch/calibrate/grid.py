@@ -51,14 +51,20 @@ class Candidate:
 
 #: the gate stage's steps per signal: audio_gap is a total variation distance, certainty exp(-entropy)
 GATE_STEPS = {"audio_gap": (0.05, 0.1, 0.2, 0.3, 0.5), "certainty": (0.3, 0.5, 0.7, 0.9)}
+#: ramps (low, high) of the audio_gap signal, the one that removed harm on perturbed speech (README, issue 18)
+GATE_RAMPS = {"audio_gap": ((0.1, 0.3), (0.2, 0.4))}
 
 
 def gate_grid() -> list[Gate]:
-    """Gates the staged search tries on its strongest settings: a step at each threshold of each signal.
+    """Gates the staged search tries on its strongest settings: a step at each threshold of each signal, and a
+    few ramps.
 
-    Steps (``low == high``), not ramps: a row is then patched fully or not at all, so every gate of one setting
-    reuses that setting's patched logits (scoring a gate costs no forward pass)."""
-    return [Gate(signal, step, step) for signal, steps in GATE_STEPS.items() for step in steps]
+    Steps (``low == high``) patch a row fully or not at all, so every step gate of one setting reuses that
+    setting's patched logits (no forward pass). Ramps weaken the mitigation gradually where the audio is
+    half-clear; a ramp costs a forward for a patch, nothing for contrastive decoding alone (its alpha is per
+    row on stored logits)."""
+    steps = [Gate(signal, step, step) for signal, steps in GATE_STEPS.items() for step in steps]
+    return steps + [Gate(signal, low, high) for signal, ramps in GATE_RAMPS.items() for low, high in ramps]
 
 
 def default_grid(num_layers: int) -> dict[str, list]:

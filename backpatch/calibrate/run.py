@@ -34,9 +34,9 @@ from ..answerability import chance_warning, check_labels
 from ..evaluate import check_clip_lengths, evaluate, judge, load_conflict_set, metrics
 from ..inputs import audio_truncation, truncation_enabled
 from ..paired import paired_report
-from ..preset import Patch, Preset
+from ..preset import Gate, Patch, Preset
 from ..wrapper import preset_for, wrap
-from .grid import Candidate, _settings, default_grid
+from .grid import Candidate, Setting, _settings, default_grid
 from .plots import _plot_band, _plot_heatmap
 from .search import StageRecord, clip_subsets, passes_no_harm, rank_key, staged_search, tdr_key
 from .sweep import Scorer, _prepare
@@ -124,6 +124,7 @@ def calibrate(
     stress_data: str | Path | None = None,
     gates: bool = True,
     full_stage: bool = True,
+    resume: str | Path | None = None,
 ) -> dict[str, Any]:
     """Search, verify, and write ``out`` (a preset YAML), ``out`` with ``.png`` (heatmap), ``.band.png`` (staged
     search: no-harm TDR over source x target per mode) and ``.sweep.json``.
@@ -139,17 +140,19 @@ def calibrate(
     are searched with the clean ones and the no-harm rule must hold on both. ``gates``: the staged search also
     tries the audio-confidence gate on its strongest settings. ``full_stage=False`` skips the staged search's
     first-token stage on every item (the ``generate()`` verification still checks the finalists on every item).
+    ``resume``: the ``.sweep.json`` of an earlier staged run on the same data, stress data and seed: the settings
+    it scored are reused, not scored again (:func:`previous_results`), so a search its budget cut short goes on.
     """
     truncate = truncation_enabled(truncate)
     with audio_truncation(truncate):  # the sweep builds its inputs deep down: it inherits the choice
         return _calibrate(model, processor, data, out, base_preset, grid, batch_size, verify_top, max_new_tokens,
                           max_harm, name, limit, progress, budget_minutes, seed, truncate, stress_data, gates,
-                          full_stage)
+                          full_stage, resume)
 
 
 def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verify_top, max_new_tokens, max_harm,
                name, limit, progress, budget_minutes, seed, truncate, stress_data=None, gates=True,
-               full_stage=True) -> dict[str, Any]:
+               full_stage=True, resume=None) -> dict[str, Any]:
     started = time.perf_counter()
     budget_s = budget_minutes * 60.0
     out = Path(out)
@@ -166,6 +169,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     num_layers = wrapped.resolved.num_layers
     grid = dict(grid or {})
     staged = not any(key in grid for key in GRID_KEYS)
+    previous = previous_results(resume, data, stress_data, seed, len(items), staged) if resume else None
     n_conflict = sum(1 for it in items if it.kind == "conflict")
     first_stage = clip_subsets(items, STAGE_FRACTIONS, seed)[0] if staged else None
     data_warning = conflict_count_warning(
@@ -186,7 +190,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         grid.update(sources=list(range(1, num_layers)), targets=list(range(num_layers - 1)),
                     positions=["audio", "last"], modes=["add", "interpolate", "replace"])
         records, plain = _staged(wrapped, processor, items, grid, scorer, batch_size, budget_s, max_harm, seed,
-                                 progress, null, gates, full_stage)
+                                 progress, null, gates, full_stage, previous)
         # verify from the last stage that scored anything (a tight budget may leave the full stage empty)
         scored = [r for r in records if r.results]
         if not scored:
@@ -197,8 +201,10 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
                       for c, m in r.results]
         n_settings = sum(len(r.results) for r in records)
         search_info = {"kind": "staged", "budget_minutes": budget_minutes, "seed": seed, "gates": gates,
+                       "resumed_from": str(resume) if resume else None,
                        "stages": [{"name": r.name, "n_items": r.n_items, "n_settings": len(r.results),
-                                   "truncated": r.truncated, "seconds": r.seconds, "harm_rule": "upper bound"
+                                   "truncated": r.truncated, "reused": r.reused, "seconds": r.seconds,
+                                   "harm_rule": "upper bound"
                                    if r.bounded else "point loss",
                                    "plain": {k: r.plain[k] for k in METRIC_KEYS}} for r in records]}
         patch_results = [(c.setting, m) for c, m in records[0].results if c.alpha == 0]
@@ -303,6 +309,42 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     return summary
 
 
+def previous_results(sweep: str | Path, data: str | Path, stress_data: str | Path | None, seed: int,
+                     n_items: int, staged: bool = True) -> dict[str, dict]:
+    """``results``: per stage, the candidates an earlier staged run scored and their metrics (paired harm and
+    TDR-reduction bounds included, per-item verdicts not), read from its ``.sweep.json``. Its stages used the same clip
+    subsets only if it ran on the same data, stress data, seed and item count: anything else is refused."""
+    path = Path(sweep)
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--resume {path}: cannot read it as a calibration .sweep.json ({err})") from err
+    if not staged:
+        raise ValueError("--resume continues the staged search; it does not apply to an explicit grid "
+                         "(--sources/--targets/...): drop one of them")
+    if not isinstance(earlier, dict) or (earlier.get("search") or {}).get("kind") != "staged":
+        raise ValueError(f"--resume {path}: not the .sweep.json of a staged calibration search")
+    wanted = {"data": str(data), "stress_data": str(stress_data) if stress_data is not None else None,
+              "seed": seed, "n_items": n_items}
+    found = {"data": earlier.get("data"), "stress_data": earlier.get("stress_data"),
+             "seed": earlier["search"].get("seed"), "n_items": earlier.get("n_items")}
+    differ = [f"{key} {found[key]!r} there, {wanted[key]!r} here" for key in wanted if found[key] != wanted[key]]
+    if differ:
+        raise ValueError(f"--resume {path}: that run used other data, so its stages scored other items ("
+                         + "; ".join(differ) + "); resume with the same --data, --stress-data, --seed and --limit")
+    out: dict[str, dict[Candidate, dict[str, Any]]] = {}
+    for row in earlier.get("sweep", []):
+        candidate = Candidate(Setting(**row["patch"]) if row.get("patch") else None, float(row.get("alpha") or 0.0),
+                              Gate(**row["gate"]) if row.get("gate") else None)
+        paired = {key: row.get(key) for key in ("harm", "harm_upper", "tdr_reduction", "tdr_reduction_lower")}
+        m = {**{key: row.get(key) for key in METRIC_KEYS}, "paired": paired if row.get("harm") else None}
+        out.setdefault(row["stage"], {})[candidate] = m
+    logger.info("resuming from %s: %s", path, ", ".join(f"{len(v)} {k}" for k, v in out.items()))
+    stages = earlier["search"].get("stages", [])
+    return {"results": out, "sizes": {stage["name"]: stage["n_items"] for stage in stages},
+            "plain": {stage["name"]: stage.get("plain") for stage in stages}}
+
+
 def _warn_about_data(data: str | Path) -> None:
     """Calibrating on test data makes every later number on it optimistic: say so for the organism's examples."""
     from .. import organism
@@ -355,14 +397,20 @@ def _searched(candidates: Sequence[Candidate]) -> str:
 
 
 def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, budget_s: float, max_harm: float,
-            seed: int, progress: bool, null=None, gates: bool = True,
-            full_stage: bool = True) -> tuple[list[StageRecord], dict[str, Any]]:
+            seed: int, progress: bool, null=None, gates: bool = True, full_stage: bool = True,
+            previous=None) -> tuple[list[StageRecord], dict[str, Any]]:
     """Captures for the nested subsets, then :func:`staged_search`. The two small subsets keep every layer's
     state (short path); the full set only the source states."""
     subsets = clip_subsets(items, STAGE_FRACTIONS, seed)
     refine = subsets[1]
     # whole batches: stage 1 is the first batches of stage 2's (stage 2 lists stage 1's items first)
     n_first = min(len(refine), math.ceil(len(subsets[0]) / batch_size) * batch_size)
+    if previous is not None:
+        sizes = previous["sizes"]
+        for stage, n in (("coarse", n_first), ("refine", len(refine)), ("full", len(subsets[2]))):
+            if stage in sizes and sizes[stage] != n:
+                raise ValueError(f"--resume: the earlier run's {stage} stage scored {sizes[stage]} items, this one "
+                                 f"would score {n} (a different --batch-size?): resume with the same --batch-size")
     small, small_plain = _prepare(wrapped, processor, refine, grid, batch_size, progress, layer_states=True,
                                   null=null)
     plain_of = _plain_metrics
@@ -371,6 +419,13 @@ def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, bu
     stages = [(lambda c: scorer.score(c, first), plain_of(refine[:n_first], small_plain[:n_first]), n_first,
                refine[:n_first]),
               (lambda c: scorer.score(c, small), plain_of(refine, small_plain), len(refine), refine)]
+    if previous is not None:  # same items, but the same model? its plain answers must be the same
+        for name, (_, plain, _, _) in zip(("coarse", "refine"), stages, strict=True):
+            earlier = previous["plain"].get(name)
+            if earlier and any(earlier.get(k) is not None and plain[k] is not None and abs(earlier[k] - plain[k])
+                               > 1e-3 for k in ("tdr", "audio_only_acc", "consistent_acc")):
+                raise ValueError(f"--resume: the earlier run's plain answers on the {name} stage differ from this "
+                                 "model's (another model, dtype or preset?): resume only the run of the same model")
     full_plain: dict[str, Any] = {}
 
     def prepare_full(finalists):
@@ -383,5 +438,6 @@ def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, bu
         return (lambda c: scorer.score(c, batches)), full_plain, len(subsets[2]), subsets[2]
 
     records = staged_search(wrapped.resolved.num_layers, stages, prepare_full, grid["alphas"], budget_s, max_harm,
-                            seed=seed, progress=progress, gates=gates, full=full_stage)
+                            seed=seed, progress=progress, gates=gates, full=full_stage,
+                            previous=previous["results"] if previous else None)
     return records, full_plain if full_stage else records[-1].plain

@@ -18,6 +18,12 @@ refine) require the paired point loss to stay within ``max_harm``; the last stag
 bound to (a bound on 30-odd items would reject any single flip, so it is used where the items are many). Settings
 are ranked by the lower bound of their TDR reduction, then by TDR.
 
+Order: stage 2 lists contrastive decoding alone, then the best stage-1 settings, the strongest, and their
+neighbours, each setting's alphas and gates together (:func:`by_priority`), so a budget cut drops the least
+promising settings.
+
+Resume: ``previous`` results of an earlier run (``calibrate(resume=...)``) are reused, not scored again.
+
 Budget: stage 1 may use up to 40% of ``budget_s``, stage 2 up to 65%, stage 3 up to 85% (the rest is for the
 ``generate()`` verification); a stage that reaches its share stops and says so (``truncated`` in the record).
 """
@@ -78,6 +84,8 @@ class StageRecord:
     plain: dict[str, Any]
     results: list[tuple[Candidate, dict[str, Any]]] = field(default_factory=list)
     truncated: int = 0
+    #: candidates whose metrics came from an earlier run (resume), not scored here
+    reused: int = 0
     seconds: float = 0.0
     #: the stage's items and plain verdicts (for each setting's paired report), and which harm rule applies
     items: Sequence[Any] = ()
@@ -99,21 +107,40 @@ def clip_subsets(items: Sequence[Any], fractions: Sequence[float], seed: int = 0
     return out
 
 
+def by_priority(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates grouped by patch setting, groups in the order their first candidate comes: one setting's
+    candidates (its alphas and gates) share its patched logits (the scorer caches the latest settings), and a
+    budget cut drops the groups that were listed last, the least promising, not a part chosen by name."""
+    first: dict[Setting | None, int] = {}
+    for i, c in enumerate(candidates):
+        first.setdefault(c.setting, i)
+    return sorted(candidates, key=lambda c: first[c.setting])  # stable: within a group, the listed order
+
+
 def _run_stage(record: StageRecord, candidates: Sequence[Candidate], score: Callable[[Candidate], dict],
-               deadline: float, max_harm: float, progress: bool) -> None:
+               deadline: float, max_harm: float, progress: bool,
+               previous: dict[Candidate, dict[str, Any]] | None = None) -> None:
     started = time.perf_counter()
+    previous = previous or {}
     bar = tqdm(candidates, desc=f"calibrate {record.name} ({record.n_items} items)", unit="setting",
                disable=not progress)
     best = None
     for i, candidate in enumerate(bar):
-        if time.perf_counter() > deadline:
-            record.truncated = len(candidates) - i
+        if candidate in previous:
+            m = previous[candidate]
+            record.reused += 1
+        elif time.perf_counter() > deadline:
+            record.truncated = sum(1 for c in candidates[i:] if c not in previous)
             logger.warning("calibration %s: time budget reached, %d of %d settings not scored", record.name,
                            record.truncated, len(candidates))
+            reused = [(c, previous[c]) for c in candidates[i:] if c in previous]
+            record.results += reused
+            record.reused += len(reused)
             break
-        m = score(candidate)
-        if record.items and "verdicts" in m and "verdicts" in record.plain:
-            m["paired"] = paired_report(record.items, record.plain["verdicts"], m["verdicts"])
+        else:
+            m = score(candidate)
+            if record.items and "verdicts" in m and "verdicts" in record.plain:
+                m["paired"] = paired_report(record.items, record.plain["verdicts"], m["verdicts"])
         record.results.append((candidate, m))
         if passes_no_harm(m, record.plain, max_harm, record.bounded) and (best is None or
                                                                           rank_key(m) < rank_key(best[1])):
@@ -145,18 +172,22 @@ def staged_search(
     progress: bool = True,
     gates: bool = True,
     full: bool = True,
+    previous: dict[str, dict[Candidate, dict[str, Any]]] | None = None,
 ) -> list[StageRecord]:
     """Run the three stages. ``stage_scorers[k]`` is ``(score, plain metrics, n_items, items)`` of stage ``k``'s
     subset; ``full_stage(finalists)`` prepares the last stage for just the finalists (only their source layers are
     captured on the full set) and returns the same four. ``gates``: try the audio-confidence gates in stage 2.
-    ``full``: run stage 3 (else the records end with stage 2)."""
+    ``full``: run stage 3 (else the records end with stage 2). ``previous``: per stage name, the metrics of
+    candidates an earlier run of the same search scored (:func:`.run.previous_results`): they are taken as
+    they are, not scored again, so a search that its budget cut short goes on where it stopped."""
+    previous = previous or {}
     started = time.perf_counter()
     deadlines = [started + share * budget_s for share in STAGE_SHARES]
     coarse = [Candidate(s) for s in band_grid(num_layers)]
     random.Random(seed).shuffle(coarse)  # a budget cut then drops a random, not a systematic, part of the grid
     records = [StageRecord(name, n, plain, items=items) for name, (_, plain, n, items)
                in zip(("coarse", "refine"), stage_scorers, strict=True)]
-    _run_stage(records[0], coarse, stage_scorers[0][0], deadlines[0], max_harm, progress)
+    _run_stage(records[0], coarse, stage_scorers[0][0], deadlines[0], max_harm, progress, previous.get("coarse"))
 
     best1 = ranked(records[0], max_harm)[: keep[0]]
     settings: list[Setting] = [c.setting for c in best1 if c.setting is not None]
@@ -165,13 +196,12 @@ def staged_search(
     strongest = [c.setting for c in ranked(records[0], None)[:2]]  # harmful or not: a gate may make them harmless
     contrastive = [Candidate(s, float(a)) for a in alphas if a > 0
                    for s in dict.fromkeys((None, *top_patches, *strongest))]
-    refine = list(dict.fromkeys([*best1, *neighbours, *(Candidate(s) for s in strongest), *contrastive]))
+    refine = list(dict.fromkeys([*contrastive, *best1, *(Candidate(s) for s in strongest), *neighbours]))
     if gates:
         gated = [c for c in refine if c.setting in (*top_patches[:1], *strongest) or (c.setting is None)]
         refine += [Candidate(c.setting, c.alpha, g) for c in gated for g in gate_grid()]
-    # one setting's candidates together: they share its patched logits (the scorer caches the latest settings)
-    refine.sort(key=lambda c: (str(c.setting), c.alpha, c.gate is not None))
-    _run_stage(records[1], refine, stage_scorers[1][0], deadlines[1], max_harm, progress)
+    refine = by_priority(refine)
+    _run_stage(records[1], refine, stage_scorers[1][0], deadlines[1], max_harm, progress, previous.get("refine"))
     if not full:
         return records
 
@@ -179,8 +209,8 @@ def staged_search(
     finalists += ranked(records[1], max_harm, patches_only=False)[: max(2, keep[2] // 2)]
     if not finalists:  # nothing passed: measure the lowest-TDR settings anyway, so the report shows why
         finalists = [c for c, _ in sorted(records[1].results, key=lambda r: tdr_key(r[1]))[: keep[2]]]
-    finalists.sort(key=lambda c: (str(c.setting), c.alpha, c.gate is not None))
+    finalists = by_priority(finalists)
     score, plain, n_items, items = full_stage(finalists)
     records.append(StageRecord("full", n_items, plain, items=items, bounded=True))
-    _run_stage(records[2], finalists, score, deadlines[2], max_harm, progress)
+    _run_stage(records[2], finalists, score, deadlines[2], max_harm, progress, previous.get("full"))
     return records
