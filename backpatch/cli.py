@@ -307,6 +307,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             p, b = row["perturbed"]["plain"], row["perturbed"]["backpatched"]
             print(f"  {'(perturbed)':>41} TDR {p['tdr']} -> {b['tdr']}   audio-only {p['audio_only_acc']} -> "
                   f"{b['audio_only_acc']}   consistent {p['consistent_acc']} -> {b['consistent_acc']}")
+    print(f"searched: {summary['searched']} (budget {args.budget_minutes:g} min)")
+    for what in summary["skipped"]:
+        print(f"  skipped for the budget: {what}")
     print(f"chosen: {summary['chosen']}{'' if summary['no_harm'] else '  (fails the no-harm rule!)'}")
     print(f"wrote {summary['preset']}, {summary['heatmap']} and {Path(args.out).with_suffix('.sweep.json')}")
     return 0

@@ -279,11 +279,13 @@ def answer_items(
     truncate: bool | None = None,
     gates: list | None = None,
     plain_answers: Sequence[str] | None = None,
+    backpatched: bool = True,
 ) -> tuple[list[str], list[str]]:
     """Plain and back-patched greedy answers for ``items`` (same inputs for both, batched); ``truncate`` as in
     :func:`encode_items`. With a gated preset, ``gates`` (a list) receives each item's gate strengths:
     ``{"patch": g or None, "contrastive_first_step": g or None}``. ``plain_answers``: the plain answers of these
-    items from an earlier run with the same settings (they do not depend on the preset): not generated again."""
+    items from an earlier run with the same settings (they do not depend on the preset): not generated again.
+    ``backpatched=False``: the plain answers only (the second list is empty)."""
     plain: list[str] = []
     patched: list[str] = []
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
@@ -297,6 +299,8 @@ def answer_items(
         else:
             with wrapped.disabled():
                 plain += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)
+        if not backpatched:
+            continue
         patched += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)
         if gates is not None:
             gates += _gate_rows(wrapped.last_gate(), len(batch))

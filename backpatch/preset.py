@@ -265,7 +265,7 @@ class Calibration:
 
     status: str = "uncalibrated"
     data: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float | int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._validate("calibration", None)
@@ -279,7 +279,9 @@ class Calibration:
                         origin)
         for key, value in self.metrics.items():
             _check_str(key, _join(where, "metrics"), origin)
-            self.metrics[key] = _check_float(value, _join(_join(where, "metrics"), str(key)), origin)
+            number = _check_float(value, _join(_join(where, "metrics"), str(key)), origin)
+            # counts (n_conflict, ...) stay integers; a count read back as 720.0 from an older file is one too
+            self.metrics[key] = int(number) if key.startswith("n_") and number.is_integer() else number
 
 
 NULL_AUDIO = ("silence", "zeros")

@@ -164,7 +164,8 @@ def test_staged_search_on_a_budget_records_what_it_cut(setup, tmp_path):
     from backpatch.calibrate import band_grid, calibrate
 
     root, data, model, processor = setup
-    with pytest.raises(ValueError, match=r"time budget \(0 min\) ran out before any setting was scored"):
+    with pytest.raises(ValueError, match=r"time budget \(0 min\) is spent before the search can start.*"
+                                         r"raise --budget-minutes"):
         calibrate(model, processor, data, tmp_path / "none.yaml", grid={"alphas": []}, batch_size=4,
                   budget_minutes=0.0, progress=False)
     assert not (tmp_path / "none.yaml").exists()
@@ -267,23 +268,107 @@ def test_staged_search_with_stress_data_and_gates(setup, tmp_path):
 
 
 def test_calibration_can_skip_the_full_stage_and_reuses_plain_answers_in_verification(setup, tmp_path, monkeypatch):
+    """The verification's plain answers are generated once, before the search (they price the verification), and
+    every finalist's verification reuses them."""
     from backpatch import evaluate as evaluate_module
     from backpatch.calibrate import calibrate, run
 
     _, data, model, processor = setup
-    seen = []
-    real = evaluate_module.evaluate
+    seen, plain_runs = [], []
+    real, real_answers = evaluate_module.evaluate, evaluate_module.answer_items
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("plain_answers"))
         return real(*args, **kwargs)
 
+    def answers_spy(*args, **kwargs):
+        plain_runs.append(kwargs.get("backpatched", True))
+        return real_answers(*args, **kwargs)
+
     monkeypatch.setattr(run, "evaluate", spy)
+    monkeypatch.setattr(run, "answer_items", answers_spy)
     summary = calibrate(model, processor, data, tmp_path / "s.yaml", grid={"alphas": [1.0]}, batch_size=4,
                         verify_top=2, max_new_tokens=2, budget_minutes=5.0, progress=False, full_stage=False)
     assert [s["name"] for s in summary["search"]["stages"]] == ["coarse", "refine"]
-    assert len(summary["verified"]) == 2 and seen[0] is None and seen[1] is not None
+    assert plain_runs == [False] and len(summary["verified"]) == 2
+    assert seen[0] is not None and seen[0] == seen[1]
     assert summary["verified"][0]["plain"] == summary["verified"][1]["plain"]
+    assert summary["budget"]["plain_seconds"] > 0 and summary["skipped"] == []
+
+
+class FakeClock:
+    """perf_counter for a calibration whose costly steps take known times: only they advance the clock."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.mark.parametrize("budget_minutes", [4.0, 9.0])
+def test_budget_is_a_hard_bound_with_verification_and_names_what_it_cut(setup, tmp_path, monkeypatch, budget_minutes):
+    """--budget-minutes bounds the whole run within 10%: plain answers 20 s, each setting scored 10 s, each
+    capture 5 s, each verification (factor x plain) timed; what the budget cut is named in the summary and the
+    preset description, and the description claims only the kinds that were scored."""
+    import time as time_module
+
+    from backpatch.calibrate import calibrate, run
+    from backpatch.calibrate.budget import verification_factor
+    from backpatch.calibrate.sweep import Scorer
+
+    _, data, model, processor = setup
+    clock = FakeClock()
+    monkeypatch.setattr(time_module, "perf_counter", clock)
+    real_score, real_answers, real_evaluate, real_prepare = Scorer.score, run.answer_items, run.evaluate, run._prepare
+    verified = []
+
+    def score(self, candidate, batches):
+        clock.now += 10.0
+        return real_score(self, candidate, batches)
+
+    def answers(*args, **kwargs):
+        clock.now += 20.0
+        return real_answers(*args, **kwargs)
+
+    def evaluate(wrapped, *args, **kwargs):
+        from backpatch.calibrate.grid import Candidate
+
+        patch = wrapped.preset.patches[0] if wrapped.preset.patches else None
+        setting = Setting(patch.source, patch.target, patch.scale, patch.mode, patch.positions) if patch else None
+        alpha = wrapped.preset.contrastive.alpha if wrapped.preset.contrastive else 0.0
+        clock.now += 20.0 * verification_factor(Candidate(setting, alpha, wrapped.preset.gate))
+        verified.append(wrapped.preset)
+        return real_evaluate(wrapped, *args, **kwargs)
+
+    def prepare(*args, **kwargs):
+        clock.now += 5.0
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(Scorer, "score", score)
+    monkeypatch.setattr(run, "answer_items", answers)
+    monkeypatch.setattr(run, "evaluate", evaluate)
+    monkeypatch.setattr(run, "_prepare", prepare)
+    started = clock.now
+    summary = calibrate(model, processor, data, tmp_path / "b.yaml", grid={"alphas": [1.0]}, batch_size=4,
+                        verify_top=3, max_new_tokens=2, budget_minutes=budget_minutes, progress=False)
+    elapsed = clock.now - started
+    assert elapsed <= 1.1 * budget_minutes * 60, elapsed
+    assert summary["total_seconds"] == pytest.approx(elapsed, abs=0.1)
+    stages = summary["search"]["stages"]
+    assert stages[0]["truncated"] > 0 and isinstance(stages[0]["truncated"], int)
+    total = stages[0]["n_settings"] + stages[0]["truncated"]
+    assert any(f"{stages[0]['truncated']} of {total} settings of the coarse stage" in s for s in summary["skipped"])
+    preset = backpatch.Preset.from_yaml(tmp_path / "b.yaml")
+    assert "cut short by the budget" in preset.description and summary["searched"] in preset.description
+    assert isinstance(preset.calibration.metrics["n_conflict"], int)
+    assert 1 <= len(verified) <= 3 and len(summary["verified"]) == len(verified)
+    if not any(s["name"] == "full" for s in stages):
+        assert any(s.startswith("the full stage") for s in summary["skipped"])
+    if len(verified) < 3:
+        assert any("generate() verification" in s for s in summary["skipped"])
+    if "contrastive decoding" not in summary["searched"]:
+        assert "contrastive decoding (the budget ran out before it)" in summary["skipped"]
 
 
 def test_refine_order_groups_settings_by_priority_not_by_name():

@@ -31,11 +31,12 @@ from tqdm.auto import tqdm
 
 from .._contrastive import silence_frame
 from ..answerability import chance_warning, check_labels
-from ..evaluate import check_clip_lengths, evaluate, judge, load_conflict_set, metrics
+from ..evaluate import answer_items, check_clip_lengths, evaluate, judge, load_conflict_set, metrics
 from ..inputs import audio_truncation, truncation_enabled
 from ..paired import paired_report
 from ..preset import Gate, Patch, Preset
 from ..wrapper import preset_for, wrap
+from .budget import Budget
 from .grid import Candidate, Setting, _settings, default_grid
 from .plots import _plot_band, _plot_heatmap
 from .search import StageRecord, clip_subsets, passes_no_harm, rank_key, staged_search, tdr_key
@@ -185,12 +186,19 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     silence = silence_frame(processor) if needs_null and grid["null_audio"] == "silence" else None
     scorer = Scorer(model, processor, wrapped.preset, grid["null_audio"], silence, _candidate_preset)
     null = (grid["null_audio"], silence) if needs_null else None
+    # the verification's plain answers first: they serve every finalist, and their time prices the verification
+    budget = Budget(budget_s, started)
+    paths = [path for path in (data, stress_data) if path is not None]
+    plain_answers = {k: answer_items(wrapped, processor, load_conflict_set(path, limit), batch_size, max_new_tokens,
+                                     progress, truncate, backpatched=False)[0] for k, path in enumerate(paths)}
+    budget.plain_seconds = time.perf_counter() - started
+    search_end = budget.search_deadline(needs_null)
 
     if staged:
         grid.update(sources=list(range(1, num_layers)), targets=list(range(num_layers - 1)),
                     positions=["audio", "last"], modes=["add", "interpolate", "replace"])
-        records, plain = _staged(wrapped, processor, items, grid, scorer, batch_size, budget_s, max_harm, seed,
-                                 progress, null, gates, full_stage, previous)
+        records, plain = _staged(wrapped, processor, items, grid, scorer, batch_size, search_end, max_harm, seed,
+                                 progress, null, gates, full_stage, previous, budget)
         # verify from the last stage that scored anything (a tight budget may leave the full stage empty)
         scored = [r for r in records if r.results]
         if not scored:
@@ -219,17 +227,23 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         batches, plain_answers = _prepare(wrapped, processor, items, grid, batch_size, progress, null=null)
         plain = _plain_metrics(items, plain_answers)
         record = StageRecord("grid", len(items), plain, items=items, bounded=True)
-        deadline = started + 0.85 * budget_s
+        patches_end = time.perf_counter() + 0.8 * (search_end - time.perf_counter())  # the rest: contrastive
         for setting in tqdm(settings, desc="sweep patches", unit="setting", disable=not progress):
-            if time.perf_counter() > deadline:
+            if time.perf_counter() > patches_end:
                 record.truncated += 1
                 continue
             record.results.append((Candidate(setting), _paired(scorer.score(Candidate(setting), batches), record)))
         best_patches = [c.setting for c, m in sorted(record.results, key=lambda r: rank_key(r[1]))
                         if passes_no_harm(m, plain, max_harm, bounded=True)][:3]
         contrastive = [Candidate(s, float(a)) for a in grid["alphas"] if a > 0 for s in (None, *best_patches)]
-        record.results += [(c, _paired(scorer.score(c, batches), record))
-                           for c in tqdm(contrastive, desc="sweep contrastive", unit="setting", disable=not progress)]
+        for candidate in tqdm(contrastive, desc="sweep contrastive", unit="setting", disable=not progress):
+            if time.perf_counter() > search_end:
+                record.truncated += 1
+                continue
+            record.results.append((candidate, _paired(scorer.score(candidate, batches), record)))
+        if not record.results:
+            raise ValueError(f"the time budget ({budget_minutes:g} min) ran out before any setting was scored; "
+                             "raise --budget-minutes")
         results, bounded = record.results, True
         sweep_rows = [_row(c, m, plain, max_harm) for c, m in results]
         n_settings = len(results)
@@ -237,21 +251,28 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         patch_results = [(c.setting, m) for c, m in results if c.alpha == 0]
         heat_plain = plain
     sweep_seconds = time.perf_counter() - started
+    for r in records if staged else [record]:
+        if r.truncated:
+            budget.skip(f"{r.truncated} of {len(r.results) - r.reused + r.truncated} settings of the {r.name} stage")
+    cut = bool(budget.skipped)
 
     eligible = sorted((r for r in results if passes_no_harm(r[1], plain, max_harm, bounded)),
                       key=lambda r: rank_key(r[1]))
     candidates = eligible[:verify_top] or sorted(results, key=lambda r: rank_key(r[1]))[:1]
     verified = []
-    paths = [path for path in (data, stress_data) if path is not None]
-    plain_answers: dict[int, list[str]] = {}  # the plain answers do not depend on the candidate: generated once
     for candidate, proxy in tqdm(candidates, desc="verify with generate()", unit="setting", disable=not progress):
+        estimate = budget.estimate(candidate)
+        if verified and not budget.fits(estimate):  # the first was reserved for; the others only if they fit
+            budget.skip(f"the generate() verification of {candidate.label()} (about {estimate:.0f} s, "
+                        f"{max(0.0, budget.left()):.0f} s left)")
+            continue
+        began = time.perf_counter()
         preset = _candidate_preset(wrapped.preset, candidate, grid["null_audio"])
         wrapped_candidate = wrap(model, preset, processor=processor)
         reports = [evaluate(wrapped_candidate, processor, path, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             limit=limit, progress=progress, truncate=truncate, max_harm=max_harm,
-                            plain_answers=plain_answers.get(k)) for k, path in enumerate(paths)]
-        for k, report in enumerate(reports):
-            plain_answers[k] = [row["plain"] for row in report["items"]]
+                            plain_answers=plain_answers[k]) for k, path in enumerate(paths)]
+        budget.learn(candidate, time.perf_counter() - began)
         verdicts = {column: [row[f"{column}_follows"] for report in reports for row in report["items"]]
                     for column in ("plain", "backpatched")}
         paired = paired_report(items, verdicts["plain"], verdicts["backpatched"])
@@ -279,7 +300,13 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         band = out.with_suffix(".band.png")
         _plot_band(patch_results, num_layers, band, heat_plain, max_harm)
     scored_candidates = [c for r in (records if staged else [record]) for c, _ in r.results]
+    planned = ["back-patching"] + (["contrastive decoding", "both"] if any(grid["alphas"]) else []) + (
+        ["audio-confidence gates"] if gates else [])
+    skipped = budget.skipped + [f"{kind} (the budget ran out before it)" for kind in planned
+                                if kind not in _kinds(scored_candidates) and cut]
     how = f"; staged coarse-to-fine search, budget {budget_minutes:g} min" if staged else ""
+    if skipped:
+        how += f"; cut short by the budget: {'; '.join(skipped)}"
     preset = _calibrated_preset(wrapped, model, best, best_report, data, name or out.stem, n_settings,
                                 total_seconds, grid["null_audio"], no_harm=bool(good), search=how,
                                 searched=_searched(scored_candidates), stress_report=best_stress,
@@ -295,7 +322,8 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         "plain_first_token": _public(plain), "chosen": best.label(), "no_harm": bool(good),
         "status": preset.calibration.status, "warnings": not_calibrated,
         "stress_data": str(stress_data) if stress_data is not None else None, "max_harm": max_harm,
-        "searched": _searched(scored_candidates), "chosen_paired": best_paired,
+        "searched": _searched(scored_candidates), "skipped": skipped, "budget": budget.summary(),
+        "chosen_paired": best_paired,
         "short_path": scorer.short_path_ok,
         "n_conflict": n_conflict, "tdr_standard_error": round(tdr_standard_error(n_conflict), 4),
         "data_warning": data_warning,
@@ -384,6 +412,11 @@ def _paired(m: dict[str, Any], record: StageRecord) -> dict[str, Any]:
 
 def _searched(candidates: Sequence[Candidate]) -> str:
     """What the search really scored, for the preset's description: only the kinds it got to."""
+    kinds = _kinds(candidates)
+    return ", ".join(kinds[:-1]) + (" and " if len(kinds) > 1 else "") + kinds[-1] if kinds else "nothing"
+
+
+def _kinds(candidates: Sequence[Candidate]) -> list[str]:
     kinds = []
     if any(c.setting is not None and not c.alpha for c in candidates):
         kinds.append("back-patching")
@@ -393,14 +426,15 @@ def _searched(candidates: Sequence[Candidate]) -> str:
         kinds.append("both")
     if any(c.gate is not None for c in candidates):
         kinds.append("audio-confidence gates")
-    return ", ".join(kinds[:-1]) + (" and " if len(kinds) > 1 else "") + kinds[-1] if kinds else "nothing"
+    return kinds
 
 
-def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, budget_s: float, max_harm: float,
+def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, search_end: float, max_harm: float,
             seed: int, progress: bool, null=None, gates: bool = True, full_stage: bool = True,
-            previous=None) -> tuple[list[StageRecord], dict[str, Any]]:
-    """Captures for the nested subsets, then :func:`staged_search`. The two small subsets keep every layer's
-    state (short path); the full set only the source states."""
+            previous=None, budget: Budget | None = None) -> tuple[list[StageRecord], dict[str, Any]]:
+    """Captures for the nested subsets, then :func:`staged_search` until ``search_end`` (a ``perf_counter``
+    time). The two small subsets keep every layer's state (short path); the full set only the source states,
+    and its capture is skipped when its estimate (the small capture's time per item) does not fit."""
     subsets = clip_subsets(items, STAGE_FRACTIONS, seed)
     refine = subsets[1]
     # whole batches: stage 1 is the first batches of stage 2's (stage 2 lists stage 1's items first)
@@ -411,8 +445,10 @@ def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, bu
             if stage in sizes and sizes[stage] != n:
                 raise ValueError(f"--resume: the earlier run's {stage} stage scored {sizes[stage]} items, this one "
                                  f"would score {n} (a different --batch-size?): resume with the same --batch-size")
+    began = time.perf_counter()
     small, small_plain = _prepare(wrapped, processor, refine, grid, batch_size, progress, layer_states=True,
                                   null=null)
+    full_capture_seconds = (time.perf_counter() - began) * len(subsets[2]) / max(1, len(refine))
     plain_of = _plain_metrics
 
     first = small[: math.ceil(n_first / batch_size)]
@@ -437,7 +473,8 @@ def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, bu
         full_plain.update(plain_of(subsets[2], answers))
         return (lambda c: scorer.score(c, batches)), full_plain, len(subsets[2]), subsets[2]
 
-    records = staged_search(wrapped.resolved.num_layers, stages, prepare_full, grid["alphas"], budget_s, max_harm,
-                            seed=seed, progress=progress, gates=gates, full=full_stage,
-                            previous=previous["results"] if previous else None)
-    return records, full_plain if full_stage else records[-1].plain
+    records = staged_search(wrapped.resolved.num_layers, stages, prepare_full, grid["alphas"],
+                            search_end - time.perf_counter(), max_harm, seed=seed, progress=progress, gates=gates,
+                            full=full_stage, previous=previous["results"] if previous else None,
+                            full_capture_seconds=full_capture_seconds, on_skip=budget.skip if budget else None)
+    return records, full_plain if full_plain else records[-1].plain

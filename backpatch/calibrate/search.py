@@ -24,8 +24,10 @@ promising settings.
 
 Resume: ``previous`` results of an earlier run (``calibrate(resume=...)``) are reused, not scored again.
 
-Budget: stage 1 may use up to 40% of ``budget_s``, stage 2 up to 65%, stage 3 up to 85% (the rest is for the
-``generate()`` verification); a stage that reaches its share stops and says so (``truncated`` in the record).
+Budget: ``budget_s`` is the search's share of the calibration's budget (:mod:`.budget` reserves the ``generate()``
+verification); stage 1 may use up to 45% of it, stage 2 up to 75%, stage 3 the rest; a stage that reaches its
+share stops and says so (``truncated`` in the record). Stage 3's capture is skipped when its estimate
+(``full_capture_seconds``) does not fit.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from .grid import Candidate, Setting, band_grid, gate_grid, refinements
 
 logger = logging.getLogger(__name__)
 
-STAGE_SHARES = (0.40, 0.65, 0.85)
+STAGE_SHARES = (0.45, 0.75, 1.0)
 
 
 def passes_no_harm(candidate: dict[str, Any], plain: dict[str, Any], max_harm: float = 0.02,
@@ -173,13 +175,17 @@ def staged_search(
     gates: bool = True,
     full: bool = True,
     previous: dict[str, dict[Candidate, dict[str, Any]]] | None = None,
+    full_capture_seconds: float = 0.0,
+    on_skip: Callable[[str], None] | None = None,
 ) -> list[StageRecord]:
     """Run the three stages. ``stage_scorers[k]`` is ``(score, plain metrics, n_items, items)`` of stage ``k``'s
     subset; ``full_stage(finalists)`` prepares the last stage for just the finalists (only their source layers are
     captured on the full set) and returns the same four. ``gates``: try the audio-confidence gates in stage 2.
     ``full``: run stage 3 (else the records end with stage 2). ``previous``: per stage name, the metrics of
     candidates an earlier run of the same search scored (:func:`.run.previous_results`): they are taken as
-    they are, not scored again, so a search that its budget cut short goes on where it stopped."""
+    they are, not scored again, so a search that its budget cut short goes on where it stopped.
+    ``full_capture_seconds``: the estimated time of stage 3's capture; stage 3 is skipped (``on_skip`` is told)
+    when it would not end before the stage's deadline."""
     previous = previous or {}
     started = time.perf_counter()
     deadlines = [started + share * budget_s for share in STAGE_SHARES]
@@ -210,6 +216,11 @@ def staged_search(
     if not finalists:  # nothing passed: measure the lowest-TDR settings anyway, so the report shows why
         finalists = [c for c, _ in sorted(records[1].results, key=lambda r: tdr_key(r[1]))[: keep[2]]]
     finalists = by_priority(finalists)
+    if time.perf_counter() + full_capture_seconds > deadlines[2]:
+        if on_skip is not None:
+            on_skip(f"the full stage (its capture needs about {full_capture_seconds:.0f} s, "
+                    f"{max(0.0, deadlines[2] - time.perf_counter()):.0f} s left)")
+        return records
     score, plain, n_items, items = full_stage(finalists)
     records.append(StageRecord("full", n_items, plain, items=items, bounded=True))
     _run_stage(records[2], finalists, score, deadlines[2], max_harm, progress, previous.get("full"))

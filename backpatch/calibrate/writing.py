@@ -38,7 +38,7 @@ def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings
             for suffix, source in (("before", source_report["plain"]), ("after", source_report["backpatched"])):
                 if source[key] is not None:
                     metric_values[f"{prefix}{key}_{suffix}"] = float(source[key])
-    metric_values["n_conflict"] = float(before["n_conflict"])
+    metric_values["n_conflict"] = int(before["n_conflict"])
     if harm_upper is not None:
         metric_values["harm_upper_bound"] = float(harm_upper)
     config = model.config
