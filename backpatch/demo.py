@@ -68,6 +68,38 @@ def _describe(preset: Preset) -> str:
     return text
 
 
+#: control accuracies a calibrated preset records, as the demo names them
+_CONTROLS = (("audio_only_acc", "audio-only"), ("consistent_acc", "consistent"))
+
+
+def calibration_note(preset: Preset, max_harm: float = 0.02) -> str | None:
+    """The preset's calibrated control accuracies, before -> after, with eval's ``!`` on each one whose paired 95%
+    upper bound on the loss exceeds ``max_harm`` (or, for a preset that recorded no bound, whose loss does);
+    None for a preset without calibration numbers."""
+    metrics = preset.calibration.metrics if preset.calibration is not None else {}
+    parts, marked = [], []
+    for prefix, split in (("", "validation"), ("perturbed_", "perturbed validation")):
+        cells = []
+        for key, name in _CONTROLS:
+            before, after = metrics.get(f"{prefix}{key}_before"), metrics.get(f"{prefix}{key}_after")
+            if before is None or after is None:
+                continue
+            bound = metrics.get(f"{prefix}{key}_harm_upper")
+            beyond = bound > max_harm + 1e-9 if bound is not None else before - after > max_harm + 1e-9
+            cells.append(f"{name} {before:.3f} → {after:.3f}{' !' if beyond else ''}")
+            if beyond:
+                marked.append(f"{name} ({split})")
+        if cells:
+            parts.append(f"{split}: " + ", ".join(cells))
+    if not parts:
+        return None
+    text = "Calibrated control accuracy, " + "; ".join(parts) + "."
+    if marked:
+        text += (f" ! beyond the no-harm bound ({max_harm:g}) for {', '.join(marked)}: this preset costs accuracy "
+                 "there.")
+    return text
+
+
 def gate_note(report: dict | None) -> str | None:
     """One sentence on what the audio-confidence gate did to the mitigation for this answer (None: no gate)."""
     if report is None:
@@ -444,6 +476,9 @@ class Demo:
             banner = ('<div style="padding:.6em 1em;border-radius:8px;background:#eef1f4;border:2px solid #c5ccd3;'
                       'font-size:1.15em"><b>= Same answer</b></div>')
         lines = [banner, f"<p>With preset: <code>{_escape(r.preset.name)}</code>: {_escape(_describe(r.preset))}</p>"]
+        harm = calibration_note(r.preset)
+        if harm is not None:
+            lines.append(f'<p id="bp-harm">{_escape(harm)}</p>')
         if "gate" in r.extra:
             lines.append(f'<p id="bp-gate"><b>Audio-confidence gate:</b> {_escape(r.extra["gate"])}</p>')
         if clip is not None:

@@ -141,6 +141,32 @@ def test_compare_shows_what_the_audio_confidence_gate_did(demo):
     assert "gate" not in demo.compare(str(clip.path), prompt).extra or base.gate is not None
 
 
+def test_compare_marks_control_accuracy_beyond_the_no_harm_bound_like_eval(demo):
+    """The preset's calibrated control accuracies sit beside the answers; the ones whose paired upper bound on the
+    loss exceeds 0.02 carry eval's "!" (a preset without recorded bounds: its point loss decides)."""
+    import dataclasses
+
+    from backpatch.demo import calibration_note
+
+    base = backpatch.load_preset(PRESET)
+    metrics = {"audio_only_acc_before": 0.996, "audio_only_acc_after": 0.992, "audio_only_acc_harm_upper": 0.016,
+               "consistent_acc_before": 1.0, "consistent_acc_after": 0.975, "consistent_acc_harm_upper": 0.05,
+               "perturbed_audio_only_acc_before": 0.86, "perturbed_audio_only_acc_after": 0.83}
+    harmful = dataclasses.replace(base, name="harmful", calibration=backpatch.Calibration(
+        status="calibrated", data="v.jsonl", metrics=metrics))
+    note = calibration_note(harmful)
+    assert "audio-only 0.996 → 0.992," in note and "consistent 1.000 → 0.975 !" in note
+    assert "audio-only 0.860 → 0.830 !" in note  # no bound recorded: a 3-point loss
+    assert "consistent (validation), audio-only (perturbed validation)" in note
+    clean = dataclasses.replace(harmful, calibration=backpatch.Calibration(status="calibrated", metrics={
+        k: v for k, v in metrics.items() if not k.startswith(("consistent", "perturbed"))}))
+    assert "!" not in calibration_note(clean)
+    assert calibration_note(dataclasses.replace(base, calibration=backpatch.Calibration())) is None
+    clip, prompt = _clip(demo)
+    r = demo.compare(str(clip.path), prompt, preset_name="harmful", uploaded={"harmful": harmful})
+    assert 'id="bp-harm"' in r.verdict_html and "consistent 1.000 → 0.975 !" in r.verdict_html
+
+
 def test_save_preset_writes_the_controls_as_yaml(demo, tmp_path):
     made = demo.preset_from_controls(PRESET, source=10, target=2, scale=0.5, mode="add", positions="audio",
                                      alpha=2.0, patch_on=True)

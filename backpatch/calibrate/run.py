@@ -310,7 +310,8 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     preset = _calibrated_preset(wrapped, model, best, best_report, data, name or out.stem, n_settings,
                                 total_seconds, grid["null_audio"], no_harm=bool(good), search=how,
                                 searched=_searched(scored_candidates), stress_report=best_stress,
-                                harm_upper=best_paired["harm_upper"], not_calibrated=not_calibrated)
+                                harm_upper=best_paired["harm_upper"], not_calibrated=not_calibrated,
+                                harm=best_paired["harm"])
     if truncated is not None and truncated["n"]:
         preset = dataclasses.replace(preset, description=f"{preset.description} {truncated['n']} items' clips were "
                                      f"cut to their first {truncated['limit_s']:g} s (--truncate-audio).")

