@@ -142,6 +142,16 @@ def _load(args: argparse.Namespace):
     return wrap(model, args.preset, processor=processor), processor
 
 
+def _load_unpatched(args: argparse.Namespace):
+    """The model in a wrapper whose preset never runs (``eval --preset none``: prompt framing alone)."""
+    from .loading import load_model_and_processor
+    from .preset import Patch, Preset
+    from .wrapper import wrap
+
+    model, processor = load_model_and_processor(args.model, args.dtype, args.device_map, args.trust_remote_code)
+    return wrap(model, Preset(name="none", patches=[Patch(source=1, target=0)]), processor=processor), processor
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import torch
 
@@ -215,15 +225,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = args.data or _default_data(args)
     _check_data(args, data)
     plain_answers = _plain_from(args.plain_from, data, args) if args.plain_from else None
-    wrapped, processor = _load(args)
+    mitigate = (args.preset or "").lower() != "none"
+    if not mitigate and not args.instruction:
+        raise ValueError("--preset none compares the plain model with itself: add --instruction TEXT to measure "
+                         "prompt framing, or name a preset")
+    if not mitigate:
+        args.preset = None  # the wrapper is only a handle here: its preset never runs
+    wrapped, processor = _load(args) if mitigate else _load_unpatched(args)
     report = evaluate(wrapped, processor, data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                       limit=args.limit, model_name=display_name(args.model), truncate=args.truncate_audio,
-                      plain_answers=plain_answers)
+                      plain_answers=plain_answers, instruction=args.instruction,
+                      instruction_role=args.instruction_role, mitigate=mitigate)
     if report is None:  # a non-main accelerate process: the main one writes the report
         return 0
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(f"model: {report['model']}   preset: {wrapped.preset.name} [{_format_patches(wrapped.preset)}]")
+    method = f"{wrapped.preset.name} [{_format_patches(wrapped.preset)}]" if mitigate else "none"
+    if args.instruction:
+        method += f" + instruction ({args.instruction_role} turn): {args.instruction!r}"
+    print(f"model: {report['model']}   second column: preset {method}")
     print(f"data:  {data}")
     print(format_table(report))
     for warning in report.get("warnings", []):
@@ -430,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, help="only the first N items (quick looks)")
     p.add_argument("--plain-from", help="reuse the plain answers of an earlier --out report on the same data and "
                    "settings (comparing presets without generating the plain answers again)")
+    p.add_argument("--instruction", help="prompt framing: put this instruction (e.g. 'The text may be wrong; answer "
+                   "from the audio.') into the second column's prompts; the plain column keeps the items' prompts. "
+                   "With --preset none: the framing alone")
+    p.add_argument("--instruction-role", choices=["user", "system"], default="user",
+                   help="where the instruction goes: before the question in the user turn (default) or as a system "
+                   "turn (refused when the model's chat template drops system turns)")
     _add_truncate_arg(p)
     p.add_argument("--launcher", choices=["accelerate"], help="split the items over processes with accelerate")
     p.add_argument("--num-processes", type=positive_int, default=2, help="processes for --launcher accelerate")
@@ -552,7 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        if getattr(args, "preset", None) is not None:
+        unmitigated = args.func is cmd_eval and str(args.preset).lower() == "none"  # eval --preset none
+        if getattr(args, "preset", None) is not None and not unmitigated:
             load_preset(args.preset)  # a bad preset file fails now; its fit to the model is checked at wrap time
         if getattr(args, "launcher", None) == "accelerate":
             return _relaunch_with_accelerate(args, argv)

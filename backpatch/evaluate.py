@@ -15,6 +15,7 @@ Clips longer than the model's audio window are refused before any model work, al
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,7 +30,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .audio_io import TRUNCATE_HINT, AudioTooLongError, clip_seconds, exceeds_window, fit_to_window, load_audio
-from .inputs import audio_window_seconds, build_inputs, decode_new_tokens, sampling_rate_of, truncation_enabled
+from .inputs import (
+    audio_window_seconds,
+    build_inputs,
+    check_system_turn,
+    decode_new_tokens,
+    framed,
+    sampling_rate_of,
+    truncation_enabled,
+)
 from .paired import paired_report
 
 __all__ = [
@@ -253,7 +262,8 @@ def truncation_line(record: dict[str, Any] | None) -> str | None:
             + (f": {ids}" if record["n"] else ""))
 
 
-def encode_items(processor: Any, items: Sequence[ConflictItem], truncate: bool | None = None) -> Any:
+def encode_items(processor: Any, items: Sequence[ConflictItem], truncate: bool | None = None,
+                 instruction: str | None = None, instruction_role: str = "user") -> Any:
     """Model inputs for a batch of conflict items: their clips at the processor's rate, and their prompts.
 
     A clip longer than the model's audio window raises :class:`AudioTooLongError` naming the item, unless
@@ -261,7 +271,8 @@ def encode_items(processor: Any, items: Sequence[ConflictItem], truncate: bool |
     rate, limit, cut = sampling_rate_of(processor), audio_window_seconds(processor), truncation_enabled(truncate)
     waves = [fit_to_window(load_audio(item.audio, rate), rate, limit, cut,
                            f"the clip of item {item.id} ({item.audio.name})")[0] for item in items]
-    return build_inputs(processor, waves, [item.prompt for item in items], truncate=cut)
+    prompts = [framed(item.prompt, instruction, instruction_role) for item in items]
+    return build_inputs(processor, waves, [p for p, _ in prompts], truncate=cut, system=prompts[0][1])
 
 
 def _batches(items: Sequence[ConflictItem], batch_size: int) -> list[Sequence[ConflictItem]]:
@@ -280,12 +291,18 @@ def answer_items(
     gates: list | None = None,
     plain_answers: Sequence[str] | None = None,
     backpatched: bool = True,
+    instruction: str | None = None,
+    instruction_role: str = "user",
+    mitigate: bool = True,
 ) -> tuple[list[str], list[str]]:
     """Plain and back-patched greedy answers for ``items`` (same inputs for both, batched); ``truncate`` as in
     :func:`encode_items`. With a gated preset, ``gates`` (a list) receives each item's gate strengths:
     ``{"patch": g or None, "contrastive_first_step": g or None}``. ``plain_answers``: the plain answers of these
     items from an earlier run with the same settings (they do not depend on the preset): not generated again.
-    ``backpatched=False``: the plain answers only (the second list is empty)."""
+    ``backpatched=False``: the plain answers only (the second list is empty). ``instruction``: the second column's
+    prompts carry it (:func:`backpatch.inputs.framed`); the plain column keeps the items' own prompts, so the
+    paired statistics measure what the framing (and the preset) change. ``mitigate=False``: the second column
+    is generated without the preset (prompt framing alone)."""
     plain: list[str] = []
     patched: list[str] = []
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
@@ -301,9 +318,13 @@ def answer_items(
                 plain += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)
         if not backpatched:
             continue
-        patched += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)
+        if instruction:
+            inputs = encode_items(processor, batch, truncate, instruction, instruction_role).to(wrapped.device)
+            length = inputs["input_ids"].shape[1]
+        with wrapped.disabled() if not mitigate else contextlib.nullcontext():
+            patched += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)
         if gates is not None:
-            gates += _gate_rows(wrapped.last_gate(), len(batch))
+            gates += _gate_rows(wrapped.last_gate() if mitigate else None, len(batch))
     return plain, patched
 
 
@@ -328,12 +349,17 @@ def evaluate(
     truncate: bool | None = None,
     max_harm: float = 0.02,
     plain_answers: Sequence[str] | None = None,
+    instruction: str | None = None,
+    instruction_role: str = "user",
+    mitigate: bool = True,
 ) -> dict[str, Any] | None:
     """Plain vs back-patched metrics on a conflict set; the report (README: "Evaluation") as a dict.
 
     ``report["paired"]`` has the paired no-harm bounds (:mod:`backpatch.paired`) per split and control kind; a
     control metric whose upper bound on the loss exceeds ``max_harm`` is marked in the table (``!``).
     ``plain_answers`` (single process): the plain answers of an earlier report on the same data and settings.
+    ``instruction`` / ``instruction_role`` / ``mitigate``: prompt framing in the second column (see
+    :func:`answer_items`); the report's ``settings`` record them.
 
     Clips longer than the model's audio window are refused before any model work, naming every such item,
     unless ``truncate=True``: then they are cut to the window and ``report["truncated_audio"]`` says which.
@@ -349,6 +375,8 @@ def evaluate(
     truncate = truncation_enabled(truncate)
     truncated = check_clip_lengths(items, processor, truncate)
     warnings = [w for w in (check_labels(items, processor),) if w]  # raises when no label can be written
+    if instruction and instruction_role == "system":
+        check_system_turn(processor, instruction)
     # On a CPU-only machine accelerate treats torchrun-launched processes as distributed only with cpu=True.
     state = PartialState(cpu=not torch.cuda.is_available())
     indices = list(range(len(items)))
@@ -359,7 +387,8 @@ def evaluate(
         known = [plain_answers[i] for i in mine] if plain_answers is not None else None
         plain, patched = answer_items(wrapped, processor, [items[i] for i in mine], batch_size, max_new_tokens,
                                       progress=progress and state.is_local_main_process, truncate=truncate,
-                                      gates=gates, plain_answers=known)
+                                      gates=gates, plain_answers=known, instruction=instruction,
+                                      instruction_role=instruction_role, mitigate=mitigate)
         rows = list(zip(mine, plain, patched, gates, strict=True))
     if state.num_processes > 1:
         rows = gather_object(rows)
@@ -381,7 +410,9 @@ def evaluate(
         "preset": wrapped.preset.to_dict(),
         "data": str(data),
         "settings": {"max_new_tokens": max_new_tokens, "decoding": "greedy", "limit": limit,
-                     "num_processes": state.num_processes, "truncate_audio": truncate},
+                     "num_processes": state.num_processes, "truncate_audio": truncate,
+                     "instruction": {"text": instruction, "role": instruction_role} if instruction else None,
+                     "mitigation": "preset" if mitigate else "none"},
         "plain": metrics(items, plain_verdicts),
         "backpatched": metrics(items, patched_verdicts),
         "items": [

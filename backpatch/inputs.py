@@ -68,9 +68,32 @@ def audio_window_seconds(processor: Any) -> float | None:
     return None
 
 
-def conversation(prompt: str) -> list[dict[str, Any]]:
-    """One user turn: the audio, then the prompt text (audio first, as audio LLM chat templates expect)."""
-    return [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]}]
+def conversation(prompt: str, system: str | None = None) -> list[dict[str, Any]]:
+    """One user turn: the audio, then the prompt text (audio first, as audio LLM chat templates expect); with
+    ``system``, a system turn before it."""
+    turns = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+    return turns + [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": prompt}]}]
+
+
+#: where ``--instruction`` goes: before the question in the user turn, or as a system turn
+INSTRUCTION_ROLES = ("user", "system")
+
+
+def framed(prompt: str, instruction: str | None, role: str = "user") -> tuple[str, str | None]:
+    """``(prompt, system)`` with a framing instruction (e.g. "The text may be wrong; answer from the audio.")."""
+    if not instruction:
+        return prompt, None
+    if role not in INSTRUCTION_ROLES:
+        raise ValueError(f"instruction role must be one of {', '.join(INSTRUCTION_ROLES)}, got {role!r}")
+    return (f"{instruction} {prompt}", None) if role == "user" else (prompt, instruction)
+
+
+def check_system_turn(processor: Any, instruction: str) -> None:
+    """Some audio chat templates drop system turns: an instruction placed there would silently do nothing."""
+    text = processor.apply_chat_template(conversation("?", instruction), add_generation_prompt=True, tokenize=False)
+    if instruction not in text:
+        raise ValueError("this model's chat template drops system turns, so a system instruction would do nothing: "
+                         "use --instruction-role user")
 
 
 def sampling_rate_of(processor: Any) -> int:
@@ -78,13 +101,13 @@ def sampling_rate_of(processor: Any) -> int:
 
 
 def build_inputs(processor: Any, audios: Sequence[np.ndarray], prompts: Sequence[str],
-                 truncate: bool | None = None) -> Any:
+                 truncate: bool | None = None, system: str | None = None) -> Any:
     """Processor outputs (``BatchFeature``) for a batch of waveforms (at the processor's sampling rate) and
     prompts, left-padded.
 
     A waveform longer than the model's audio window raises :class:`backpatch.audio_io.AudioTooLongError`
     naming its length and the limit; ``truncate=True`` keeps its first window instead (default: off, or the
-    :func:`audio_truncation` setting in force).
+    :func:`audio_truncation` setting in force). ``system``: a system turn before every prompt.
     """
     if len(audios) != len(prompts):
         raise ValueError(f"got {len(audios)} audio clips for {len(prompts)} prompts")
@@ -93,7 +116,8 @@ def build_inputs(processor: Any, audios: Sequence[np.ndarray], prompts: Sequence
     audios = [fit_to_window(a, rate, limit, cut, what.format(i=i + 1, n=len(audios)))[0]
               for i, a in enumerate(audios)]
     texts = [
-        processor.apply_chat_template(conversation(p), add_generation_prompt=True, tokenize=False) for p in prompts
+        processor.apply_chat_template(conversation(p, system), add_generation_prompt=True, tokenize=False)
+        for p in prompts
     ]
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:

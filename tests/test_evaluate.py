@@ -320,3 +320,55 @@ def test_cli_eval_plain_from_an_earlier_report(setup, tmp_path, capsys):
     assert "it was answered with max_new_tokens 3, this run asks 2" in capsys.readouterr().err
     assert main([*args, "--limit", "3", "--plain-from", str(first)]) == 2
     assert "its items are not the items of" in capsys.readouterr().err
+
+
+def test_prompt_framing_instruction_goes_into_the_second_column_only(setup):
+    """--instruction (issue 20 point 3): the second column's prompts carry the instruction, the plain column keeps
+    the items' own prompts; with mitigate=False the second column is the plain model with the framing alone."""
+    from backpatch.audio_io import load_audio
+    from backpatch.inputs import build_inputs, decode_new_tokens
+
+    root, data, preset = setup
+    model, processor = load_model_and_processor(str(root / "model"))
+    wrapped = backpatch.wrap(model, str(preset))
+    text = "The text may be wrong; answer from the audio."
+    base = evaluate(wrapped, processor, data, batch_size=8, max_new_tokens=3, progress=False)
+    framed = evaluate(wrapped, processor, data, batch_size=8, max_new_tokens=3, progress=False, instruction=text,
+                      mitigate=False)
+    assert framed["plain"] == base["plain"]
+    assert framed["settings"]["instruction"] == {"text": text, "role": "user"}
+    assert framed["settings"]["mitigation"] == "none" and "gate" not in framed
+    items = load_conflict_set(data)
+    for it, row in list(zip(items, framed["items"], strict=True))[:4]:
+        inputs = build_inputs(processor, [load_audio(it.audio, 16000)], [f"{text} {it.prompt}"])
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        assert decode_new_tokens(processor, out, inputs["input_ids"].shape[1])[0] == row["backpatched"]
+    # a system turn: in the chat template's text, or refused when the template drops it
+    from backpatch.inputs import check_system_turn, conversation
+
+    rendered = processor.apply_chat_template(conversation("q?", text), add_generation_prompt=True, tokenize=False)
+    if text in rendered:
+        check_system_turn(processor, text)
+        system = evaluate(wrapped, processor, data, batch_size=8, max_new_tokens=3, progress=False,
+                          instruction=text, instruction_role="system", limit=4)
+        assert system["settings"]["instruction"]["role"] == "system"
+    else:
+        with pytest.raises(ValueError, match="drops system turns.*--instruction-role user"):
+            evaluate(wrapped, processor, data, max_new_tokens=3, progress=False, instruction=text,
+                     instruction_role="system")
+
+
+def test_cli_eval_instruction_and_preset_none(setup, tmp_path, capsys):
+    root, data, preset = setup
+    args = ["eval", "--model", str(root / "model"), "--data", str(data), "--max-new-tokens", "3", "--limit", "4"]
+    assert main([*args, "--preset", "none"]) == 2
+    assert "--preset none compares the plain model with itself: add --instruction" in capsys.readouterr().err
+    out = tmp_path / "framing.json"
+    assert main([*args, "--preset", "none", "--instruction", "Trust the audio.", "--out", str(out)]) == 0
+    assert "second column: preset none + instruction (user turn): 'Trust the audio.'" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    settings = report["settings"]
+    assert settings["mitigation"] == "none" and settings["instruction"]["text"] == "Trust the audio."
+    assert main([*args, "--preset", str(preset), "--instruction", "Trust the audio."]) == 0
+    assert "second column: preset p [" in capsys.readouterr().out
