@@ -8,12 +8,25 @@ See docs/design.md for the semantics and the README for a quickstart.
 from . import organism
 from ._engine import BackpatchRuntimeError
 from .bundled import list_presets, load_preset
-from .preset import AudioSpan, Calibration, Contrastive, Gate, Match, ModelFacts, Patch, Preset, PresetError
+from .preset import (
+    Attention,
+    AudioSpan,
+    Calibration,
+    Contrastive,
+    Gate,
+    Match,
+    ModelFacts,
+    Patch,
+    Preset,
+    PresetError,
+    Steering,
+)
 from .wrapper import BackpatchedModel, apply, backpatch_hook_count, wrap
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Attention",
     "AudioSpan",
     "BackpatchRuntimeError",
     "BackpatchedModel",
@@ -25,6 +38,7 @@ __all__ = [
     "Patch",
     "Preset",
     "PresetError",
+    "Steering",
     "apply",
     "backpatch_hook_count",
     "list_presets",

@@ -116,6 +116,9 @@ class Resolved:
     #: see :attr:`Architecture.short_path` (False when a preset moves ``model.layers`` off the table's path)
     short_path: bool = False
     per_layer_inputs: tuple[str, ...] = ()
+    #: the attention block's and the steering block's layer ranges, absolute and inclusive (None: no block)
+    attention_layers: tuple[int, int] | None = None
+    steering_layers: tuple[int, int] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -205,6 +208,24 @@ def _resolve_patch(patch: Patch, index: int, num_layers: int, layers_path: str, 
                          patch.match_norm)
 
 
+def _resolve_range(block: Any, key: str, num_layers: int, layers_path: str, origin: str) -> tuple[int, int] | None:
+    """A block's ``layers: [a, b]`` as absolute indices, checked against this model."""
+    if block is None:
+        return None
+    absolute = []
+    for i, value in enumerate(block.layers):
+        layer = value + num_layers if value < 0 else value
+        if not 0 <= layer < num_layers:
+            raise PresetError(f"{origin}{key}.layers[{i}]: layer {value} is out of range for this model, which "
+                              f"has {num_layers} decoder layers at {layers_path} (allowed: {-num_layers}.."
+                              f"{num_layers - 1})")
+        absolute.append(layer)
+    if absolute[0] > absolute[1]:
+        raise PresetError(f"{origin}{key}.layers: {block.layers} runs backwards in this {num_layers}-layer model "
+                          f"(layers {absolute[0]} to {absolute[1]})")
+    return absolute[0], absolute[1]
+
+
 def architecture_for(model: nn.Module) -> Architecture | None:
     return ARCHITECTURES.get(getattr(model.config, "model_type", ""))
 
@@ -251,4 +272,6 @@ def resolve(model: nn.Module, preset: Preset, processor: Any = None) -> Resolved
         audio_feature_keys=arch.audio_feature_keys if arch is not None else DEFAULT_AUDIO_FEATURE_KEYS,
         short_path=arch is not None and arch.short_path and layers_path == arch.layers,
         per_layer_inputs=arch.per_layer_inputs if arch is not None else (),
+        attention_layers=_resolve_range(preset.attention, "attention", num_layers, layers_path, origin),
+        steering_layers=_resolve_range(preset.steering, "steering", num_layers, layers_path, origin),
     )

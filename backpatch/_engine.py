@@ -603,6 +603,12 @@ def patch_session(
         yield session
 
 
+class _Sessions(tuple):
+    """``(patch session, contrastive session)`` as before, plus ``.attention`` (the attention block's session)."""
+
+    attention: Any = None
+
+
 @contextmanager
 def generation_session(
     resolved: Resolved,
@@ -611,8 +617,12 @@ def generation_session(
     precaptured: dict[tuple[int, str], torch.Tensor] | None = None,
     gate: Any = None,
     gate_values: torch.Tensor | None = None,
+    attention: Any = None,
 ) -> Iterator[tuple[PatchSession | None, Any]]:
-    """Back-patching and/or contrastive decoding hooks for one call, under the model's lock.
+    """Back-patching, contrastive decoding and attention-to-audio hooks for one call, under the model's lock.
+
+    ``attention`` (a :class:`~backpatch.preset.Attention` block, alpha > 0) biases the attention of the resolved
+    layers (:mod:`backpatch._attention`); it acts in every pass of the call, capture passes included.
 
     ``gate`` (a :class:`~backpatch.preset.Gate`) scales both per row; its ``audio_gap`` signal needs the null-audio
     rows, which then ride along even at contrastive ``alpha: 0``. ``gate_values`` go with ``precaptured``.
@@ -621,6 +631,7 @@ def generation_session(
     main rows. All hooks belong to this call in this thread (:class:`CallHooks`); everything is removed on exit,
     whatever happens, each step even if an earlier one fails.
     """
+    from ._attention import AttentionSession
     from ._contrastive import ContrastiveSession
 
     with model_lock(resolved.generator).hold(), ExitStack() as stack:
@@ -631,13 +642,21 @@ def generation_session(
         cs = ContrastiveSession(resolved, contrastive, silence, hooks, gate=gate) if use_contrastive else None
         ps = (PatchSession(resolved, precaptured, doubled=use_contrastive, hooks=hooks, gate=gate,
                            gate_values=gate_values) if resolved.patches else None)
+        use_attention = attention is not None and attention.alpha > 0 and resolved.attention_layers is not None
+        ats = AttentionSession(resolved, attention, hooks) if use_attention else None
         if cs is not None:
             stack.callback(cs.remove)
         if ps is not None:
             stack.callback(ps.remove)
+        if ats is not None:
+            stack.callback(ats.remove)
         stack.enter_context(_current(hooks))
         if cs is not None:
             cs.install()
+        if ats is not None:  # after the contrastive pre-hook: it sees the rows the attention will see
+            ats.install()
         if ps is not None:
             ps.install()
-        yield ps, cs
+        sessions = _Sessions((ps, cs))
+        sessions.attention = ats
+        yield sessions

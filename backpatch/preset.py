@@ -362,11 +362,74 @@ class Gate:
         return ramp.clamp(0.0, 1.0) if hasattr(ramp, "clamp") else min(1.0, max(0.0, ramp))
 
 
+ATTENTION_FORMS = ("scale", "add")
+
+
+def _check_layer_range(value: Any, where: str, origin: str | None) -> list[int]:
+    """``[a, b]``: two layer indices (negative counts from the end), checked against the model at ``wrap()``."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise _fail(where, f"expected [first, last], two decoder layer indices, got {value!r}", origin)
+    first, last = (_check_int(v, f"{where}[{i}]", origin) for i, v in enumerate(value))
+    if (first >= 0) == (last >= 0) and first > last:
+        raise _fail(where, f"the first layer ({first}) comes after the last ({last})", origin)
+    return [first, last]
+
+
+@dataclass
+class Attention:
+    """Attention to audio (MATA, arXiv 2509.18816; docs/design.md, "attention"): in decoder layers
+    ``layers[0]..layers[1]`` (inclusive), the raw attention scores of the last query row toward the audio keys are
+    multiplied by ``1 + alpha`` (``form: scale``, the paper's formula) or raised by ``alpha`` (``form: add``:
+    every audio key's weight times ``e^alpha`` before renormalising, whatever the score's sign), at prefill's
+    last row and at every decode step; every head. ``alpha: 0`` is bit-identical to no block."""
+
+    layers: list[int]
+    alpha: float = 0.1
+    form: str = "scale"
+
+    def __post_init__(self) -> None:
+        self._validate("attention", None)
+
+    def __hash__(self) -> int:  # calibration candidates may carry one
+        return hash((tuple(self.layers), self.alpha, self.form))
+
+    def _validate(self, where: str, origin: str | None) -> None:
+        self.layers = _check_layer_range(self.layers, _join(where, "layers"), origin)
+        self.alpha = _check_float(self.alpha, _join(where, "alpha"), origin)
+        if self.alpha < 0:
+            raise _fail(_join(where, "alpha"), f"must be >= 0 (0 turns it off), got {self.alpha}", origin)
+        _check_choice(self.form, ATTENTION_FORMS, _join(where, "form"), origin)
+
+
+@dataclass
+class Steering:
+    """Audio-silence steering (arXiv 2603.06854; docs/design.md, "steering"): ``s`` = the last position's residual
+    difference, audio minus null audio, averaged over decoder layers ``layers[0]..layers[1]`` (inclusive) at
+    prefill; ``beta * s`` is added to the last decoder layer's output at the last position, at prefill and every
+    decode step. The null-audio rows are the contrastive block's (``alpha`` may be 0: the rows then only feed the
+    steering), so it costs no second call. ``beta: 0`` is bit-identical to no block."""
+
+    layers: list[int]
+    beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        self._validate("steering", None)
+
+    def __hash__(self) -> int:
+        return hash((tuple(self.layers), self.beta))
+
+    def _validate(self, where: str, origin: str | None) -> None:
+        self.layers = _check_layer_range(self.layers, _join(where, "layers"), origin)
+        self.beta = _check_float(self.beta, _join(where, "beta"), origin)
+
+
 _SECTIONS: dict[str, type] = {
     "match": Match,
     "model": ModelFacts,
     "audio_span": AudioSpan,
     "contrastive": Contrastive,
+    "attention": Attention,
+    "steering": Steering,
     "gate": Gate,
     "calibration": Calibration,
 }
@@ -403,6 +466,8 @@ class Preset:
     model: ModelFacts | None = None
     audio_span: AudioSpan | None = None
     contrastive: Contrastive | None = None
+    attention: Attention | None = None
+    steering: Steering | None = None
     gate: Gate | None = None
     calibration: Calibration | None = None
     #: where this preset was read from (a file path or ``bundled:NAME``); used in error messages, not saved.
@@ -417,9 +482,9 @@ class Preset:
             raise _fail("description", f"expected a string, got {_type_name(self.description)}", origin)
         if not isinstance(self.patches, list):
             raise _fail("patches", f"expected a list of patches, got {_type_name(self.patches)}", origin)
-        if not self.patches and self.contrastive is None:
+        if not self.patches and self.contrastive is None and self.attention is None and self.steering is None:
             raise _fail("patches", "a preset needs at least one patch (a list of {source, target, ...}) or a "
-                        "contrastive block", origin)
+                        "contrastive, attention or steering block", origin)
         for i, patch in enumerate(self.patches):
             if not isinstance(patch, Patch):
                 raise _fail(f"patches[{i}]", f"expected a Patch, got {_type_name(patch)}", origin)
@@ -427,6 +492,13 @@ class Preset:
             value = getattr(self, key)
             if value is not None and not isinstance(value, cls):
                 raise _fail(key, f"expected a {cls.__name__}, got {_type_name(value)}", origin)
+        if self.steering is not None and self.contrastive is None:
+            raise _fail("steering", "steering compares the residual with and without the audio, so it needs the "
+                        "null-audio rows of a contrastive block; add `contrastive: {alpha: 0.0}` (rows for the "
+                        "steering only)", origin)
+        if self.gate is not None and (self.attention is not None or self.steering is not None):
+            raise _fail("gate", "the audio-confidence gate scales patches and contrastive decoding; it does not yet "
+                        "act on attention or steering blocks: drop the gate or those blocks", origin)
         if self.gate is not None and self.gate.signal == "audio_gap" and self.contrastive is None:
             raise _fail("gate.signal", "audio_gap compares the answer with and without the audio, so it needs the "
                         "null-audio rows of a contrastive block; add `contrastive: {alpha: 0.0}` (rows for the gate "
@@ -442,11 +514,14 @@ class Preset:
             raise _fail("version", f"unsupported schema version {data['version']!r}; this backpatch reads version "
                         f"{SCHEMA_VERSION}", origin)
         name = _check_str(_require(data, "name", "", origin), "name", origin)
-        if data.get("contrastive") is None:
-            raw_patches = _require(data, "patches", "", origin)
+        if all(data.get(key) is None for key in ("contrastive", "attention", "steering")):
+            if "patches" not in data:
+                raise _fail("patches", "required key is missing: a preset needs patches, or a contrastive, "
+                            "attention or steering block", origin)
+            raw_patches = data["patches"]
             if not isinstance(raw_patches, list) or not raw_patches:
                 raise _fail("patches", "expected a non-empty list of patches ({source, target, scale, mode, "
-                            "positions}), or a contrastive block", origin)
+                            "positions}), or a contrastive, attention or steering block", origin)
         else:
             raw_patches = data.get("patches") or []
             if not isinstance(raw_patches, list):
@@ -468,14 +543,15 @@ class Preset:
             section = getattr(self, key)
             if section is not None:
                 out[key] = {k: v for k, v in dataclasses.asdict(section).items() if v is not None}
-        if self.patches or self.contrastive is None:
+        if self.patches or (self.contrastive is None and self.attention is None and self.steering is None):
             # match_norm only when on, so that presets without it read and write exactly as before
             out["patches"] = [{k: v for k, v in dataclasses.asdict(p).items() if k != "match_norm" or v}
                               for p in self.patches]
         if self.contrastive is not None:
             out["contrastive"] = {k: v for k, v in dataclasses.asdict(self.contrastive).items() if v is not None}
-        if self.gate is not None:
-            out["gate"] = dataclasses.asdict(self.gate)
+        for key in ("attention", "steering", "gate"):
+            if getattr(self, key) is not None:
+                out[key] = dataclasses.asdict(getattr(self, key))
         if self.calibration is not None:
             cal = dataclasses.asdict(self.calibration)
             out["calibration"] = {k: v for k, v in cal.items() if v is not None and v != {}}

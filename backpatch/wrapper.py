@@ -97,6 +97,7 @@ class BackpatchedModel:
         #: the sessions of the most recent call (for deterministic counts in tests and benchmarks)
         self.last_session = None
         self.last_contrastive = None
+        self.last_attention = None
 
     # ------------------------------------------------------------------------------------------- access
     @property
@@ -135,7 +136,8 @@ class BackpatchedModel:
 
     def _session(self) -> Any:
         """The hooks of one back-patched call: patches, contrastive rows and the gate of this preset."""
-        return generation_session(self._resolved, self.preset.contrastive, self._silence, gate=self.preset.gate)
+        return generation_session(self._resolved, self.preset.contrastive, self._silence, gate=self.preset.gate,
+                                  attention=self.preset.attention)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Hugging Face ``generate()``, with the preset's patches applied to the prefill.
@@ -150,6 +152,7 @@ class BackpatchedModel:
                 return plain_generate(generator, *args, **kwargs)
         with self._session() as sessions:
             self.last_session, self.last_contrastive = sessions
+            self.last_attention = sessions.attention
             return plain_generate(generator, *args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -160,6 +163,7 @@ class BackpatchedModel:
                 return generator(*args, **kwargs)
         with self._session() as sessions:
             self.last_session, self.last_contrastive = sessions
+            self.last_attention = sessions.attention
             return generator(*args, **kwargs)
 
     __call__ = forward

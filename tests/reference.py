@@ -80,3 +80,37 @@ def reference_logits(model, layers, batch, patches, audio_token_id, forward=None
     finally:
         for h in handles:
             h.remove()
+
+
+def mata_eager(original, targets, audio, alpha, form):
+    """A reference eager attention for MATA, written from the paper's formula on the raw scores: for the attention
+    modules in ``targets`` (ids), the last query row's scores toward the audio keys (``audio``: [B, T] bool of the
+    prefill; generated positions are not audio) become ``(1 + alpha) A`` or ``A + alpha``; every other module runs
+    ``original`` unchanged. It shares no code with backpatch (no mask bias, no registry)."""
+
+    calls = {}
+
+    def eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        if id(module) not in targets:
+            return original(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        # tokens so far: the prompt at the first call, one more per decode step; a sliding-window cache keeps the
+        # latest positions only, so key j is position (total - K + j)
+        calls[id(module)] = calls.get(id(module), 0) + 1
+        total = audio.shape[1] + calls[id(module)] - 1
+        groups = query.shape[1] // key.shape[1]
+        key_states = torch.repeat_interleave(key, groups, dim=1)
+        value_states = torch.repeat_interleave(value, groups, dim=1)
+        scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+        rows = scores.shape[0]
+        full = torch.zeros(rows, total, dtype=torch.bool)
+        full[:, : audio.shape[1]] = audio.repeat(rows // audio.shape[0], 1)
+        columns = full[:, total - scores.shape[-1]:]
+        last = scores[:, :, -1, :]
+        changed = (1 + alpha) * last if form == "scale" else last + alpha
+        scores[:, :, -1, :] = torch.where(columns[:, None, :], changed, last)
+        if attention_mask is not None:
+            scores = scores + attention_mask[:, :, :, : key_states.shape[-2]]
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        return torch.matmul(weights, value_states).transpose(1, 2).contiguous(), weights
+
+    return eager

@@ -173,3 +173,80 @@ def test_gated_patches_equal_the_reference_with_the_measured_gate(name):
     assert torch.equal(out.sequences, plain.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.logits, plain.logits, strict=True))
     assert backpatch.backpatch_hook_count(fam.model) == 0
+
+
+def _mata_reference(fam, first, last, alpha, form, steps):
+    """Logits of ``steps`` greedy tokens with the reference MATA eager attention in layers first..last."""
+    import sys
+
+    from reference import mata_eager
+
+    from backpatch._attention import attention_module
+
+    wrapped = backpatch.wrap(fam.model, Preset(patches=[Patch(source=-1, target=0, scale=0.0)]))
+    audio = fam.batch["input_ids"] == wrapped.resolved.audio_token_id
+    targets = {id(attention_module(fam.layers[i], i)) for i in range(first, last + 1)}
+    modules = {sys.modules[type(attention_module(layer, i)).__module__] for i, layer in enumerate(fam.layers)}
+    saved = {m: m.eager_attention_forward for m in modules}
+    config = attention_module(fam.layers[0], 0).config  # the text model's: the encoders keep theirs
+    config._attn_implementation = "eager"
+    try:
+        for m in modules:
+            m.eager_attention_forward = mata_eager(saved[m], targets, audio, alpha, form)
+        with torch.no_grad():
+            return wrapped.resolved.generator.generate(**fam.batch, max_new_tokens=steps, **KWARGS).logits
+    finally:
+        for m in modules:
+            m.eager_attention_forward = saved[m]
+        config._attn_implementation = "sdpa"
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("form", ["scale", "add"])
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_attention_block_equals_the_raw_score_reference(name, form, implementation):
+    """MATA (issue 20): with SDPA and with eager attention, the attention block's logits at prefill and at two decode
+    steps equal a reference eager attention that edits the raw scores of the last query row (independent code)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    fam = family(name)
+    first, last, alpha = 1, 2, 0.8
+    before = dict(ALL_ATTENTION_FUNCTIONS._local_mapping)
+    want = _mata_reference(fam, first, last, alpha, form, steps=3)
+    preset = Preset(name="mata", attention=backpatch.Attention(layers=[first, last], alpha=alpha, form=form))
+    wrapped = backpatch.wrap(fam.model, preset)
+    config = fam.layers[0].self_attn.config
+    config._attn_implementation = implementation
+    try:
+        with torch.no_grad():
+            got = wrapped.generate(**fam.batch, max_new_tokens=3, **KWARGS).logits
+            plain = wrapped.resolved.generator.generate(**fam.batch, max_new_tokens=3, **KWARGS).logits
+    finally:
+        config._attn_implementation = "sdpa"
+    for step, (a, b) in enumerate(zip(got, want, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+    assert not torch.allclose(got[0], plain[0], atol=1e-4), "the block changed nothing: the test proves nothing"
+    # one biased attention call per target layer and forward pass (prefill and two decode steps)
+    assert wrapped.last_attention.biased_calls == (last - first + 1) * 3
+    assert dict(ALL_ATTENTION_FUNCTIONS._local_mapping) == before
+    assert all(layer.self_attn.config is config for layer in fam.layers)  # every module has its own config back
+    assert backpatch.backpatch_hook_count(fam.model) == 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_attention_block_at_alpha_zero_is_bit_identical_and_composes_with_patches(name):
+    fam = family(name)
+    zero = Preset(name="z", attention=backpatch.Attention(layers=[0, -1], alpha=0.0))
+    wrapped = backpatch.wrap(fam.model, zero)
+    with torch.no_grad():
+        out = wrapped.generate(**fam.batch, max_new_tokens=3, **KWARGS)
+        ref = wrapped.resolved.generator.generate(**fam.batch, max_new_tokens=3, **KWARGS)
+    assert torch.equal(out.sequences, ref.sequences) and wrapped.last_attention is None
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits, strict=True))
+    # with a patch: the attention acts in the capture pass and the patched pass alike (one call per layer each)
+    both = Preset(name="b", patches=[Patch(source=-1, target=0, scale=0.5)],
+                  attention=backpatch.Attention(layers=[1, 1], alpha=0.5, form="add"))
+    with torch.no_grad():
+        combined = backpatch.wrap(fam.model, both)
+        combined.generate(**fam.batch, max_new_tokens=1, **KWARGS)
+    assert combined.last_attention.biased_calls >= 1 and backpatch.backpatch_hook_count(fam.model) == 0
