@@ -604,9 +604,11 @@ def patch_session(
 
 
 class _Sessions(tuple):
-    """``(patch session, contrastive session)`` as before, plus ``.attention`` (the attention block's session)."""
+    """``(patch session, contrastive session)`` as before, plus ``.attention`` and ``.steering`` (the sessions of
+    those blocks, or None)."""
 
     attention: Any = None
+    steering: Any = None
 
 
 @contextmanager
@@ -618,11 +620,14 @@ def generation_session(
     gate: Any = None,
     gate_values: torch.Tensor | None = None,
     attention: Any = None,
+    steering: Any = None,
 ) -> Iterator[tuple[PatchSession | None, Any]]:
     """Back-patching, contrastive decoding and attention-to-audio hooks for one call, under the model's lock.
 
     ``attention`` (a :class:`~backpatch.preset.Attention` block, alpha > 0) biases the attention of the resolved
     layers (:mod:`backpatch._attention`); it acts in every pass of the call, capture passes included.
+    ``steering`` (a :class:`~backpatch.preset.Steering` block, beta != 0) reads the contrastive block's null rows
+    (which then ride along even at alpha 0) and steers the last layer's output (:mod:`backpatch._steering`).
 
     ``gate`` (a :class:`~backpatch.preset.Gate`) scales both per row; its ``audio_gap`` signal needs the null-audio
     rows, which then ride along even at contrastive ``alpha: 0``. ``gate_values`` go with ``precaptured``.
@@ -633,23 +638,31 @@ def generation_session(
     """
     from ._attention import AttentionSession
     from ._contrastive import ContrastiveSession
+    from ._steering import SteeringSession
 
     with model_lock(resolved.generator).hold(), ExitStack() as stack:
         hooks = CallHooks()
         stack.callback(hooks.close)  # last: whatever a session may have missed
-        needs_null = gate is not None and gate.signal == "audio_gap"
+        use_steering = steering is not None and steering.beta != 0 and resolved.steering_layers is not None
+        needs_null = (gate is not None and gate.signal == "audio_gap") or use_steering
         use_contrastive = contrastive is not None and (contrastive.alpha > 0 or needs_null)
         cs = ContrastiveSession(resolved, contrastive, silence, hooks, gate=gate) if use_contrastive else None
         ps = (PatchSession(resolved, precaptured, doubled=use_contrastive, hooks=hooks, gate=gate,
                            gate_values=gate_values) if resolved.patches else None)
         use_attention = attention is not None and attention.alpha > 0 and resolved.attention_layers is not None
         ats = AttentionSession(resolved, attention, hooks) if use_attention else None
+        if use_steering and cs is None:
+            raise BackpatchRuntimeError("steering needs the null-audio rows of a contrastive block")
+        sts = (SteeringSession(resolved, steering, hooks, lambda: ps is not None and ps._capturing)
+               if use_steering else None)
         if cs is not None:
             stack.callback(cs.remove)
         if ps is not None:
             stack.callback(ps.remove)
         if ats is not None:
             stack.callback(ats.remove)
+        if sts is not None:
+            stack.callback(sts.remove)
         stack.enter_context(_current(hooks))
         if cs is not None:
             cs.install()
@@ -657,6 +670,8 @@ def generation_session(
             ats.install()
         if ps is not None:
             ps.install()
+        if sts is not None:
+            sts.install()
         sessions = _Sessions((ps, cs))
-        sessions.attention = ats
+        sessions.attention, sessions.steering = ats, sts
         yield sessions

@@ -63,7 +63,9 @@ _WARNED: set[str] = set()
 def _silence_for(preset: Preset, processor: Any) -> Any:
     """Silent-clip features for contrastive decoding with ``null_audio: silence`` (needs the processor)."""
     block = preset.contrastive
-    gate_rows = preset.gate is not None and preset.gate.signal == "audio_gap"  # null rows feed the gate
+    # null rows feed an audio_gap gate and the steering block even at alpha 0
+    gate_rows = (preset.gate is not None and preset.gate.signal == "audio_gap") or (
+        preset.steering is not None and preset.steering.beta != 0)
     if block is None or (block.alpha == 0 and not gate_rows) or block.null_audio != "silence":
         return None
     if processor is None or getattr(processor, "feature_extractor", None) is None:
@@ -98,6 +100,7 @@ class BackpatchedModel:
         self.last_session = None
         self.last_contrastive = None
         self.last_attention = None
+        self.last_steering = None
 
     # ------------------------------------------------------------------------------------------- access
     @property
@@ -137,7 +140,7 @@ class BackpatchedModel:
     def _session(self) -> Any:
         """The hooks of one back-patched call: patches, contrastive rows and the gate of this preset."""
         return generation_session(self._resolved, self.preset.contrastive, self._silence, gate=self.preset.gate,
-                                  attention=self.preset.attention)
+                                  attention=self.preset.attention, steering=self.preset.steering)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Hugging Face ``generate()``, with the preset's patches applied to the prefill.
@@ -152,7 +155,7 @@ class BackpatchedModel:
                 return plain_generate(generator, *args, **kwargs)
         with self._session() as sessions:
             self.last_session, self.last_contrastive = sessions
-            self.last_attention = sessions.attention
+            self.last_attention, self.last_steering = sessions.attention, sessions.steering
             return plain_generate(generator, *args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -163,7 +166,7 @@ class BackpatchedModel:
                 return generator(*args, **kwargs)
         with self._session() as sessions:
             self.last_session, self.last_contrastive = sessions
-            self.last_attention = sessions.attention
+            self.last_attention, self.last_steering = sessions.attention, sessions.steering
             return generator(*args, **kwargs)
 
     __call__ = forward

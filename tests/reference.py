@@ -114,3 +114,34 @@ def mata_eager(original, targets, audio, alpha, form):
         return torch.matmul(weights, value_states).transpose(1, 2).contiguous(), weights
 
     return eager
+
+
+def steering_vector(layers, forward, batch, null_batch, first, last):
+    """Audio-silence steering's s, written from the method: two separate forward passes (audio, null audio), the
+    last position's output of layers first..last, audio minus null, averaged over the layers."""
+    outputs = {}
+
+    def run(which, inputs):
+        handles = [layers[i].register_forward_hook(
+            lambda m, a, o, i=i: outputs.__setitem__((which, i), _out(o)[..., -1, :].detach().float().clone()))
+            for i in range(first, last + 1)]
+        try:
+            forward(inputs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    run("audio", batch)
+    run("null", null_batch)
+    return torch.stack([outputs[("audio", i)] - outputs[("null", i)] for i in range(first, last + 1)]).mean(0)
+
+
+def steered(layers, vector, beta):
+    """A forward hook for the last layer adding ``beta * vector`` at the last position (the method's step 2)."""
+
+    def hook(module, args, output):
+        hidden = _out(output).clone()
+        hidden[..., -1, :] += (beta * vector).to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return layers[-1].register_forward_hook(hook)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -250,3 +251,71 @@ def test_attention_block_at_alpha_zero_is_bit_identical_and_composes_with_patche
         combined = backpatch.wrap(fam.model, both)
         combined.generate(**fam.batch, max_new_tokens=1, **KWARGS)
     assert combined.last_attention.biased_calls >= 1 and backpatch.backpatch_hook_count(fam.model) == 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_steering_block_equals_the_two_pass_reference(name):
+    """Audio-silence steering (issue 20 point 2): s from the null rows riding in the batch equals s from two separate
+    forward passes; beta s on the last layer's last position at prefill and at two decode steps gives the
+    reference hook's logits; with contrastive alpha 1 the first token is (1 + 1) steered - null."""
+    from reference import steered, steering_vector
+
+    fam = family(name)
+    first, last = 1, len(fam.layers) - 1
+    null = {k: torch.zeros_like(v) if k in backpatch.wrap(fam.model, Preset(
+        patches=[Patch(-1, 0)])).resolved.audio_feature_keys else v for k, v in fam.batch.items()}
+    with torch.no_grad():
+        vector = steering_vector(fam.layers, fam.logits, fam.batch, null, first, last)
+    # random audio barely moves some tiny models (|s| ~ 1e-6 against |h| ~ 1): a beta that makes the steering of
+    # order one checks the add step; s itself is compared with the reference at float-noise tolerance
+    beta = 4.0 / max(float(vector.norm(dim=-1).max()), 1e-12)
+    preset = Preset(name="s", steering=backpatch.Steering(layers=[first, last], beta=beta),
+                    contrastive=backpatch.Contrastive(alpha=0.0, null_audio="zeros"))
+    wrapped = backpatch.wrap(fam.model, preset)
+    generator = wrapped.resolved.generator
+    with torch.no_grad():
+        got = wrapped.generate(**fam.batch, max_new_tokens=3, **KWARGS)
+        plain = generator.generate(**fam.batch, max_new_tokens=3, **KWARGS)
+        ours = wrapped.last_steering.vector
+        handle = steered(fam.layers, ours, beta)
+        try:
+            want = generator.generate(**fam.batch, max_new_tokens=3, **KWARGS)
+        finally:
+            handle.remove()
+        moderate = dataclasses.replace(preset, steering=backpatch.Steering([first, last], 2.0),
+                                       contrastive=backpatch.Contrastive(alpha=1.0, null_audio="zeros"))
+        both = backpatch.wrap(fam.model, moderate).generate(**fam.batch, max_new_tokens=1, **KWARGS)
+        handle = steered(fam.layers, vector, 2.0)
+        try:
+            steered_first = fam.logits(fam.batch)[:, -1].float()
+        finally:
+            handle.remove()
+        null_first = fam.logits(null)[:, -1].float()
+    torch.testing.assert_close(ours, vector, rtol=1e-3, atol=1e-5)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(got.logits, want.logits, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+    torch.testing.assert_close(both.logits[0], 2 * steered_first - null_first, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got.logits[0], plain.logits[0], atol=1e-4), "steering changed nothing"
+    assert wrapped.last_steering.steered == 3 and backpatch.backpatch_hook_count(fam.model) == 0
+
+
+@pytest.mark.parametrize("name", ["qwen2_audio", "gemma3n", "phi4_multimodal"])
+def test_steering_at_beta_zero_is_plain_and_composes_with_patches(name):
+    fam = family(name)
+    zero = Preset(name="z", steering=backpatch.Steering(layers=[0, 1], beta=0.0),
+                  contrastive=backpatch.Contrastive(alpha=0.0, null_audio="zeros"))
+    wrapped = backpatch.wrap(fam.model, zero)
+    with torch.no_grad():
+        out = wrapped.generate(**fam.batch, max_new_tokens=2, **KWARGS)
+        ref = wrapped.resolved.generator.generate(**fam.batch, max_new_tokens=2, **KWARGS)
+        assert wrapped.last_steering is None and wrapped.last_contrastive is None
+        assert all(torch.equal(a, b) for a, b in zip(out.logits, ref.logits, strict=True))
+        patch = Preset(name="p", patches=[Patch(source=-2, target=0, scale=0.5)],
+                       contrastive=backpatch.Contrastive(alpha=0.0, null_audio="zeros"))
+        with_patch = backpatch.wrap(fam.model, patch).generate(**fam.batch, max_new_tokens=2, **KWARGS)
+        combined = backpatch.wrap(fam.model, dataclasses.replace(patch, steering=backpatch.Steering([1, 2], 2.0)))
+        both = combined.generate(**fam.batch, max_new_tokens=2, **KWARGS)
+    assert combined.last_steering.steered == 2 and combined.last_session.patched_prefills == 1
+    assert not torch.allclose(both.logits[0], with_patch.logits[0], atol=1e-4)
+    assert backpatch.backpatch_hook_count(fam.model) == 0
