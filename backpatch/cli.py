@@ -22,7 +22,7 @@ from .bundled import list_presets, load_preset
 from .evaluate import ConflictSetError
 from .loading import ORGANISM_PREFIX, display_name
 from .organism._wheels import OrganismBuildError
-from .preset import PresetError, gate_label, patch_label
+from .preset import PresetError, block_labels, gate_label, patch_label
 
 EXIT_USAGE = 2
 
@@ -80,13 +80,14 @@ def _format_patches(preset) -> str:
     parts = [patch_label(p) for p in preset.patches]
     if preset.contrastive is not None:
         parts.append(f"contrastive alpha {preset.contrastive.alpha:g} ({preset.contrastive.null_audio})")
+    parts += block_labels(preset)
     if preset.gate is not None:
         parts.append(gate_label(preset.gate))
     return "; ".join(parts)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    rows = [("name", "model_type", "layers", "patches", "calibration")]
+    rows = [("name", "model_type", "layers", "methods", "calibration")]
     for name in list_presets():
         preset = load_preset(name)
         rows.append((

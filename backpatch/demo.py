@@ -34,7 +34,19 @@ from .bundled import list_presets, load_preset, uncalibrated_patch
 from .evaluate import ConflictItem, judge, load_conflict_set, normalize
 from .inputs import audio_window_seconds, build_inputs, decode_new_tokens, sampling_rate_of
 from .loading import display_name
-from .preset import MODES, POSITIONS, Calibration, Contrastive, Patch, Preset, PresetError, gate_label
+from .preset import (
+    MODES,
+    POSITIONS,
+    Attention,
+    Calibration,
+    Contrastive,
+    Patch,
+    Preset,
+    PresetError,
+    Steering,
+    block_labels,
+    gate_label,
+)
 from .wrapper import BackpatchedModel, wrap
 
 # No telemetry and no version check from a demo that must run offline (read when gradio builds the Blocks).
@@ -63,6 +75,8 @@ def _describe(preset: Preset) -> str:
     text = "back-patching " + "; ".join(parts) if parts else "no back-patching"
     if preset.contrastive is not None and preset.contrastive.alpha > 0:
         text += f" + contrastive α={preset.contrastive.alpha:g} ({preset.contrastive.null_audio})"
+    for label in block_labels(preset):
+        text += f" + {label}"
     if preset.gate is not None:
         text += f", {gate_label(preset.gate)}"
     return text
@@ -249,11 +263,21 @@ class Demo:
         first = preset.patches[0] if preset.patches else uncalibrated_patch(n)
         alpha = preset.contrastive.alpha if preset.contrastive is not None else 0.0
         return {"source": first.source, "target": first.target, "scale": first.scale, "mode": first.mode,
-                "positions": first.positions, "alpha": alpha, "patch_on": bool(preset.patches)}
+                "positions": first.positions, "alpha": alpha, "patch_on": bool(preset.patches),
+                "attention_alpha": preset.attention.alpha if preset.attention is not None else 0.0,
+                "steering_beta": preset.steering.beta if preset.steering is not None else 0.0}
+
+    def block_layers(self, preset: Preset) -> dict[str, list[int]]:
+        """The layers the attention and steering controls act on: the preset's blocks', else the middle third
+        (MATA's intermediate layers; the steering layers of the audio-specialist-head paper)."""
+        middle = [self.num_layers // 3, (2 * self.num_layers) // 3]
+        return {"attention": list(preset.attention.layers) if preset.attention is not None else middle,
+                "steering": list(preset.steering.layers) if preset.steering is not None else middle}
 
     def preset_from_controls(self, base_name: str | None, source: Any, target: Any, scale: Any, mode: Any,
                              positions: Any, alpha: Any, patch_on: Any = True, uploaded: dict | None = None,
-                             name: str | None = None) -> Preset:
+                             name: str | None = None, attention_alpha: Any = None,
+                             steering_beta: Any = None) -> Preset:
         """The preset the controls describe: the base preset with its first patch and alpha replaced.
 
         Further patches of the base preset are kept. Raises a friendly error for values no preset can hold.
@@ -300,10 +324,19 @@ class Demo:
             template = base.contrastive or Contrastive()
             contrastive = Contrastive(alpha=alpha, null_audio=template.null_audio,
                                       plausibility=template.plausibility)
-        if not patches and alpha == 0:
-            raise _fail("Nothing to compare: turn back-patching on or set a contrastive alpha above 0.")
-        unchanged = patches == base.patches and contrastive == (
-            base.contrastive if base.contrastive is not None and (base.contrastive.alpha > 0 or gate_rows) else None)
+        attention, steering = self._blocks_from_controls(base, attention_alpha, steering_beta, number)
+        if steering is not None and contrastive is None:  # the steering reads the null rows: alpha 0 rides them
+            template = base.contrastive or Contrastive(alpha=0.0)
+            contrastive = Contrastive(alpha=0.0, null_audio=template.null_audio, plausibility=template.plausibility)
+        if not patches and alpha == 0 and attention is None and steering is None:
+            raise _fail("Nothing to compare: turn back-patching on, or set a contrastive alpha, an attention alpha or "
+                        "a steering beta above 0.")
+        if base.gate is not None and (attention is not None or steering is not None):
+            raise _fail(f"The preset {base.name!r} has an audio-confidence gate, which does not act on attention or "
+                        "steering yet: pick a preset without a gate, or set those controls to 0.")
+        unchanged = patches == base.patches and attention == base.attention and steering == base.steering and (
+            contrastive == (base.contrastive if base.contrastive is not None and (
+                base.contrastive.alpha > 0 or gate_rows or base.steering is not None) else None))
         if unchanged and name in (None, base.name):
             return base
         description = base.description if unchanged else (
@@ -312,9 +345,24 @@ class Demo:
         try:
             return Preset(patches=patches, name=name or base.name, description=description, match=base.match,
                           model=base.model, audio_span=base.audio_span, contrastive=contrastive, gate=base.gate,
-                          calibration=calibration)
+                          attention=attention, steering=steering, calibration=calibration)
         except PresetError as exc:
             raise _fail(f"These controls do not make a valid preset: {exc}") from None
+
+    def _blocks_from_controls(self, base: Preset, attention_alpha: Any, steering_beta: Any,
+                              number: Any) -> tuple[Attention | None, Steering | None]:
+        """The attention and steering blocks the two controls describe (0: none); the base preset's layers and form
+        are kept, else :meth:`block_layers`."""
+        defaults = self.controls(base)
+        a = number(defaults["attention_alpha"] if attention_alpha is None else attention_alpha, "attention alpha")
+        b = number(defaults["steering_beta"] if steering_beta is None else steering_beta, "steering beta")
+        if a < 0:
+            raise _fail(f"The attention alpha must be >= 0 (0 turns it off), got {a:g}.")
+        layers = self.block_layers(base)
+        form = base.attention.form if base.attention is not None else "scale"
+        attention = Attention(layers=layers["attention"], alpha=a, form=form) if a > 0 else None
+        steering = Steering(layers=layers["steering"], beta=b) if b != 0 else None
+        return attention, steering
 
     def base_preset(self, name: str | None, uploaded: dict | None = None) -> Preset:
         if name is None or name == "":
@@ -427,7 +475,8 @@ class Demo:
 
     def compare(self, audio: Any, prompt: Any, source: Any = None, target: Any = None, scale: Any = None,
                 mode: Any = None, positions: Any = None, alpha: Any = None, patch_on: Any = True,
-                preset_name: str | None = None, uploaded: dict | None = None) -> CompareResult:
+                preset_name: str | None = None, uploaded: dict | None = None, attention_alpha: Any = None,
+                steering_beta: Any = None) -> CompareResult:
         """Plain and preset answers for one clip and prompt, from the same inputs; controls default to the
         preset's values."""
         base = self.base_preset(preset_name, uploaded)
@@ -439,7 +488,8 @@ class Demo:
         if not prompt.strip():
             raise _fail("The prompt is empty: type a question about the audio.")
         wave = self.load_clip(audio)
-        preset = self.preset_from_controls(base.name, patch_on=patch_on, uploaded=uploaded, **values)
+        preset = self.preset_from_controls(base.name, patch_on=patch_on, uploaded=uploaded,
+                                           attention_alpha=attention_alpha, steering_beta=steering_beta, **values)
         wrapped = self.fit(preset)
         try:
             inputs = self._inputs([wave], [prompt])
@@ -574,6 +624,16 @@ def _blocks(demo: Demo) -> gr.Blocks:
                                             elem_id="bp-positions")
                 alpha = gr.Number(value=start["alpha"], minimum=0, label="Contrastive alpha (0 = off)",
                                   elem_id="bp-alpha")
+                spans = demo.block_layers(demo.preset)
+                with gr.Row():
+                    attention_alpha = gr.Number(
+                        value=start["attention_alpha"], minimum=0, label="Attention to audio alpha (MATA; 0 = off)",
+                        info="layers {}..{} (the preset's, else the middle third)".format(*spans["attention"]),
+                        elem_id="bp-attention-alpha")
+                    steering_beta = gr.Number(
+                        value=start["steering_beta"], label="Audio-silence steering beta (0 = off)",
+                        info="layers {}..{} (the preset's, else the middle third)".format(*spans["steering"]),
+                        elem_id="bp-steering-beta")
                 extra = gr.Markdown(_extra_patches_note(demo.preset))
                 with gr.Accordion("Save or load a preset", open=False):
                     save_name = gr.Textbox(value=f"{demo.preset.name}-custom", label="Name of the saved preset",
@@ -596,14 +656,19 @@ def _blocks(demo: Demo) -> gr.Blocks:
         controls = [source, target, scale, mode, positions, alpha, patch_on]
 
         # Parameter names become the API's argument names (gradio_client's view_api shows them).
-        def on_compare(audio, prompt, source, target, scale, mode, positions, alpha, patch_on, preset, uploaded):
-            r = demo.compare(audio, prompt, source, target, scale, mode, positions, alpha, patch_on, preset, uploaded)
+        # attention_alpha and steering_beta come last, so API callers that pass the first arguments by position
+        # keep working
+        def on_compare(audio, prompt, source, target, scale, mode, positions, alpha, patch_on, preset, uploaded,
+                       attention_alpha, steering_beta):
+            r = demo.compare(audio, prompt, source, target, scale, mode, positions, alpha, patch_on, preset, uploaded,
+                             attention_alpha, steering_beta)
             return r.plain, r.patched, r.plain_top, r.patched_top, r.verdict_html
 
-        compare_btn.click(on_compare, inputs=[audio, prompt, *controls, preset_dd, uploaded],
+        blocks = [attention_alpha, steering_beta]
+        compare_btn.click(on_compare, inputs=[audio, prompt, *controls, preset_dd, uploaded, *blocks],
                           outputs=[plain_text, patched_text, plain_top, patched_top, verdict],
                           api_name="compare", concurrency_limit=1, concurrency_id="model")
-        prompt.submit(on_compare, inputs=[audio, prompt, *controls, preset_dd, uploaded],
+        prompt.submit(on_compare, inputs=[audio, prompt, *controls, preset_dd, uploaded, *blocks],
                       outputs=[plain_text, patched_text, plain_top, patched_top, verdict],
                       api_visibility="private", concurrency_limit=1, concurrency_id="model")
 
@@ -612,9 +677,9 @@ def _blocks(demo: Demo) -> gr.Blocks:
             demo.fit(base)
             c = demo.controls(base)
             return (c["source"], c["target"], c["scale"], c["mode"], c["positions"], c["alpha"], c["patch_on"],
-                    _extra_patches_note(base), f"{base.name}-custom")
+                    c["attention_alpha"], c["steering_beta"], _extra_patches_note(base), f"{base.name}-custom")
 
-        preset_outputs = [*controls, extra, save_name]
+        preset_outputs = [*controls, *blocks, extra, save_name]
         preset_dd.input(on_preset, inputs=[preset_dd, uploaded], outputs=preset_outputs, api_visibility="private")
 
         def on_upload(path, up):
@@ -628,11 +693,13 @@ def _blocks(demo: Demo) -> gr.Blocks:
         upload.upload(on_upload, inputs=[upload, uploaded], outputs=[preset_dd, uploaded, *preset_outputs],
                       api_visibility="private")
 
-        def on_save(source, target, scale, mode, positions, alpha, patch_on, preset, uploaded, name):
-            made = demo.preset_from_controls(preset, source, target, scale, mode, positions, alpha, patch_on, uploaded)
+        def on_save(source, target, scale, mode, positions, alpha, patch_on, preset, uploaded, name, attention_alpha,
+                    steering_beta):
+            made = demo.preset_from_controls(preset, source, target, scale, mode, positions, alpha, patch_on, uploaded,
+                                             attention_alpha=attention_alpha, steering_beta=steering_beta)
             return str(demo.save_preset(made, name))
 
-        save_btn.click(on_save, inputs=[*controls, preset_dd, uploaded, save_name], outputs=saved,
+        save_btn.click(on_save, inputs=[*controls, preset_dd, uploaded, save_name, *blocks], outputs=saved,
                        api_name="save_preset")
 
         if demo.clips:

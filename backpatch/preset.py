@@ -120,6 +120,18 @@ def gate_label(gate: Any) -> str:
     return f"gate {gate.signal} {gate.low:g}..{gate.high:g}"
 
 
+def block_labels(preset: Any) -> list[str]:
+    """One label per attention or steering block of ``preset`` (empty when it has none), like patch_label."""
+    labels = []
+    if getattr(preset, "attention", None) is not None:
+        a = preset.attention
+        labels.append(f"attention to audio {a.layers[0]}..{a.layers[1]} {a.form} alpha {a.alpha:g}")
+    if getattr(preset, "steering", None) is not None:
+        st = preset.steering
+        labels.append(f"steering {st.layers[0]}..{st.layers[1]} beta {st.beta:g}")
+    return labels
+
+
 @dataclass
 class Patch:
     """One back-patch: route layer ``source``'s output back into layer ``target`` at ``positions``.

@@ -27,11 +27,20 @@ def checkpoint(tmp_path_factory):
 def test_presets_lists_bundled_presets(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["name", "model_type", "layers", "patches", "calibration"]
+    assert out[0].split() == ["name", "model_type", "layers", "methods", "calibration"]
     row = next(line for line in out if line.startswith("qwen2-audio-7b-instruct"))
     assert row.split()[1:3] == ["qwen2_audio", "32"] and row.split()[-1] == "uncalibrated"
     organism = next(line for line in out if line.startswith("organism-digits"))
     assert "11->0 replace x1 @last; contrastive alpha 2 (silence)" in organism and organism.endswith("calibrated")
+
+
+def test_method_labels_name_the_attention_and_steering_blocks():
+    from backpatch.cli import _format_patches
+
+    preset = backpatch.Preset(name="m", attention=backpatch.Attention([10, 20], 0.1, "add"),
+                              steering=backpatch.Steering([4, 12], 1.5), contrastive=backpatch.Contrastive(alpha=0.0))
+    assert _format_patches(preset) == ("contrastive alpha 0 (silence); attention to audio 10..20 add alpha 0.1; "
+                                       "steering 4..12 beta 1.5")
 
 
 def test_run_prints_plain_and_backpatched_answers(checkpoint, capsys):

@@ -167,6 +167,30 @@ def test_compare_marks_control_accuracy_beyond_the_no_harm_bound_like_eval(demo)
     assert 'id="bp-harm"' in r.verdict_html and "consistent 1.000 → 0.975 !" in r.verdict_html
 
 
+def test_attention_and_steering_controls_build_their_blocks_and_answer_like_the_library(demo):
+    """Issue 20 point 5: the two controls make attention and steering blocks (the base preset's layers, else the
+    middle third), the answers equal the library's for that preset, and 0 leaves them out."""
+    import dataclasses
+
+    base = dataclasses.replace(backpatch.load_preset(PRESET), name="nogate", gate=None)
+    uploaded = {"nogate": base}
+    clip, prompt = _clip(demo)
+    r = demo.compare(str(clip.path), prompt, preset_name="nogate", uploaded=uploaded, attention_alpha=0.5,
+                     steering_beta=1.0)
+    third = [demo.num_layers // 3, 2 * demo.num_layers // 3]
+    assert r.preset.attention == backpatch.Attention(layers=third, alpha=0.5, form="scale")
+    assert r.preset.steering == backpatch.Steering(layers=third, beta=1.0) and r.preset.contrastive is not None
+    assert r.preset.calibration.status == "uncalibrated" and "attention to audio" in r.verdict_html
+    plain, patched, _, _ = _library_answers(demo.model, demo.processor, clip.wave, prompt, preset=r.preset)
+    assert (r.plain, r.patched) == (plain, patched)
+    same = demo.preset_from_controls("nogate", **demo.controls(base), uploaded=uploaded)
+    assert same is base and same.attention is None and same.steering is None
+    gated = dataclasses.replace(base, name="gated", contrastive=backpatch.Contrastive(alpha=1.0),
+                                gate=backpatch.Gate("certainty", 0.2, 0.2))
+    with pytest.raises(gr.Error, match="does not act on attention or steering yet"):
+        demo.compare(str(clip.path), prompt, preset_name="gated", uploaded={"gated": gated}, attention_alpha=0.2)
+
+
 def test_save_preset_writes_the_controls_as_yaml(demo, tmp_path):
     made = demo.preset_from_controls(PRESET, source=10, target=2, scale=0.5, mode="add", positions="audio",
                                      alpha=2.0, patch_on=True)

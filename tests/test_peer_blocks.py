@@ -58,3 +58,23 @@ def test_layer_ranges_are_checked_against_the_model(tmp_path):
         backpatch.wrap(model, Preset(name="a", attention=Attention(layers=[0, n])))
     with pytest.raises(PresetError, match=r"steering\.layers: \[-1, 2\] runs backwards"):
         backpatch.wrap(model, Preset(name="s", steering=Steering(layers=[-1, 2]), contrastive=Contrastive(alpha=0)))
+
+
+def test_attention_block_refuses_flash_attention_with_the_fix(tmp_path):
+    import torch
+
+    from backpatch.inputs import build_inputs
+
+    tiny_checkpoint(tmp_path / "m")
+    model, processor = load_model_and_processor(str(tmp_path / "m"))
+    wrapped = backpatch.wrap(model, Preset(name="a", attention=Attention(layers=[0, 1], alpha=0.2)))
+    config = wrapped.resolved.layers[0].self_attn.config
+    inputs = build_inputs(processor, [torch.zeros(16000).numpy()], ["Which digit?"])
+    config._attn_implementation_internal = "flash_attention_2"
+    try:
+        with pytest.raises(PresetError, match=r"'flash_attention_2' attention does not take.*attn_implementation="
+                                              r"'sdpa' or 'eager'"):
+            wrapped.generate(**inputs, max_new_tokens=1)
+    finally:
+        config._attn_implementation_internal = "sdpa"
+    assert backpatch.backpatch_hook_count(model) == 0
