@@ -310,7 +310,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                         verify_top=args.verify_top, max_new_tokens=args.max_new_tokens, name=args.name,
                         limit=args.limit, budget_minutes=args.budget_minutes, seed=args.seed,
                         truncate=args.truncate_audio, stress_data=args.stress_data, max_harm=args.max_harm,
-                        gates=not args.no_gates, full_stage=not args.skip_full_stage, resume=args.resume)
+                        gates=not args.no_gates, full_stage=not args.skip_full_stage, resume=args.resume,
+                        blocks=not args.no_blocks)
     if summary["data_warning"]:
         print(f"warning: {summary['data_warning']}")
     for warning in summary["warnings"]:
@@ -484,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no-harm bound: the paired 95%% upper bound on the loss of audio-only and of consistent "
                    "accuracy (default 0.02)")
     p.add_argument("--no-gates", action="store_true", help="do not try audio-confidence gates (staged search)")
+    p.add_argument("--no-blocks", action="store_true", help="do not try the peer methods' attention-to-audio and "
+                   "audio-silence-steering blocks (staged search)")
     p.add_argument("--resume", metavar="SWEEP_JSON",
                    help="an earlier staged run's .sweep.json (same --data, --stress-data, --seed, --limit): the "
                         "settings it scored are reused, not scored again, so a search its budget cut goes on")

@@ -425,3 +425,39 @@ def test_resume_reuses_what_an_earlier_run_scored_and_refuses_another_run(setup,
         (tmp_path / "x.json").write_text("{}")
         calibrate(model, processor, data, tmp_path / "c.yaml", batch_size=4, resume=tmp_path / "x.json", **kwargs)
     assert not (tmp_path / "c.yaml").exists()
+
+
+def test_staged_search_scores_the_peer_blocks_and_their_scores_match_generate(setup, tmp_path):
+    """Issue 20 point 4: the refine stage scores the attention and steering grids (same harm rule); a block
+    candidate's first-token answers are those of generate() with its preset; --no-blocks leaves them out."""
+    from backpatch.calibrate import Candidate, Scorer, calibrate
+    from backpatch.calibrate.writing import _candidate_preset
+    from backpatch.inputs import decode_new_tokens
+
+    _, data, model, processor = setup
+    summary = calibrate(model, processor, data, tmp_path / "b.yaml", grid={"alphas": [1.0]}, batch_size=4,
+                        verify_top=1, max_new_tokens=2, budget_minutes=5.0, progress=False, gates=False)
+    refine = [row for row in summary["sweep"] if row["stage"] == "refine"]
+    assert any("attention" in row for row in refine) and any("steering" in row for row in refine)
+    assert "attention to audio" in summary["searched"] and "audio-silence steering" in summary["searched"]
+    assert all("harm" in row for row in refine)
+    items = load_conflict_set(data)
+    base = backpatch.wrap(model, backpatch.Preset(patches=[backpatch.Patch(1, 0)]), processor=processor)
+    batches, _ = _prepare(base, processor, items, {"sources": [1], "positions": ["audio"]}, batch_size=4,
+                          progress=False, null=("zeros", None))
+    scorer = Scorer(model, processor, base.preset, "zeros", None, _candidate_preset)
+    for candidate in (Candidate(None, attention=backpatch.Attention([1, 3], 1.0, "add")),
+                      Candidate(None, steering=backpatch.Steering([1, 3], 50.0))):
+        got = scorer.score(candidate, batches)["verdicts"]
+        wrapped = backpatch.wrap(model, _candidate_preset(base.preset, candidate, "zeros"), processor=processor)
+        answers = []
+        for batch in batches:
+            with torch.no_grad():
+                out = wrapped.generate(**batch.inputs, max_new_tokens=1, do_sample=False)
+            answers += decode_new_tokens(processor, out, batch.inputs["input_ids"].shape[1])
+        from backpatch.evaluate import judge
+
+        assert got == [judge(a, it) for a, it in zip(answers, items, strict=True)]
+    plain = calibrate(model, processor, data, tmp_path / "n.yaml", grid={"alphas": []}, batch_size=4, verify_top=1,
+                      max_new_tokens=2, budget_minutes=5.0, progress=False, gates=False, blocks=False)
+    assert not any("attention" in row or "steering" in row for row in plain["sweep"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from ..preset import Gate, Patch, gate_label, patch_label
+from ..preset import Attention, Gate, Patch, Steering, block_labels, gate_label, patch_label
 
 
 @dataclass(frozen=True)
@@ -36,17 +36,42 @@ class Setting:
 
 @dataclass(frozen=True)
 class Candidate:
-    """What a preset applies: an optional patch setting, an optional contrastive alpha, an optional gate."""
+    """What a preset applies: an optional patch setting, an optional contrastive alpha, an optional gate, and the
+    peer methods' optional attention and steering blocks."""
 
     setting: Setting | None
     alpha: float = 0.0
     gate: Gate | None = None
+    attention: Attention | None = None
+    steering: Steering | None = None
 
     def label(self) -> str:
         parts = ([self.setting.label()] if self.setting else []) + ([f"contrastive a={self.alpha:g}"] if self.alpha
                                                                      else [])
+        parts += block_labels(self)
         text = " + ".join(parts) or "plain"
         return f"{text} | {gate_label(self.gate)}" if self.gate is not None else text
+
+    @property
+    def has_blocks(self) -> bool:
+        return self.attention is not None or self.steering is not None
+
+
+#: the peer methods' small grids: MATA's alpha (its paper's 0.1 and larger; the additive form's e^alpha boost),
+#: and steering's beta (the reimplementation's 0.5..1.5 and beyond), on MATA's intermediate layers (the middle
+#: third) and, for steering, also the second half
+ATTENTION_GRID = (("scale", 0.1), ("scale", 0.3), ("scale", 1.0), ("add", 0.5), ("add", 1.0), ("add", 2.0))
+STEERING_BETAS = (0.5, 1.0, 2.0, 4.0)
+
+
+def block_grid(num_layers: int) -> list[Candidate]:
+    """Attention-to-audio and audio-silence-steering candidates for the staged search's refine stage."""
+    third = [num_layers // 3, (2 * num_layers) // 3]
+    late = [num_layers // 2, num_layers - 1]
+    attention = [Candidate(None, attention=Attention(layers=third, alpha=a, form=f)) for f, a in ATTENTION_GRID]
+    steering = [Candidate(None, steering=Steering(layers=layers, beta=b)) for layers in (third, late)
+                for b in STEERING_BETAS]
+    return attention + steering
 
 
 #: the gate stage's steps per signal: audio_gap is a total variation distance, certainty exp(-entropy)

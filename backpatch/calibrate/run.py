@@ -34,7 +34,7 @@ from ..answerability import chance_warning, check_labels
 from ..evaluate import answer_items, check_clip_lengths, evaluate, judge, load_conflict_set, metrics
 from ..inputs import audio_truncation, truncation_enabled
 from ..paired import paired_report
-from ..preset import Gate, Patch, Preset
+from ..preset import Attention, Gate, Patch, Preset, Steering
 from ..wrapper import preset_for, wrap
 from .budget import Budget
 from .grid import Candidate, Setting, _settings, default_grid
@@ -84,6 +84,7 @@ def _row(candidate: Candidate, m: dict[str, Any], plain: dict[str, Any], max_har
     paired = m.get("paired") or {}
     return {"setting": candidate.label(), "patch": asdict(candidate.setting) if candidate.setting else None,
             "alpha": candidate.alpha, "gate": asdict(candidate.gate) if candidate.gate else None,
+            **{key: asdict(getattr(candidate, key)) for key in ("attention", "steering") if getattr(candidate, key)},
             "no_harm": passes_no_harm(m, plain, max_harm, bounded), **extra,
             **{k: m[k] for k in METRIC_KEYS},
             "harm_upper": paired.get("harm_upper"), "tdr_reduction": paired.get("tdr_reduction"),
@@ -126,6 +127,7 @@ def calibrate(
     gates: bool = True,
     full_stage: bool = True,
     resume: str | Path | None = None,
+    blocks: bool = True,
 ) -> dict[str, Any]:
     """Search, verify, and write ``out`` (a preset YAML), ``out`` with ``.png`` (heatmap), ``.band.png`` (staged
     search: no-harm TDR over source x target per mode) and ``.sweep.json``.
@@ -141,19 +143,21 @@ def calibrate(
     are searched with the clean ones and the no-harm rule must hold on both. ``gates``: the staged search also
     tries the audio-confidence gate on its strongest settings. ``full_stage=False`` skips the staged search's
     first-token stage on every item (the ``generate()`` verification still checks the finalists on every item).
-    ``resume``: the ``.sweep.json`` of an earlier staged run on the same data, stress data and seed: the settings
-    it scored are reused, not scored again (:func:`previous_results`), so a search its budget cut short goes on.
+    ``blocks``: the staged search also scores the peer methods' attention and steering grids (a full forward per
+    candidate). ``resume``: the ``.sweep.json`` of an earlier staged run on the same data, stress data and seed:
+    the settings it scored are reused, not scored again (:func:`previous_results`), so a search its budget cut
+    short goes on.
     """
     truncate = truncation_enabled(truncate)
     with audio_truncation(truncate):  # the sweep builds its inputs deep down: it inherits the choice
         return _calibrate(model, processor, data, out, base_preset, grid, batch_size, verify_top, max_new_tokens,
                           max_harm, name, limit, progress, budget_minutes, seed, truncate, stress_data, gates,
-                          full_stage, resume)
+                          full_stage, resume, blocks)
 
 
 def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verify_top, max_new_tokens, max_harm,
                name, limit, progress, budget_minutes, seed, truncate, stress_data=None, gates=True,
-               full_stage=True, resume=None) -> dict[str, Any]:
+               full_stage=True, resume=None, blocks=True) -> dict[str, Any]:
     started = time.perf_counter()
     budget_s = budget_minutes * 60.0
     out = Path(out)
@@ -198,7 +202,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         grid.update(sources=list(range(1, num_layers)), targets=list(range(num_layers - 1)),
                     positions=["audio", "last"], modes=["add", "interpolate", "replace"])
         records, plain = _staged(wrapped, processor, items, grid, scorer, batch_size, search_end, max_harm, seed,
-                                 progress, null, gates, full_stage, previous, budget)
+                                 progress, null, gates, full_stage, previous, budget, blocks)
         # verify from the last stage that scored anything (a tight budget may leave the full stage empty)
         scored = [r for r in records if r.results]
         if not scored:
@@ -301,7 +305,8 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         _plot_band(patch_results, num_layers, band, heat_plain, max_harm)
     scored_candidates = [c for r in (records if staged else [record]) for c, _ in r.results]
     planned = ["back-patching"] + (["contrastive decoding", "both"] if any(grid["alphas"]) else []) + (
-        ["audio-confidence gates"] if gates else [])
+        ["audio-confidence gates"] if gates else []) + (
+        ["attention to audio", "audio-silence steering"] if blocks and staged else [])
     skipped = budget.skipped + [f"{kind} (the budget ran out before it)" for kind in planned
                                 if kind not in _kinds(scored_candidates) and cut]
     how = f"; staged coarse-to-fine search, budget {budget_minutes:g} min" if staged else ""
@@ -364,7 +369,9 @@ def previous_results(sweep: str | Path, data: str | Path, stress_data: str | Pat
     out: dict[str, dict[Candidate, dict[str, Any]]] = {}
     for row in earlier.get("sweep", []):
         candidate = Candidate(Setting(**row["patch"]) if row.get("patch") else None, float(row.get("alpha") or 0.0),
-                              Gate(**row["gate"]) if row.get("gate") else None)
+                              Gate(**row["gate"]) if row.get("gate") else None,
+                              Attention(**row["attention"]) if row.get("attention") else None,
+                              Steering(**row["steering"]) if row.get("steering") else None)
         paired = {key: row.get(key) for key in ("harm", "harm_upper", "tdr_reduction", "tdr_reduction_lower")}
         m = {**{key: row.get(key) for key in METRIC_KEYS}, "paired": paired if row.get("harm") else None}
         out.setdefault(row["stage"], {})[candidate] = m
@@ -427,12 +434,17 @@ def _kinds(candidates: Sequence[Candidate]) -> list[str]:
         kinds.append("both")
     if any(c.gate is not None for c in candidates):
         kinds.append("audio-confidence gates")
+    if any(c.attention is not None for c in candidates):
+        kinds.append("attention to audio")
+    if any(c.steering is not None for c in candidates):
+        kinds.append("audio-silence steering")
     return kinds
 
 
 def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, search_end: float, max_harm: float,
             seed: int, progress: bool, null=None, gates: bool = True, full_stage: bool = True,
-            previous=None, budget: Budget | None = None) -> tuple[list[StageRecord], dict[str, Any]]:
+            previous=None, budget: Budget | None = None, blocks: bool = True,
+            ) -> tuple[list[StageRecord], dict[str, Any]]:
     """Captures for the nested subsets, then :func:`staged_search` until ``search_end`` (a ``perf_counter``
     time). The two small subsets keep every layer's state (short path); the full set only the source states,
     and its capture is skipped when its estimate (the small capture's time per item) does not fit."""
@@ -477,5 +489,6 @@ def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, se
     records = staged_search(wrapped.resolved.num_layers, stages, prepare_full, grid["alphas"],
                             search_end - time.perf_counter(), max_harm, seed=seed, progress=progress, gates=gates,
                             full=full_stage, previous=previous["results"] if previous else None,
-                            full_capture_seconds=full_capture_seconds, on_skip=budget.skip if budget else None)
+                            full_capture_seconds=full_capture_seconds, on_skip=budget.skip if budget else None,
+                            blocks=blocks)
     return records, full_plain if full_plain else records[-1].plain

@@ -42,7 +42,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..paired import paired_report
-from .grid import Candidate, Setting, band_grid, gate_grid, refinements
+from .grid import Candidate, Setting, band_grid, block_grid, gate_grid, refinements
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ def staged_search(
     previous: dict[str, dict[Candidate, dict[str, Any]]] | None = None,
     full_capture_seconds: float = 0.0,
     on_skip: Callable[[str], None] | None = None,
+    blocks: bool = True,
 ) -> list[StageRecord]:
     """Run the three stages. ``stage_scorers[k]`` is ``(score, plain metrics, n_items, items)`` of stage ``k``'s
     subset; ``full_stage(finalists)`` prepares the last stage for just the finalists (only their source layers are
@@ -185,7 +186,8 @@ def staged_search(
     candidates an earlier run of the same search scored (:func:`.run.previous_results`): they are taken as
     they are, not scored again, so a search that its budget cut short goes on where it stopped.
     ``full_capture_seconds``: the estimated time of stage 3's capture; stage 3 is skipped (``on_skip`` is told)
-    when it would not end before the stage's deadline."""
+    when it would not end before the stage's deadline. ``blocks``: stage 2 also scores the attention-to-audio and
+    audio-silence-steering grids (:func:`.grid.block_grid`)."""
     previous = previous or {}
     started = time.perf_counter()
     deadlines = [started + share * budget_s for share in STAGE_SHARES]
@@ -206,6 +208,8 @@ def staged_search(
     if gates:
         gated = [c for c in refine if c.setting in (*top_patches[:1], *strongest) or (c.setting is None)]
         refine += [Candidate(c.setting, c.alpha, g) for c in gated for g in gate_grid()]
+    if blocks:  # the peer methods' small grids (a full forward each: no stored states serve them)
+        refine += block_grid(num_layers)
     refine = by_priority(refine)
     _run_stage(records[1], refine, stage_scorers[1][0], deadlines[1], max_harm, progress, previous.get("refine"))
     if not full:

@@ -162,6 +162,18 @@ class Scorer:
                 answers += _first_token_answers(resolved.generator, self.processor, batch.inputs)
         return answers
 
+    def _block_answers(self, candidate: Candidate, batches) -> list[str]:
+        """First answer tokens of a candidate with an attention or steering block: the whole engine on each batch's
+        inputs (no stored states: the blocks change the states a patch would capture)."""
+        preset = self.candidate_preset(self.base_preset, candidate, self.null_audio)
+        resolved = resolve(self.model, preset, self.processor)
+        answers = []
+        for batch in batches:
+            with generation_session(resolved, preset.contrastive, self.silence, gate=preset.gate,
+                                    attention=preset.attention, steering=preset.steering):
+                answers += _first_token_answers(resolved.generator, self.processor, batch.inputs)
+        return answers
+
     # -------------------------------------------------------------------------------- short path
     def _short_logits(self, resolved, patch: ResolvedPatch, batch: _Batch, match_norm: bool = False,
                       row_gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -276,6 +288,10 @@ class Scorer:
     def score(self, candidate: Candidate, batches, match_norm: bool = False) -> dict[str, Any]:
         """Metrics of ``candidate`` on ``batches``, with every item's verdict (``verdicts``) for paired statistics."""
         items = [it for b in batches for it in b.items]
+        if candidate.has_blocks:  # attention and steering change every pass: the engine on the batch's inputs
+            answers = self._block_answers(candidate, batches)
+            verdicts = [judge(a, it) for a, it in zip(answers, items, strict=True)]
+            return {**metrics(items, verdicts), "verdicts": verdicts}
         mixed = batches[0].main_logits is not None and (candidate.alpha or candidate.gate is not None)
         simple = candidate.setting is not None and not candidate.alpha and batches[0].layer_out is not None
         if simple and self.short_path_ok is None:

@@ -16,13 +16,14 @@ def _with_patches(preset: Preset, patches: list[Patch], contrastive: Contrastive
 def _contrastive_block(candidate: Candidate, null_audio: str) -> Contrastive | None:
     """The contrastive block a candidate needs: its alpha, or alpha 0 for the null rows an audio_gap gate reads."""
     gate_rows = candidate.gate is not None and candidate.gate.signal == "audio_gap"
-    return Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.alpha or gate_rows else None
+    rows = gate_rows or candidate.steering is not None  # the steering reads the null rows too
+    return Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.alpha or rows else None
 
 
 def _candidate_preset(base: Preset, candidate: Candidate, null_audio: str) -> Preset:
-    preset = _with_patches(base, [candidate.setting.patch()] if candidate.setting else [],
-                           _contrastive_block(candidate, null_audio))
-    return dataclasses.replace(preset, gate=candidate.gate)
+    return dataclasses.replace(base, patches=[candidate.setting.patch()] if candidate.setting else [],
+                               contrastive=_contrastive_block(candidate, null_audio), gate=candidate.gate,
+                               attention=candidate.attention, steering=candidate.steering)
 
 
 def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings, seconds, null_audio,
@@ -77,6 +78,8 @@ def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings
         audio_span=base.audio_span or AudioSpan(token_id=wrapped.resolved.audio_token_id),
         patches=[candidate.setting.patch()] if candidate.setting else [],
         contrastive=_contrastive_block(candidate, null_audio),
+        attention=candidate.attention,
+        steering=candidate.steering,
         gate=candidate.gate,
         calibration=Calibration(status="uncalibrated" if not_calibrated else "calibrated", data=str(data),
                                 metrics=metric_values),

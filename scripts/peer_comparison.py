@@ -1,0 +1,146 @@
+"""Issue 20's table: every training-free fix on one model and one TEST split, with the same no-harm statistics.
+
+Each method's setting comes from a calibration sweep on the VALIDATION split (``backpatch calibrate`` with the peer
+blocks; never the test split): the best candidate of its kind that passed the no-harm rule in the last stage that
+measured that kind (lowest first-token TDR; verified with generate() where calibration verified one). Prompt framing
+has no setting: ALME's instruction, in the user turn. "best combination" is the calibration's own choice (the preset
+it wrote). Then every method runs greedy ``generate()`` on the test split against the same plain answers (generated
+once), and the paired statistics of :mod:`backpatch.paired` compare each with plain on the same items.
+
+    python scripts/peer_comparison.py --model organism:digits --base organism-digits \
+        --sweep CAL.sweep.json --test TEST.jsonl --out docs/peers/digits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import backpatch
+from backpatch import Attention, Contrastive, Patch, Preset, Steering
+from backpatch.evaluate import encode_items, evaluate, load_conflict_set
+from backpatch.loading import load_model_and_processor
+
+FRAMING = "The text may be wrong; answer from the audio."
+KEYS = ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc")
+KINDS = {
+    "back-patching": lambda r: r["patch"] and not r["alpha"] and not _blocks(r),
+    "contrastive": lambda r: not r["patch"] and r["alpha"] and not r.get("gate") and not _blocks(r),
+    "attention to audio (MATA)": lambda r: r.get("attention") is not None,
+    "audio-silence steering": lambda r: r.get("steering") is not None,
+}
+
+
+def _blocks(row: dict) -> bool:
+    return row.get("attention") is not None or row.get("steering") is not None
+
+
+def pick(sweep: dict, kind) -> dict | None:
+    """The best no-harm row of one kind: generate()-verified first, else the last stage that measured the kind."""
+    order = {"full": 0, "grid": 0, "refine": 1, "coarse": 2}
+    by_label = {r["setting"]: r for r in sweep["sweep"]}
+    verified = [(by_label[v["setting"]], v["backpatched"]["tdr"]) for v in sweep.get("verified", [])
+                if v["setting"] in by_label and kind(by_label[v["setting"]])
+                and (v["paired"]["harm_upper"] is None or v["paired"]["harm_upper"] <= sweep["max_harm"] + 1e-9)]
+    if verified:
+        return min(verified, key=lambda rt: rt[1])[0]
+    rows = [r for r in sweep["sweep"] if kind(r) and r["no_harm"] and r["tdr"] is not None]
+    if not rows:
+        return None
+    stage = min(order.get(r.get("stage", "full"), 0) for r in rows)
+    return min((r for r in rows if order.get(r.get("stage", "full"), 0) == stage), key=lambda r: r["tdr"])
+
+
+def preset_of(row: dict, base: Preset, null_audio: str, name: str) -> Preset:
+    steering = Steering(**row["steering"]) if row.get("steering") else None
+    alpha = row["alpha"] or 0.0
+    contrastive = Contrastive(alpha=alpha, null_audio=null_audio) if alpha or steering else None
+    return Preset(name=name, match=base.match, model=base.model, audio_span=base.audio_span,
+                  patches=[Patch(**row["patch"])] if row["patch"] else [], contrastive=contrastive,
+                  attention=Attention(**row["attention"]) if row.get("attention") else None, steering=steering,
+                  gate=backpatch.Gate(**row["gate"]) if row.get("gate") else None)
+
+
+@torch.no_grad()
+def time_ratio(wrapped, processor, items, batch_size: int, runs: int, instruction: str | None = None,
+               mitigate: bool = True) -> float:
+    """generate() of the method over plain generate(), same batches, interleaved, median of ``runs``."""
+    plain_batches = [encode_items(processor, items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
+    method_batches = [encode_items(processor, items[i : i + batch_size], instruction=instruction)
+                      for i in range(0, len(items), batch_size)]
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+
+    def run(method: bool) -> float:
+        start = time.perf_counter()
+        for inputs in method_batches if method else plain_batches:
+            if method and mitigate:
+                wrapped.generate(**inputs, **kwargs)
+            else:
+                with wrapped.disabled():
+                    wrapped.generate(**inputs, **kwargs)
+        return time.perf_counter() - start
+
+    run(False), run(True)  # warm-up
+    plain, method = [], []
+    for _ in range(runs):
+        plain.append(run(False))
+        method.append(run(True))
+    return statistics.median(method) / statistics.median(plain)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--base", required=True, help="bundled preset giving layers and audio span")
+    parser.add_argument("--sweep", required=True, type=Path, help="VALIDATION calibration sweep JSON (with blocks)")
+    parser.add_argument("--test", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--batch-size", type=int, default=120)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--time-items", type=int, default=240)
+    args = parser.parse_args()
+
+    model, processor = load_model_and_processor(args.model)
+    base = backpatch.load_preset(args.base)
+    sweep = json.loads(args.sweep.read_text())
+    null_audio = sweep["grid"]["null_audio"]
+    methods: dict[str, tuple[Preset | None, str | None]] = {"prompt framing": (None, FRAMING)}
+    for kind, test in KINDS.items():
+        row = pick(sweep, test)
+        methods[kind] = (preset_of(row, base, null_audio, kind) if row else None, None)
+    methods["best combination (calibrated)"] = (Preset.from_yaml(sweep["preset"]), None)
+    report = {"model": args.model, "sweep": str(args.sweep), "test": str(args.test), "framing": FRAMING,
+              "methods": {}}
+    items = load_conflict_set(args.test)
+    plain_answers = None
+    for name, (preset, instruction) in methods.items():
+        if preset is None and instruction is None:
+            report["methods"][name] = {"null": "no setting of this kind passed the no-harm rule on validation"}
+            print(f"{name:<32} none passed the no-harm rule on validation", flush=True)
+            continue
+        mitigate = preset is not None
+        wrapped = backpatch.wrap(model, preset or base, processor=processor)
+        result = evaluate(wrapped, processor, args.test, batch_size=args.batch_size, max_new_tokens=4,
+                          progress=False, plain_answers=plain_answers, instruction=instruction, mitigate=mitigate)
+        plain_answers = [row["plain"] for row in result["items"]]
+        ratio = time_ratio(wrapped, processor, items[: args.time_items], args.batch_size, args.runs, instruction,
+                           mitigate)
+        report["methods"][name] = {
+            "preset": preset.to_dict() if preset else None, "instruction": instruction,
+            "plain": result["plain"], "method": result["backpatched"], "paired": result["paired"],
+            "time_ratio": round(ratio, 3),
+        }
+        p, m = result["plain"], result["backpatched"]
+        print(f"{name:<32} " + "  ".join(f"{k} {p[k]} -> {m[k]}" for k in KEYS) + f"  time x{ratio:.2f}",
+              flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
