@@ -426,6 +426,8 @@ def evaluate(
         "paired": paired_report(items, plain_verdicts, patched_verdicts),
         "max_harm": max_harm,
     }
+    # the JSON twin of the table's "!": every control metric whose paired bound exceeds max_harm, and where
+    report["beyond_harm_bound"] = {name: splits for name in _CONTROL_OF if (splits := harmed(report, name))}
     if wrapped.preset.gate is not None:
         report["gate"] = gate_summary(gate_rows)
     warnings += [w for w in (chance_warning(items, report["plain"]),) if w]

@@ -240,6 +240,8 @@ def test_evaluate_reports_tdr_per_framing_and_label(setup, tmp_path):
 
 
 def test_evaluate_reports_by_perturbation_and_paired_harm(setup):
+    from backpatch.evaluate import harmed
+
     root, data, preset = setup
     lines = [json.loads(line) for line in data.read_text().splitlines()]
     for n, row in enumerate(lines):
@@ -258,6 +260,9 @@ def test_evaluate_reports_by_perturbation_and_paired_harm(setup):
     lost = sum(r["plain_follows"] == "audio" and r["backpatched_follows"] != "audio" for r in rows)
     assert report["paired"]["harm"]["perturbed"]["audio_only"]["lost"] == lost
     assert "perturbation" in format_table(report) and "audio-only" in format_table(report)
+    # the JSON marks exactly what the table marks with "!"
+    marked = {name: harmed(report, name) for name in ("audio_only_acc", "consistent_acc") if harmed(report, name)}
+    assert report["beyond_harm_bound"] == marked
 
 
 def test_table_marks_a_control_metric_beyond_the_harm_bound():
