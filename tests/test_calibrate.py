@@ -461,3 +461,16 @@ def test_staged_search_scores_the_peer_blocks_and_their_scores_match_generate(se
     plain = calibrate(model, processor, data, tmp_path / "n.yaml", grid={"alphas": []}, batch_size=4, verify_top=1,
                       max_new_tokens=2, budget_minutes=5.0, progress=False, gates=False, blocks=False)
     assert not any("attention" in row or "steering" in row for row in plain["sweep"])
+
+
+def test_a_full_stage_cut_by_the_budget_does_not_choose_among_the_few_it_reached():
+    from backpatch.calibrate.run import selection_stage
+    from backpatch.calibrate.search import StageRecord
+
+    refine = StageRecord("refine", 30, {}, results=[("a", {}), ("b", {})])
+    full = StageRecord("full", 100, {}, results=[("b", {})], truncated=5)
+    assert selection_stage([StageRecord("coarse", 10, {}), refine, full]) is refine
+    full.truncated = 0
+    assert selection_stage([refine, full]) is full
+    assert selection_stage([refine, StageRecord("full", 100, {})]) is refine
+    assert selection_stage([StageRecord("coarse", 10, {})]) is None

@@ -203,12 +203,11 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
                     positions=["audio", "last"], modes=["add", "interpolate", "replace"])
         records, plain = _staged(wrapped, processor, items, grid, scorer, batch_size, search_end, max_harm, seed,
                                  progress, null, gates, full_stage, previous, budget, blocks)
-        # verify from the last stage that scored anything (a tight budget may leave the full stage empty)
-        scored = [r for r in records if r.results]
-        if not scored:
+        chosen_stage = selection_stage(records)
+        if chosen_stage is None:
             raise ValueError(f"the time budget ({budget_minutes:g} min) ran out before any setting was scored; "
                              "raise --budget-minutes")
-        results, plain, bounded = scored[-1].results, scored[-1].plain, scored[-1].bounded
+        results, plain, bounded = chosen_stage.results, chosen_stage.plain, chosen_stage.bounded
         sweep_rows = [_row(c, m, r.plain, max_harm, r.bounded, stage=r.name, n_items=r.n_items) for r in records
                       for c, m in r.results]
         n_settings = sum(len(r.results) for r in records)
@@ -341,6 +340,18 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     }
     out.with_suffix(".sweep.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
+
+
+def selection_stage(records: Sequence[StageRecord]) -> StageRecord | None:
+    """The stage whose results the finalists to verify come from: the last that scored anything; but a full stage
+    the budget cut (one of its finalists scored, say) would choose among the few it reached, not among the best,
+    so then the refine stage. None when nothing was scored."""
+    scored = [r for r in records if r.results]
+    if not scored:
+        return None
+    if len(scored) > 1 and scored[-1].name == "full" and scored[-1].truncated:
+        return scored[-2]
+    return scored[-1]
 
 
 def previous_results(sweep: str | Path, data: str | Path, stress_data: str | Path | None, seed: int,
