@@ -177,5 +177,5 @@ def test_preset_needs_patches_or_contrastive(tmp_path):
     path.write_text("name: c\n")
     with pytest.raises(PresetError, match="patches: required key is missing"):
         Preset.from_yaml(path)
-    with pytest.raises(PresetError, match="at least one patch .* or a contrastive block"):
+    with pytest.raises(PresetError, match="at least one patch .* or a contrastive, attention or steering block"):
         Preset(patches=[])

@@ -193,8 +193,8 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     # the verification's plain answers first: they serve every finalist, and their time prices the verification
     budget = Budget(budget_s, started)
     paths = [path for path in (data, stress_data) if path is not None]
-    plain_answers = {k: answer_items(wrapped, processor, load_conflict_set(path, limit), batch_size, max_new_tokens,
-                                     progress, truncate, backpatched=False)[0] for k, path in enumerate(paths)}
+    verify_plain = {k: answer_items(wrapped, processor, load_conflict_set(path, limit), batch_size, max_new_tokens,
+                                    progress, truncate, backpatched=False)[0] for k, path in enumerate(paths)}
     budget.plain_seconds = time.perf_counter() - started
     search_end = budget.search_deadline(needs_null)
 
@@ -274,7 +274,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         wrapped_candidate = wrap(model, preset, processor=processor)
         reports = [evaluate(wrapped_candidate, processor, path, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             limit=limit, progress=progress, truncate=truncate, max_harm=max_harm,
-                            plain_answers=plain_answers[k]) for k, path in enumerate(paths)]
+                            plain_answers=verify_plain[k]) for k, path in enumerate(paths)]
         budget.learn(candidate, time.perf_counter() - began)
         verdicts = {column: [row[f"{column}_follows"] for report in reports for row in report["items"]]
                     for column in ("plain", "backpatched")}
