@@ -5,8 +5,9 @@ writes one summary JSON with every metric, its 95% Wilson interval, the paired h
 bound, and prints the markdown table. Reproduce (about 10 minutes per report on 2 cores):
 
     python -m backpatch.organism.perturb build --corpus /work/data/smol/corpus --out /work/data/smol/perturbed
-    backpatch eval --model organism:smol-whisper --preset OLD_OR_NEW.yaml --max-new-tokens 4 --batch-size 48 \\
-        --data /work/data/smol/{conflicts,perturbed}/test/conflicts.jsonl --out test-{clean,perturbed}-{old,new}.json
+    backpatch eval --model organism:smol-whisper --preset PRESET.yaml --max-new-tokens 4 --batch-size 48 \\
+        --data /work/data/smol/{conflicts,perturbed}/test/conflicts.jsonl \\
+        --out test-{clean,perturbed}-{old,new,resumed}.json
     python scripts/stress_report.py --reports DIR --out docs/stress/smol-whisper-test.json
 """
 
@@ -17,7 +18,7 @@ import json
 from pathlib import Path
 
 SPLITS = ("clean", "perturbed")
-PRESETS = ("old", "new")
+PRESETS = ("old", "new", "resumed")  # the old shipped preset, the first and the second (resumed) recalibration
 METRICS = ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc")
 
 
@@ -62,7 +63,8 @@ def table(summary: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reports", type=Path, required=True, help="folder with test-{clean,perturbed}-{old,new}.json")
+    parser.add_argument("--reports", type=Path, required=True,
+                        help="folder with test-{clean,perturbed}-{old,new,resumed}.json")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     summary = summarize(args.reports)
