@@ -474,7 +474,7 @@ class Demo:
         return out
 
     def compare(self, audio: Any, prompt: Any, source: Any = None, target: Any = None, scale: Any = None,
-                mode: Any = None, positions: Any = None, alpha: Any = None, patch_on: Any = True,
+                mode: Any = None, positions: Any = None, alpha: Any = None, patch_on: Any = None,
                 preset_name: str | None = None, uploaded: dict | None = None, attention_alpha: Any = None,
                 steering_beta: Any = None) -> CompareResult:
         """Plain and preset answers for one clip and prompt, from the same inputs; controls default to the
@@ -484,6 +484,9 @@ class Demo:
         given = {"source": source, "target": target, "scale": scale, "mode": mode, "positions": positions,
                  "alpha": alpha}
         values = {k: defaults[k] if v is None else v for k, v in given.items()}
+        if patch_on is None:  # a preset without patches (contrastive alone) stays without one, unless a patch
+            patch_on = defaults["patch_on"] or any(  # control is set
+                given[k] is not None for k in ("source", "target", "scale", "mode", "positions"))
         prompt = "" if prompt is None else str(prompt)
         if not prompt.strip():
             raise _fail("The prompt is empty: type a question about the audio.")
