@@ -161,14 +161,24 @@ def test_staged_default_search_covers_the_whole_depth_and_small_scales():
 
 
 def test_staged_search_on_a_budget_records_what_it_cut(setup, tmp_path):
-    from backpatch.calibrate import band_grid, calibrate
+    from backpatch.calibrate import band_grid, calibrate, run
 
     root, data, model, processor = setup
-    with pytest.raises(ValueError, match=r"time budget \(0 min\) is spent before the search can start.*"
-                                         r"raise --budget-minutes"):
-        calibrate(model, processor, data, tmp_path / "none.yaml", grid={"alphas": []}, batch_size=4,
-                  budget_minutes=0.0, progress=False)
-    assert not (tmp_path / "none.yaml").exists()
+    batches = []
+    real = run.answer_items
+
+    def counting(wrapped, processor, items, *args, **kwargs):
+        batches.append(len(items))
+        return real(wrapped, processor, items, *args, **kwargs)
+
+    # a budget that cannot hold even the verification stops after one timed batch, naming the budget it needs
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(run, "answer_items", counting)
+        with pytest.raises(ValueError, match=r"time budget \(0 min\) cannot hold the generate\(\) verification.*"
+                                             r"raise --budget-minutes to at least \d+"):
+            calibrate(model, processor, data, tmp_path / "none.yaml", grid={"alphas": []}, batch_size=4,
+                      budget_minutes=0.0, progress=False)
+    assert batches == [4] and not (tmp_path / "none.yaml").exists()
     summary = calibrate(model, processor, data, tmp_path / "staged.yaml", grid={"alphas": [1.0]}, batch_size=4,
                         verify_top=1, max_new_tokens=2, budget_minutes=5.0, progress=False)
     stages = summary["search"]["stages"]
@@ -290,7 +300,7 @@ def test_calibration_can_skip_the_full_stage_and_reuses_plain_answers_in_verific
     summary = calibrate(model, processor, data, tmp_path / "s.yaml", grid={"alphas": [1.0]}, batch_size=4,
                         verify_top=2, max_new_tokens=2, budget_minutes=5.0, progress=False, full_stage=False)
     assert [s["name"] for s in summary["search"]["stages"]] == ["coarse", "refine"]
-    assert plain_runs == [False] and len(summary["verified"]) == 2
+    assert plain_runs == [False, False] and len(summary["verified"]) == 2  # the timed first batch, then the rest
     assert seen[0] is not None and seen[0] == seen[1]
     assert summary["verified"][0]["plain"] == summary["verified"][1]["plain"]
     assert summary["budget"]["plain_seconds"] > 0 and summary["skipped"] == []
@@ -327,9 +337,9 @@ def test_budget_is_a_hard_bound_with_verification_and_names_what_it_cut(setup, t
         clock.now += 10.0
         return real_score(self, candidate, batches)
 
-    def answers(*args, **kwargs):
-        clock.now += 20.0
-        return real_answers(*args, **kwargs)
+    def answers(wrapped, processor, items, *args, **kwargs):
+        clock.now += 1.25 * len(items)  # 20 s for the 16 items
+        return real_answers(wrapped, processor, items, *args, **kwargs)
 
     def evaluate(wrapped, *args, **kwargs):
         from backpatch.calibrate.grid import Candidate

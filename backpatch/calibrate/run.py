@@ -36,7 +36,7 @@ from ..inputs import audio_truncation, truncation_enabled
 from ..paired import paired_report
 from ..preset import Attention, Gate, Patch, Preset, Steering
 from ..wrapper import preset_for, wrap
-from .budget import Budget
+from .budget import Budget, worst_factor
 from .grid import Candidate, Setting, _settings, default_grid
 from .plots import _plot_band, _plot_heatmap
 from .search import StageRecord, clip_subsets, passes_no_harm, rank_key, staged_search, tdr_key
@@ -193,8 +193,8 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     # the verification's plain answers first: they serve every finalist, and their time prices the verification
     budget = Budget(budget_s, started)
     paths = [path for path in (data, stress_data) if path is not None]
-    verify_plain = {k: answer_items(wrapped, processor, load_conflict_set(path, limit), batch_size, max_new_tokens,
-                                    progress, truncate, backpatched=False)[0] for k, path in enumerate(paths)}
+    verify_plain = _plain_answers_within(budget, needs_null, wrapped, processor, paths, limit, batch_size,
+                                         max_new_tokens, progress, truncate)
     budget.plain_seconds = time.perf_counter() - started
     search_end = budget.search_deadline(needs_null)
 
@@ -340,6 +340,32 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     }
     out.with_suffix(".sweep.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     return summary
+
+
+def _plain_answers_within(budget: Budget, null_rows: bool, wrapped, processor, paths, limit, batch_size: int,
+                          max_new_tokens: int, progress: bool, truncate) -> dict[int, list[str]]:
+    """The verification's plain answers per data file. The first batch is timed alone: when the whole set and one
+    verification (:func:`.budget.worst_factor` times as long) cannot fit the budget, the run stops there, after
+    one batch, with the budget it would need."""
+    sets = [load_conflict_set(path, limit) for path in paths]
+    n_batches = sum(math.ceil(len(items) / batch_size) for items in sets)
+    began = time.perf_counter()
+    first = answer_items(wrapped, processor, sets[0][:batch_size], batch_size, max_new_tokens, False, truncate,
+                         backpatched=False)[0]
+    projected = (time.perf_counter() - began) * n_batches * (1.0 + worst_factor(null_rows))
+    if projected > budget.left():
+        need = (budget.seconds - budget.left() + projected) / 60
+        raise ValueError(f"the time budget ({budget.seconds / 60:g} min) cannot hold the generate() verification: its "
+                         f"plain answers and one verification would take about {projected / 60:.1f} min on these "
+                         f"{sum(map(len, sets))} items; raise --budget-minutes to at least {need:.0f} (the search "
+                         "needs more on top), or verify on fewer items (--limit)")
+    out = {}
+    for k, items in enumerate(sets):
+        rest = items[batch_size:] if k == 0 else items
+        answers = answer_items(wrapped, processor, rest, batch_size, max_new_tokens, progress, truncate,
+                               backpatched=False)[0] if rest else []
+        out[k] = (first if k == 0 else []) + answers
+    return out
 
 
 def selection_stage(records: Sequence[StageRecord]) -> StageRecord | None:
