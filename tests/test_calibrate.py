@@ -484,3 +484,17 @@ def test_a_full_stage_cut_by_the_budget_does_not_choose_among_the_few_it_reached
     assert selection_stage([refine, full]) is full
     assert selection_stage([refine, StageRecord("full", 100, {})]) is refine
     assert selection_stage([StageRecord("coarse", 10, {})]) is None
+
+
+def test_a_gated_patchless_base_preset_only_contributes_its_facts(setup, tmp_path):
+    """Calibrating a model whose preset is gated contrastive decoding without patches (the shipped smol-whisper
+    preset) starts from its facts: the gate without the rows it reads must not break the run."""
+    from backpatch.calibrate import calibrate
+
+    _, data, model, processor = setup
+    gated = backpatch.Preset(name="gated", contrastive=backpatch.Contrastive(alpha=2.0, null_audio="zeros"),
+                             gate=backpatch.Gate("audio_gap", 0.1, 0.3))
+    summary = calibrate(model, processor, data, tmp_path / "g.yaml", base_preset=gated, grid={"alphas": [1.0]},
+                        batch_size=4, verify_top=1, max_new_tokens=2, budget_minutes=5.0, progress=False,
+                        gates=False, blocks=False)
+    assert backpatch.Preset.from_yaml(tmp_path / "g.yaml").name == "g" and summary["n_settings"] > 0

@@ -208,3 +208,15 @@ def test_dispatched_model_with_disk_offload_gives_the_same_report(tmp_path):
         for key in g:
             assert g[key] == pytest.approx(e[key], abs=2e-4), (g["layer"], key)
     assert backpatch.backpatch_hook_count(dispatched) == 0
+
+
+def test_a_patchless_gated_preset_is_diagnosed_with_its_layers_only(tmp_path):
+    """The shipped smol-whisper preset has no patch, only contrastive decoding behind an audio_gap gate: diagnose
+    keeps its facts (layers, audio span), leaves the rest out and draws the plain curves."""
+    model, processor = tiny_with_processor()
+    data = tiny_conflict_set(tmp_path / "data", 4)
+    gated = Preset(name="gated", contrastive=backpatch.Contrastive(alpha=2.0, null_audio="zeros"),
+                   gate=backpatch.Gate("audio_gap", 0.1, 0.3))
+    report = diagnose(model, processor, data, tmp_path / "out", preset=gated, limit=8, progress=False, sweep=False)
+    assert all("lens_audio_prob_patched" not in r for r in report["layers"])
+    assert backpatch.backpatch_hook_count(model) == 0

@@ -10,7 +10,10 @@ from .grid import Candidate
 
 
 def _with_patches(preset: Preset, patches: list[Patch], contrastive: Contrastive | None = None) -> Preset:
-    return dataclasses.replace(preset, patches=list(patches), contrastive=contrastive)
+    """``preset``'s facts (layers, audio span, match) with only ``patches`` and ``contrastive``: its own gate and
+    blocks are dropped (a gated base preset would otherwise keep a gate without the rows it reads)."""
+    return dataclasses.replace(preset, patches=list(patches), contrastive=contrastive, gate=None, attention=None,
+                               steering=None)
 
 
 def _contrastive_block(candidate: Candidate, null_audio: str) -> Contrastive | None:

@@ -69,15 +69,18 @@ def _diagnose(model, processor, data, out_dir, preset, limit, batch_size, progre
             raise
         logger.warning("no bundled preset matches this model; the back-patched curves are skipped")
         chosen = None
-    # the layers are studied without contrastive decoding
-    base = (dataclasses.replace(chosen, contrastive=None) if chosen is not None
-            else Preset(patches=[Patch(source=1, target=0)]))
-    if chosen is not None and chosen.contrastive is not None:
-        logger.info("diagnose shows back-patching only; the preset's contrastive block is ignored")
-    has_patches = chosen is not None and bool(base.patches)
-    if not has_patches:  # resolve needs some patch; it only supplies layers and the audio span then
-        base = Preset(patches=[Patch(source=1, target=0)], name=base.name, match=base.match, model=base.model,
-                      audio_span=base.audio_span)
+    # the layers are studied with back-patching alone: contrastive decoding, the gate and the peer blocks are left out
+    has_patches = chosen is not None and bool(chosen.patches)
+    if has_patches:
+        base = dataclasses.replace(chosen, contrastive=None, gate=None, attention=None, steering=None)
+    else:  # resolve needs some patch; it only supplies layers and the audio span then
+        base = Preset(patches=[Patch(source=1, target=0)], **({"name": chosen.name, "match": chosen.match,
+                      "model": chosen.model, "audio_span": chosen.audio_span} if chosen is not None else {}))
+    others = [key for key in ("contrastive", "gate", "attention", "steering")
+              if chosen is not None and getattr(chosen, key) is not None]
+    if others:
+        logger.info("diagnose shows back-patching only; the preset's %s %s ignored", " and ".join(others),
+                    "is" if len(others) == 1 else "are")
     wrapped = wrap(model, base, processor=processor)
     resolved = wrapped.resolved
 
