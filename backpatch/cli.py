@@ -143,6 +143,11 @@ def _load(args: argparse.Namespace):
     return wrap(model, args.preset, processor=processor), processor
 
 
+def _eval_without_preset(args: argparse.Namespace) -> bool:
+    """``eval --preset none``: the second column without any preset (prompt framing alone)."""
+    return args.func is cmd_eval and (args.preset or "").lower() == "none"
+
+
 def _load_unpatched(args: argparse.Namespace):
     """The model in a wrapper whose preset never runs (``eval --preset none``: prompt framing alone)."""
     from .loading import load_model_and_processor
@@ -226,7 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = args.data or _default_data(args)
     _check_data(args, data)
     plain_answers = _plain_from(args.plain_from, data, args) if args.plain_from else None
-    mitigate = (args.preset or "").lower() != "none"
+    mitigate = not _eval_without_preset(args)
     if not mitigate and not args.instruction:
         raise ValueError("--preset none compares the plain model with itself: add --instruction TEXT to measure "
                          "prompt framing, or name a preset")
@@ -582,8 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        unmitigated = args.func is cmd_eval and str(args.preset).lower() == "none"  # eval --preset none
-        if getattr(args, "preset", None) is not None and not unmitigated:
+        if getattr(args, "preset", None) is not None and not _eval_without_preset(args):
             load_preset(args.preset)  # a bad preset file fails now; its fit to the model is checked at wrap time
         if getattr(args, "launcher", None) == "accelerate":
             return _relaunch_with_accelerate(args, argv)

@@ -289,15 +289,6 @@ class Demo:
                 raise _fail(f"The {what} layer must be a whole number, got {value!r}.")
             return int(float(value))
 
-        def number(value: Any, what: str) -> float:
-            try:
-                out = float(value)
-            except (TypeError, ValueError):
-                raise _fail(f"The {what} must be a number, got {value!r}.") from None
-            if not np.isfinite(out):
-                raise _fail(f"The {what} must be a finite number, got {value!r}.")
-            return out
-
         patches = list(base.patches)
         if patch_on in (None, True) or patch_on == "true":
             if mode not in MODES:
@@ -308,13 +299,14 @@ class Demo:
                 # the controls have no norm-matching switch: keep the base preset's choice for its first patch
                 match_norm = bool(base.patches) and base.patches[0].match_norm
                 first = Patch(source=integer(source, "source"), target=integer(target, "target"),
-                              scale=number(scale, "scale"), mode=mode, positions=positions, match_norm=match_norm)
+                              scale=_control_number(scale, "scale"), mode=mode, positions=positions,
+                              match_norm=match_norm)
             except PresetError as exc:
                 raise _fail(f"These controls do not make a valid patch: {exc}") from None
             patches = [first, *patches[1:]]
         else:
             patches = []
-        alpha = number(0.0 if alpha is None else alpha, "contrastive alpha")
+        alpha = _control_number(0.0 if alpha is None else alpha, "contrastive alpha")
         if alpha < 0:
             raise _fail(f"The contrastive alpha must be >= 0 (0 turns it off), got {alpha:g}.")
         # the base preset's gate is kept; an audio_gap gate reads the null-audio rows, which stay at alpha 0
@@ -324,7 +316,7 @@ class Demo:
             template = base.contrastive or Contrastive()
             contrastive = Contrastive(alpha=alpha, null_audio=template.null_audio,
                                       plausibility=template.plausibility)
-        attention, steering = self._blocks_from_controls(base, attention_alpha, steering_beta, number)
+        attention, steering = self._blocks_from_controls(base, attention_alpha, steering_beta)
         if steering is not None and contrastive is None:  # the steering reads the null rows: alpha 0 rides them
             template = base.contrastive or Contrastive(alpha=0.0)
             contrastive = Contrastive(alpha=0.0, null_audio=template.null_audio, plausibility=template.plausibility)
@@ -349,13 +341,14 @@ class Demo:
         except PresetError as exc:
             raise _fail(f"These controls do not make a valid preset: {exc}") from None
 
-    def _blocks_from_controls(self, base: Preset, attention_alpha: Any, steering_beta: Any,
-                              number: Any) -> tuple[Attention | None, Steering | None]:
+    def _blocks_from_controls(self, base: Preset, attention_alpha: Any,
+                              steering_beta: Any) -> tuple[Attention | None, Steering | None]:
         """The attention and steering blocks the two controls describe (0: none); the base preset's layers and form
         are kept, else :meth:`block_layers`."""
         defaults = self.controls(base)
-        a = number(defaults["attention_alpha"] if attention_alpha is None else attention_alpha, "attention alpha")
-        b = number(defaults["steering_beta"] if steering_beta is None else steering_beta, "steering beta")
+        a = _control_number(defaults["attention_alpha"] if attention_alpha is None else attention_alpha,
+                            "attention alpha")
+        b = _control_number(defaults["steering_beta"] if steering_beta is None else steering_beta, "steering beta")
         if a < 0:
             raise _fail(f"The attention alpha must be >= 0 (0 turns it off), got {a:g}.")
         layers = self.block_layers(base)
@@ -544,6 +537,17 @@ class Demo:
                          f"<li>Plain: {marks[r.plain_follows or 'other']}</li>"
                          f"<li>With preset: {marks[r.patched_follows or 'other']}</li></ul>")
         return "\n".join(lines)
+
+
+def _control_number(value: Any, what: str) -> float:
+    """A number control's value as a finite float, else a friendly error naming the control."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise _fail(f"The {what} must be a number, got {value!r}.") from None
+    if not np.isfinite(out):
+        raise _fail(f"The {what} must be a finite number, got {value!r}.")
+    return out
 
 
 def _escape(text: str) -> str:

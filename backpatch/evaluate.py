@@ -262,17 +262,24 @@ def truncation_line(record: dict[str, Any] | None) -> str | None:
             + (f": {ids}" if record["n"] else ""))
 
 
-def encode_items(processor: Any, items: Sequence[ConflictItem], truncate: bool | None = None,
-                 instruction: str | None = None, instruction_role: str = "user") -> Any:
-    """Model inputs for a batch of conflict items: their clips at the processor's rate, and their prompts.
+def item_waves(processor: Any, items: Sequence[ConflictItem], truncate: bool | None = None) -> list:
+    """The items' clips at the processor's rate, fitted to its audio window.
 
     A clip longer than the model's audio window raises :class:`AudioTooLongError` naming the item, unless
     ``truncate`` (default: off, or the :func:`backpatch.inputs.audio_truncation` setting in force)."""
     rate, limit, cut = sampling_rate_of(processor), audio_window_seconds(processor), truncation_enabled(truncate)
-    waves = [fit_to_window(load_audio(item.audio, rate), rate, limit, cut,
-                           f"the clip of item {item.id} ({item.audio.name})")[0] for item in items]
+    return [fit_to_window(load_audio(item.audio, rate), rate, limit, cut,
+                          f"the clip of item {item.id} ({item.audio.name})")[0] for item in items]
+
+
+def encode_items(processor: Any, items: Sequence[ConflictItem], truncate: bool | None = None,
+                 instruction: str | None = None, instruction_role: str = "user", waves: list | None = None) -> Any:
+    """Model inputs for a batch of conflict items: their clips (:func:`item_waves`, or ``waves`` already loaded)
+    and their prompts, framed by ``instruction`` when given."""
+    waves = item_waves(processor, items, truncate) if waves is None else waves
     prompts = [framed(item.prompt, instruction, instruction_role) for item in items]
-    return build_inputs(processor, waves, [p for p, _ in prompts], truncate=cut, system=prompts[0][1])
+    return build_inputs(processor, waves, [p for p, _ in prompts], truncate=truncation_enabled(truncate),
+                        system=prompts[0][1])
 
 
 def _batches(items: Sequence[ConflictItem], batch_size: int) -> list[Sequence[ConflictItem]]:
@@ -309,7 +316,8 @@ def answer_items(
     if plain_answers is not None and len(plain_answers) != len(items):
         raise ValueError(f"plain_answers has {len(plain_answers)} answers for {len(items)} items")
     for batch in tqdm(_batches(items, batch_size), desc="evaluate", unit="batch", disable=not progress):
-        inputs = encode_items(processor, batch, truncate=truncate).to(wrapped.device)
+        waves = item_waves(processor, batch, truncate)  # loaded once: a framed second column reuses them
+        inputs = encode_items(processor, batch, truncate=truncate, waves=waves).to(wrapped.device)
         length = inputs["input_ids"].shape[1]
         if plain_answers is not None:
             plain += plain_answers[len(plain) : len(plain) + len(batch)]
@@ -319,7 +327,8 @@ def answer_items(
         if not backpatched:
             continue
         if instruction:
-            inputs = encode_items(processor, batch, truncate, instruction, instruction_role).to(wrapped.device)
+            inputs = encode_items(processor, batch, truncate, instruction, instruction_role,
+                                  waves=waves).to(wrapped.device)
             length = inputs["input_ids"].shape[1]
         with wrapped.disabled() if not mitigate else contextlib.nullcontext():
             patched += decode_new_tokens(processor, wrapped.generate(**inputs, **kwargs), length)

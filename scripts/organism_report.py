@@ -22,7 +22,7 @@ import torch
 
 import backpatch
 from backpatch import Contrastive, Patch, Preset, organism
-from backpatch.evaluate import encode_items, evaluate, load_conflict_set
+from backpatch.evaluate import encode_items, evaluate, item_waves, load_conflict_set
 from backpatch.loading import load_model_and_processor
 
 KEYS = ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc")
@@ -71,17 +71,22 @@ def configurations(sweep: dict, base: Preset) -> dict[str, Preset]:
 
 
 @torch.no_grad()
-def time_ratio(wrapped, processor, items, batch_size: int, runs: int) -> float:
-    batches = []
-    for i in range(0, len(items), batch_size):
-        chunk = items[i : i + batch_size]
-        batches.append(encode_items(processor, chunk))
+def time_ratio(wrapped, processor, items, batch_size: int, runs: int, instruction: str | None = None,
+               mitigate: bool = True) -> float:
+    """generate() of the method over plain generate(), same batches, interleaved, median of ``runs``. The method's
+    prompts carry ``instruction`` when given; ``mitigate=False`` runs it without the preset (framing alone)."""
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    waves = [item_waves(processor, chunk) for chunk in chunks]
+    plain_batches = [encode_items(processor, chunk, waves=w) for chunk, w in zip(chunks, waves, strict=True)]
+    method_batches = plain_batches if instruction is None else [
+        encode_items(processor, chunk, instruction=instruction, waves=w)
+        for chunk, w in zip(chunks, waves, strict=True)]
     kwargs = dict(max_new_tokens=4, do_sample=False)
 
-    def run(patched: bool) -> float:
+    def run(method: bool) -> float:
         start = time.perf_counter()
-        for inputs in batches:
-            if patched:
+        for inputs in method_batches if method else plain_batches:
+            if method and mitigate:
                 wrapped.generate(**inputs, **kwargs)
             else:
                 with wrapped.disabled():
@@ -89,11 +94,11 @@ def time_ratio(wrapped, processor, items, batch_size: int, runs: int) -> float:
         return time.perf_counter() - start
 
     run(False), run(True)  # warm-up
-    plain, patched = [], []
+    plain, method = [], []
     for _ in range(runs):
         plain.append(run(False))
-        patched.append(run(True))
-    return statistics.median(patched) / statistics.median(plain)
+        method.append(run(True))
+    return statistics.median(method) / statistics.median(plain)
 
 
 def main() -> None:

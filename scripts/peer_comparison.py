@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
-import torch
+from organism_report import time_ratio  # scripts/ is on sys.path when this runs as a script
 
 import backpatch
 from backpatch import Attention, Contrastive, Patch, Preset, Steering
-from backpatch.evaluate import encode_items, evaluate, load_conflict_set
+from backpatch.evaluate import evaluate, load_conflict_set
 from backpatch.loading import load_model_and_processor
 
 FRAMING = "The text may be wrong; answer from the audio."
@@ -64,33 +62,6 @@ def preset_of(row: dict, base: Preset, null_audio: str, name: str) -> Preset:
                   patches=[Patch(**row["patch"])] if row["patch"] else [], contrastive=contrastive,
                   attention=Attention(**row["attention"]) if row.get("attention") else None, steering=steering,
                   gate=backpatch.Gate(**row["gate"]) if row.get("gate") else None)
-
-
-@torch.no_grad()
-def time_ratio(wrapped, processor, items, batch_size: int, runs: int, instruction: str | None = None,
-               mitigate: bool = True) -> float:
-    """generate() of the method over plain generate(), same batches, interleaved, median of ``runs``."""
-    plain_batches = [encode_items(processor, items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
-    method_batches = [encode_items(processor, items[i : i + batch_size], instruction=instruction)
-                      for i in range(0, len(items), batch_size)]
-    kwargs = dict(max_new_tokens=4, do_sample=False)
-
-    def run(method: bool) -> float:
-        start = time.perf_counter()
-        for inputs in method_batches if method else plain_batches:
-            if method and mitigate:
-                wrapped.generate(**inputs, **kwargs)
-            else:
-                with wrapped.disabled():
-                    wrapped.generate(**inputs, **kwargs)
-        return time.perf_counter() - start
-
-    run(False), run(True)  # warm-up
-    plain, method = [], []
-    for _ in range(runs):
-        plain.append(run(False))
-        method.append(run(True))
-    return statistics.median(method) / statistics.median(plain)
 
 
 def main() -> None:

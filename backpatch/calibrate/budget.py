@@ -30,9 +30,7 @@ logger = logging.getLogger(__name__)
 def verification_factor(candidate: Candidate) -> float:
     """The cost of verifying ``candidate`` with ``generate()`` in units of the plain answers' generation: null-audio
     rows (contrastive decoding, an audio_gap gate) double the batch, a patch adds a capture prefill."""
-    null_rows = bool(candidate.alpha) or (candidate.gate is not None and candidate.gate.signal == "audio_gap") or (
-        candidate.steering is not None)
-    return (2.0 if null_rows else 1.0) * (2.0 if candidate.setting is not None else 1.0)
+    return (2.0 if candidate.null_rows else 1.0) * (2.0 if candidate.setting is not None else 1.0)
 
 
 def worst_factor(null_rows: bool) -> float:

@@ -56,6 +56,12 @@ class Candidate:
     def has_blocks(self) -> bool:
         return self.attention is not None or self.steering is not None
 
+    @property
+    def null_rows(self) -> bool:
+        """Whether its preset rides null-audio rows: contrastive decoding, an audio_gap gate or steering reads them."""
+        gate_rows = self.gate is not None and self.gate.signal == "audio_gap"
+        return bool(self.alpha) or gate_rows or self.steering is not None
+
 
 #: the peer methods' small grids: MATA's alpha (its paper's 0.1 and larger; the additive form's e^alpha boost),
 #: and steering's beta (the reimplementation's 0.5..1.5 and beyond), on MATA's intermediate layers (the middle

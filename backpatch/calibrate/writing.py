@@ -18,9 +18,7 @@ def _with_patches(preset: Preset, patches: list[Patch], contrastive: Contrastive
 
 def _contrastive_block(candidate: Candidate, null_audio: str) -> Contrastive | None:
     """The contrastive block a candidate needs: its alpha, or alpha 0 for the null rows an audio_gap gate reads."""
-    gate_rows = candidate.gate is not None and candidate.gate.signal == "audio_gap"
-    rows = gate_rows or candidate.steering is not None  # the steering reads the null rows too
-    return Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.alpha or rows else None
+    return Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.null_rows else None
 
 
 def _candidate_preset(base: Preset, candidate: Candidate, null_audio: str) -> Preset:
