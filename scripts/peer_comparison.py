@@ -29,9 +29,15 @@ KEYS = ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc")
 KINDS = {
     "back-patching": lambda r: r["patch"] and not r["alpha"] and not _blocks(r),
     "contrastive": lambda r: not r["patch"] and r["alpha"] and not r.get("gate") and not _blocks(r),
-    "attention to audio (MATA)": lambda r: r.get("attention") is not None,
-    "audio-silence steering": lambda r: r.get("steering") is not None,
+    "attention to audio (MATA)": lambda r: _alone(r, "attention"),
+    "audio-silence steering": lambda r: _alone(r, "steering"),
 }
+
+
+def _alone(row: dict, block: str) -> bool:
+    """A row of one peer block by itself (the search also scores the blocks on top of the other methods)."""
+    other = "steering" if block == "attention" else "attention"
+    return row.get(block) is not None and row.get(other) is None and not row["patch"] and not row["alpha"]
 
 
 def _blocks(row: dict) -> bool:

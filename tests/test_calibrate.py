@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -451,6 +452,8 @@ def test_staged_search_scores_the_peer_blocks_and_their_scores_match_generate(se
     assert any("attention" in row for row in refine) and any("steering" in row for row in refine)
     assert "attention to audio" in summary["searched"] and "audio-silence steering" in summary["searched"]
     assert all("harm" in row for row in refine)
+    combined = [row for row in refine if ("attention" in row or "steering" in row) and (row["patch"] or row["alpha"])]
+    assert combined and "the blocks combined with the other methods" in summary["searched"]
     items = load_conflict_set(data)
     base = backpatch.wrap(model, backpatch.Preset(patches=[backpatch.Patch(1, 0)]), processor=processor)
     batches, _ = _prepare(base, processor, items, {"sources": [1], "positions": ["audio"]}, batch_size=4,
@@ -498,3 +501,47 @@ def test_a_gated_patchless_base_preset_only_contributes_its_facts(setup, tmp_pat
                         batch_size=4, verify_top=1, max_new_tokens=2, budget_minutes=5.0, progress=False,
                         gates=False, blocks=False)
     assert backpatch.Preset.from_yaml(tmp_path / "g.yaml").name == "g" and summary["n_settings"] > 0
+
+
+def test_the_search_scores_the_best_blocks_on_top_of_the_best_other_methods(tmp_path):
+    """Issue 20 point 4 ("the best combination"): after stage 2, the best no-harm attention and steering settings
+    are scored with the best ungated back-patching and contrastive settings and with each other; a harmful block
+    is never the one combined; with blocks=False nothing of the kind is scored."""
+    from backpatch.calibrate.grid import Candidate
+    from backpatch.calibrate.search import staged_search
+    from backpatch.calibrate.writing import _candidate_preset
+
+    def score(c: Candidate) -> dict:
+        harmful = c.steering is not None and c.steering.beta >= 8 or c.gate is not None
+        tdr = 0.8 - 0.1 * (c.setting is not None) - 0.1 * bool(c.alpha) - 0.05 * (c.attention is not None) \
+            - 0.02 * (c.steering.beta if c.steering is not None else 0) - 0.001 * (c.setting.scale if c.setting else 0)
+        return {"tdr": round(tdr, 4), "audio_only_acc": 0.5 if harmful else 0.9, "consistent_acc": 1.0}
+
+    plain = {"tdr": 0.8, "audio_only_acc": 0.9, "consistent_acc": 1.0}
+    scorers = [(score, plain, 10, ()), (score, plain, 30, ())]
+
+    def run(blocks: bool) -> list[Candidate]:
+        records = staged_search(12, scorers, full_stage=None, alphas=[1.0, 2.0], budget_s=1e6, gates=True,
+                                full=False, progress=False, blocks=blocks)
+        return [c for c, _ in records[1].results]
+
+    refine = run(blocks=True)
+    alone = [c for c in refine if c.has_blocks and c.setting is None and not c.alpha]
+    combined = [c for c in refine if c.has_blocks and c not in alone
+                or c.attention is not None and c.steering is not None]
+    best_attention = min((c for c in alone if c.attention is not None), key=lambda c: score(c)["tdr"])
+    best_steering = min((c for c in alone if c.steering is not None and c.steering.beta < 8),
+                        key=lambda c: score(c)["tdr"])
+    assert best_steering.steering.beta == 4.0  # beta 8 cuts more but harms: not the one combined
+    plain_methods = [c for c in refine if not c.has_blocks and c.gate is None]
+    best_patch = min((c for c in plain_methods if not c.alpha), key=lambda c: score(c)["tdr"])
+    best_alpha = min((c for c in plain_methods if c.alpha), key=lambda c: score(c)["tdr"])
+    assert best_alpha.setting is not None and best_alpha.alpha
+    expected = {dataclasses.replace(base, attention=best_attention.attention) for base in (best_patch, best_alpha)}
+    expected |= {dataclasses.replace(base, steering=best_steering.steering) for base in (best_patch, best_alpha)}
+    expected.add(Candidate(None, attention=best_attention.attention, steering=best_steering.steering))
+    assert set(combined) == expected and len(combined) == 5
+    for candidate in combined:  # each one is a preset the engine takes (steering rides the contrastive rows)
+        preset = _candidate_preset(backpatch.Preset(patches=[backpatch.Patch(11, 0)]), candidate, "zeros")
+        assert preset.contrastive is not None or candidate.steering is None
+    assert not any(c.has_blocks for c in run(blocks=False))

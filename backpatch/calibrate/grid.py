@@ -64,10 +64,10 @@ class Candidate:
 
 
 #: the peer methods' small grids: MATA's alpha (its paper's 0.1 and larger; the additive form's e^alpha boost),
-#: and steering's beta (the reimplementation's 0.5..1.5 and beyond), on MATA's intermediate layers (the middle
-#: third) and, for steering, also the second half
+#: and steering's beta (the reimplementation's 0.5..1.5 and beyond, to 8: digits chose 4 when 4 was the edge), on
+#: MATA's intermediate layers (the middle third) and, for steering, also the second half
 ATTENTION_GRID = (("scale", 0.1), ("scale", 0.3), ("scale", 1.0), ("add", 0.5), ("add", 1.0), ("add", 2.0))
-STEERING_BETAS = (0.5, 1.0, 2.0, 4.0)
+STEERING_BETAS = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 def block_grid(num_layers: int) -> list[Candidate]:

@@ -463,11 +463,11 @@ def _searched(candidates: Sequence[Candidate]) -> str:
 
 def _kinds(candidates: Sequence[Candidate]) -> list[str]:
     kinds = []
-    if any(c.setting is not None and not c.alpha for c in candidates):
+    if any(c.setting is not None and not c.alpha and not c.has_blocks for c in candidates):
         kinds.append("back-patching")
-    if any(c.setting is None and c.alpha for c in candidates):
+    if any(c.setting is None and c.alpha and not c.has_blocks for c in candidates):
         kinds.append("contrastive decoding")
-    if any(c.setting is not None and c.alpha for c in candidates):
+    if any(c.setting is not None and c.alpha and not c.has_blocks for c in candidates):
         kinds.append("both")
     if any(c.gate is not None for c in candidates):
         kinds.append("audio-confidence gates")
@@ -475,6 +475,9 @@ def _kinds(candidates: Sequence[Candidate]) -> list[str]:
         kinds.append("attention to audio")
     if any(c.steering is not None for c in candidates):
         kinds.append("audio-silence steering")
+    if any(c.has_blocks and (c.setting is not None or c.alpha or None not in (c.attention, c.steering))
+           for c in candidates):
+        kinds.append("the blocks combined with the other methods")
     return kinds
 
 

@@ -18,6 +18,11 @@ refine) require the paired point loss to stay within ``max_harm``; the last stag
 bound to (a bound on 30-odd items would reject any single flip, so it is used where the items are many). Settings
 are ranked by the lower bound of their TDR reduction, then by TDR.
 
+Combinations with the peer blocks: after stage 2, the best no-harm attention and steering candidates are scored
+again on top of the best ungated back-patching and contrastive candidates of stage 2, and with each other
+(:func:`combinations`, a handful of settings), on stage 2's items; without this the search would only ever
+measure each block alone.
+
 Order: stage 2 lists contrastive decoding alone, then the best stage-1 settings, the strongest, and their
 neighbours, each setting's alphas and gates together (:func:`by_priority`), so a budget cut drops the least
 promising settings.
@@ -32,6 +37,7 @@ share stops and says so (``truncated`` in the record). Stage 3's capture is skip
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -162,6 +168,25 @@ def ranked(record: StageRecord, max_harm: float | None, patches_only: bool | Non
     return [c for c, _ in sorted(rows, key=lambda r: rank_key(r[1]))]
 
 
+def combinations(record: StageRecord, max_harm: float) -> list[Candidate]:
+    """The best no-harm candidate of each peer block (alone) joined with the best no-harm ungated back-patching
+    candidate, the best with a contrastive alpha, and the other block: the settings that ask whether the blocks
+    add to what the other methods already buy. Gates are left out (a gate does not act on the blocks, so a preset
+    with both is refused). Settings already in ``record`` are not listed again."""
+    passing = ranked(record, max_harm)
+    alone = {kind: next((c for c in passing if getattr(c, kind) is not None and c.setting is None and not c.alpha
+                         and (c.attention is None or c.steering is None)), None)
+             for kind in ("attention", "steering")}
+    plain_methods = [c for c in passing if not c.has_blocks and c.gate is None]
+    bases = [c for c in plain_methods if not c.alpha][:1] + [c for c in plain_methods if c.alpha][:1]
+    out = [dataclasses.replace(base, **{kind: getattr(block, kind)}) for kind, block in alone.items()
+           if block is not None for base in bases]
+    if alone["attention"] is not None and alone["steering"] is not None:
+        out.append(Candidate(None, attention=alone["attention"].attention, steering=alone["steering"].steering))
+    scored = {c for c, _ in record.results}
+    return [c for c in dict.fromkeys(out) if c not in scored]
+
+
 def staged_search(
     num_layers: int,
     stage_scorers: Sequence[Callable[[Candidate], dict]],
@@ -212,6 +237,15 @@ def staged_search(
         refine += block_grid(num_layers)
     refine = by_priority(refine)
     _run_stage(records[1], refine, stage_scorers[1][0], deadlines[1], max_harm, progress, previous.get("refine"))
+    combined = combinations(records[1], max_harm) if blocks else []
+    if combined:  # on stage 2's items, until stage 3's deadline (halfway to it when stage 3 runs)
+        extra = StageRecord("refine", records[1].n_items, records[1].plain, items=records[1].items)
+        end = deadlines[2] if not full else (deadlines[1] + deadlines[2]) / 2
+        _run_stage(extra, combined, stage_scorers[1][0], end, max_harm, progress, previous.get("refine"))
+        records[1].results += extra.results
+        records[1].truncated += extra.truncated
+        records[1].reused += extra.reused
+        records[1].seconds = round(records[1].seconds + extra.seconds, 1)
     if not full:
         return records
 

@@ -2,7 +2,7 @@
 # Issue 20 for smol-whisper: the resumed recalibration's search (docs/stress/calibrate_resume.sh) resumed once more
 # with the peer blocks (attention to audio, audio-silence steering) in its refine stage; validation only, a hard
 # 50-minute budget (30 leave the search about 1.5 minutes: the plain pass is 5 min, the reserve 4x that).
-# Its sweep feeds scripts/peer_comparison.py. Not run yet (issue 20).
+# Its sweep feeds scripts/peer_comparison.py (issue 20). Log: /work/data/smol/cal3.log.
 set -x
 cd /work/main
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
