@@ -4,8 +4,9 @@ Each method's setting comes from a calibration sweep on the VALIDATION split (``
 blocks; never the test split): the best candidate of its kind that passed the no-harm rule in the last stage that
 measured that kind (lowest first-token TDR; verified with generate() where calibration verified one). Prompt framing
 has no setting: ALME's instruction, in the user turn. "best combination" is the calibration's own choice (the preset
-it wrote). Then every method runs greedy ``generate()`` on the test split against the same plain answers (generated
-once), and the paired statistics of :mod:`backpatch.paired` compare each with plain on the same items.
+it wrote), or ``--best`` (a bundled name or a YAML path). Then every method runs greedy ``generate()`` on the test
+split against the same plain answers (generated once), and the paired statistics of :mod:`backpatch.paired` compare
+each with plain on the same items.
 
     python scripts/peer_comparison.py --model organism:digits --base organism-digits \
         --sweep CAL.sweep.json --test TEST.jsonl --out docs/peers/digits.json
@@ -80,6 +81,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=120)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--time-items", type=int, default=240)
+    parser.add_argument("--best", help="the preset to measure as the best combination (default: the one the sweep's "
+                        "calibration wrote); e.g. the shipped preset when that run could not verify its choice")
     args = parser.parse_args()
 
     model, processor = load_model_and_processor(args.model)
@@ -87,18 +90,22 @@ def main() -> None:
     sweep = json.loads(args.sweep.read_text())
     null_audio = sweep["grid"]["null_audio"]
     methods: dict[str, tuple[Preset | None, str | None]] = {"prompt framing": (None, FRAMING)}
+    unscored = {kind for kind, test in KINDS.items() if not any(test(r) for r in sweep["sweep"])}
     for kind, test in KINDS.items():
         row = pick(sweep, test)
         methods[kind] = (preset_of(row, base, null_audio, kind) if row else None, None)
-    methods["best combination (calibrated)"] = (Preset.from_yaml(sweep["preset"]), None)
+    best = backpatch.load_preset(args.best) if args.best else Preset.from_yaml(sweep["preset"])
+    methods["best combination (calibrated)"] = (best, None)
     report = {"model": args.model, "sweep": str(args.sweep), "test": str(args.test), "framing": FRAMING,
-              "methods": {}}
+              "best": args.best or sweep["preset"], "methods": {}}
     items = load_conflict_set(args.test)
     plain_answers = None
     for name, (preset, instruction) in methods.items():
         if preset is None and instruction is None:
-            report["methods"][name] = {"null": "no setting of this kind passed the no-harm rule on validation"}
-            print(f"{name:<32} none passed the no-harm rule on validation", flush=True)
+            why = ("the validation sweep scored no setting of this kind" if name in unscored
+                   else "no setting of this kind passed the no-harm rule on validation")
+            report["methods"][name] = {"null": why}
+            print(f"{name:<32} {why}", flush=True)
             continue
         mitigate = preset is not None
         wrapped = backpatch.wrap(model, preset or base, processor=processor)

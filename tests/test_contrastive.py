@@ -179,3 +179,23 @@ def test_preset_needs_patches_or_contrastive(tmp_path):
         Preset.from_yaml(path)
     with pytest.raises(PresetError, match="at least one patch .* or a contrastive, attention or steering block"):
         Preset(patches=[])
+
+
+def test_attention_block_composes_with_backpatching_and_contrastive(model, batch):
+    """MATA + a patch + contrastive decoding (a combination calibration scores): the capture pass carries the main
+    rows only while the attention mask was read from the doubled prefill; the first step must be
+    (1 + alpha) (attention + patch on the audio) - alpha (attention alone on null audio; null rows are not patched)."""
+    alpha = 1.0
+    attention = backpatch.Attention(layers=[0, NUM_LAYERS - 1], alpha=1.0, form="add")
+    patch = Patch(source=-1, target=0, scale=1.5, positions="audio+last")
+    preset = Preset(patches=[patch], attention=attention, contrastive=Contrastive(alpha=alpha, null_audio="zeros"))
+    with torch.no_grad():
+        got = backpatch.wrap(model, preset).generate(**batch, max_new_tokens=1, **GEN).logits[0]
+        main = backpatch.wrap(model, Preset(patches=[patch], attention=attention)).generate(
+            **batch, max_new_tokens=1, **GEN).logits[0]
+        null = backpatch.wrap(model, Preset(attention=attention)).generate(
+            **null_batch(batch), max_new_tokens=1, **GEN).logits[0]
+        unbiased = backpatch.wrap(model, Preset(patches=[patch])).generate(**batch, max_new_tokens=1, **GEN).logits[0]
+    torch.testing.assert_close(got, (1 + alpha) * main - alpha * null, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(main, unbiased, atol=1e-4), "the attention block changed nothing: the test proves nothing"
+    assert backpatch.backpatch_hook_count(model) == 0
