@@ -156,16 +156,13 @@ class AttentionSession:
 
     def _audio_columns(self, rows: int, keys: int, device: torch.device) -> torch.Tensor:
         audio = self.audio.to(device)
-        if rows > audio.shape[0]:
-            if rows % audio.shape[0]:
-                raise BackpatchRuntimeError(f"the attention block saw {rows} rows for a batch of {audio.shape[0]}")
-            audio = audio.repeat(rows // audio.shape[0], 1)
-        elif rows < audio.shape[0]:
-            # a patch's capture pass runs the main rows only, while the prefill that set the mask also carried the
-            # contrastive null rows (the same input_ids, appended after the main rows)
-            if audio.shape[0] % rows:
-                raise BackpatchRuntimeError(f"the attention block saw {rows} rows for a batch of {audio.shape[0]}")
-            audio = audio[:rows]
+        batch = audio.shape[0]
+        if rows != batch:
+            if max(rows, batch) % min(rows, batch):
+                raise BackpatchRuntimeError(f"the attention block saw {rows} rows for a batch of {batch}")
+            # more rows: contrastive null rows (the same input_ids) appended after the main rows; fewer: a patch's
+            # capture pass, which runs the main rows only after a prefill that set the mask with both
+            audio = audio.repeat(rows // batch, 1) if rows > batch else audio[:rows]
         if keys > self.keys:
             raise BackpatchRuntimeError(f"the attention block expected at most {self.keys} keys and got {keys} (a "
                                         "static or pre-filled cache?); use the default dynamic cache")

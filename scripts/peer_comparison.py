@@ -15,13 +15,16 @@ each with plain on the same items.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 from organism_report import time_ratio  # scripts/ is on sys.path when this runs as a script
 
 import backpatch
-from backpatch import Attention, Contrastive, Patch, Preset, Steering
+from backpatch import Preset
+from backpatch.calibrate.run import candidate_of_row
+from backpatch.calibrate.writing import _candidate_preset
 from backpatch.evaluate import evaluate, load_conflict_set
 from backpatch.loading import load_model_and_processor
 
@@ -62,13 +65,10 @@ def pick(sweep: dict, kind) -> dict | None:
 
 
 def preset_of(row: dict, base: Preset, null_audio: str, name: str) -> Preset:
-    steering = Steering(**row["steering"]) if row.get("steering") else None
-    alpha = row["alpha"] or 0.0
-    contrastive = Contrastive(alpha=alpha, null_audio=null_audio) if alpha or steering else None
-    return Preset(name=name, match=base.match, model=base.model, audio_span=base.audio_span,
-                  patches=[Patch(**row["patch"])] if row["patch"] else [], contrastive=contrastive,
-                  attention=Attention(**row["attention"]) if row.get("attention") else None, steering=steering,
-                  gate=backpatch.Gate(**row["gate"]) if row.get("gate") else None)
+    """The preset of a sweep row as calibration builds it (the null rows a gate or steering reads included), with
+    ``base``'s facts only."""
+    preset = _candidate_preset(base, candidate_of_row(row), null_audio)
+    return dataclasses.replace(preset, name=name, description=None, calibration=None)
 
 
 def main() -> None:

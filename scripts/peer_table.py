@@ -16,7 +16,7 @@ from backpatch.preset import block_labels, gate_label, patch_label
 def setting(preset: dict | None, instruction: str | None) -> str:
     if preset is None:
         return f'"{instruction}"' if instruction else ""
-    p = Preset.from_dict(preset) if hasattr(Preset, "from_dict") else Preset(**preset)
+    p = Preset.from_dict(preset)
     parts = [patch_label(patch) for patch in p.patches]
     if p.contrastive is not None and p.contrastive.alpha:
         parts.append(f"contrastive alpha {p.contrastive.alpha:g}")

@@ -26,7 +26,14 @@ import backpatch
 from backpatch import Patch
 from backpatch._contrastive import silence_frame
 from backpatch.calibrate.grid import block_grid
-from backpatch.calibrate.run import STAGE_FRACTIONS, _plain_metrics, _row, load_calibration_items, previous_results
+from backpatch.calibrate.run import (
+    STAGE_FRACTIONS,
+    _plain_metrics,
+    _row,
+    load_calibration_items,
+    plain_differs,
+    previous_results,
+)
 from backpatch.calibrate.search import StageRecord, _run_stage, clip_subsets, combinations
 from backpatch.calibrate.sweep import Scorer, _prepare
 from backpatch.calibrate.writing import _candidate_preset, _with_patches
@@ -61,7 +68,7 @@ def main() -> None:
                                 args.batch_size, True)
     plain = _plain_metrics(refine, answers)
     earlier = previous["plain"]["refine"]
-    if any(abs(earlier[k] - plain[k]) > 1e-3 for k in ("tdr", "audio_only_acc", "consistent_acc")):
+    if plain_differs(earlier, plain):
         raise SystemExit(f"plain answers differ from the sweep's refine stage ({earlier} there, {plain} here)")
 
     done = previous["results"]["refine"]

@@ -380,6 +380,22 @@ def selection_stage(records: Sequence[StageRecord]) -> StageRecord | None:
     return scored[-1]
 
 
+def candidate_of_row(row: dict[str, Any]) -> Candidate:
+    """The candidate a sweep row (:func:`_row`) describes."""
+    return Candidate(Setting(**row["patch"]) if row.get("patch") else None, float(row.get("alpha") or 0.0),
+                     Gate(**row["gate"]) if row.get("gate") else None,
+                     Attention(**row["attention"]) if row.get("attention") else None,
+                     Steering(**row["steering"]) if row.get("steering") else None)
+
+
+def plain_differs(earlier: dict[str, Any] | None, plain: dict[str, Any]) -> bool:
+    """Whether an earlier run's plain metrics on the same items differ from these (another model, dtype or
+    preset): its scores cannot be reused then."""
+    return bool(earlier) and any(earlier.get(k) is not None and plain[k] is not None
+                                 and abs(earlier[k] - plain[k]) > 1e-3
+                                 for k in ("tdr", "audio_only_acc", "consistent_acc"))
+
+
 def previous_results(sweep: str | Path, data: str | Path, stress_data: str | Path | None, seed: int,
                      n_items: int, staged: bool = True) -> dict[str, dict]:
     """``results``: per stage, the candidates an earlier staged run scored and their metrics (paired harm and
@@ -405,10 +421,7 @@ def previous_results(sweep: str | Path, data: str | Path, stress_data: str | Pat
                          + "; ".join(differ) + "); resume with the same --data, --stress-data, --seed and --limit")
     out: dict[str, dict[Candidate, dict[str, Any]]] = {}
     for row in earlier.get("sweep", []):
-        candidate = Candidate(Setting(**row["patch"]) if row.get("patch") else None, float(row.get("alpha") or 0.0),
-                              Gate(**row["gate"]) if row.get("gate") else None,
-                              Attention(**row["attention"]) if row.get("attention") else None,
-                              Steering(**row["steering"]) if row.get("steering") else None)
+        candidate = candidate_of_row(row)
         paired = {key: row.get(key) for key in ("harm", "harm_upper", "tdr_reduction", "tdr_reduction_lower")}
         m = {**{key: row.get(key) for key in METRIC_KEYS}, "paired": paired if row.get("harm") else None}
         out.setdefault(row["stage"], {})[candidate] = m
@@ -510,9 +523,7 @@ def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, se
               (lambda c: scorer.score(c, small), plain_of(refine, small_plain), len(refine), refine)]
     if previous is not None:  # same items, but the same model? its plain answers must be the same
         for name, (_, plain, _, _) in zip(("coarse", "refine"), stages, strict=True):
-            earlier = previous["plain"].get(name)
-            if earlier and any(earlier.get(k) is not None and plain[k] is not None and abs(earlier[k] - plain[k])
-                               > 1e-3 for k in ("tdr", "audio_only_acc", "consistent_acc")):
+            if plain_differs(previous["plain"].get(name), plain):
                 raise ValueError(f"--resume: the earlier run's plain answers on the {name} stage differ from this "
                                  "model's (another model, dtype or preset?): resume only the run of the same model")
     full_plain: dict[str, Any] = {}

@@ -128,6 +128,8 @@ def by_priority(candidates: Sequence[Candidate]) -> list[Candidate]:
 def _run_stage(record: StageRecord, candidates: Sequence[Candidate], score: Callable[[Candidate], dict],
                deadline: float, max_harm: float, progress: bool,
                previous: dict[Candidate, dict[str, Any]] | None = None) -> None:
+    """Score ``candidates`` into ``record`` until ``deadline``; a record may be run on again (stage 2's
+    :func:`combinations`): its results, counts and seconds add up."""
     started = time.perf_counter()
     previous = previous or {}
     bar = tqdm(candidates, desc=f"calibrate {record.name} ({record.n_items} items)", unit="setting",
@@ -138,9 +140,10 @@ def _run_stage(record: StageRecord, candidates: Sequence[Candidate], score: Call
             m = previous[candidate]
             record.reused += 1
         elif time.perf_counter() > deadline:
-            record.truncated = sum(1 for c in candidates[i:] if c not in previous)
+            truncated = sum(1 for c in candidates[i:] if c not in previous)
+            record.truncated += truncated
             logger.warning("calibration %s: time budget reached, %d of %d settings not scored", record.name,
-                           record.truncated, len(candidates))
+                           truncated, len(candidates))
             reused = [(c, previous[c]) for c in candidates[i:] if c in previous]
             record.results += reused
             record.reused += len(reused)
@@ -155,7 +158,7 @@ def _run_stage(record: StageRecord, candidates: Sequence[Candidate], score: Call
             best = (candidate, m)
             bar.set_postfix_str(f"best {candidate.label()} TDR {m['tdr']}")
     bar.close()
-    record.seconds = round(time.perf_counter() - started, 1)
+    record.seconds = round(record.seconds + time.perf_counter() - started, 1)
 
 
 def ranked(record: StageRecord, max_harm: float | None, patches_only: bool | None = None) -> list[Candidate]:
@@ -238,14 +241,9 @@ def staged_search(
     refine = by_priority(refine)
     _run_stage(records[1], refine, stage_scorers[1][0], deadlines[1], max_harm, progress, previous.get("refine"))
     combined = combinations(records[1], max_harm) if blocks else []
-    if combined:  # on stage 2's items, until stage 3's deadline (halfway to it when stage 3 runs)
-        extra = StageRecord("refine", records[1].n_items, records[1].plain, items=records[1].items)
+    if combined:  # stage 2 goes on with them, until stage 3's deadline (halfway to it when stage 3 runs)
         end = deadlines[2] if not full else (deadlines[1] + deadlines[2]) / 2
-        _run_stage(extra, combined, stage_scorers[1][0], end, max_harm, progress, previous.get("refine"))
-        records[1].results += extra.results
-        records[1].truncated += extra.truncated
-        records[1].reused += extra.reused
-        records[1].seconds = round(records[1].seconds + extra.seconds, 1)
+        _run_stage(records[1], combined, stage_scorers[1][0], end, max_harm, progress, previous.get("refine"))
     if not full:
         return records
 
