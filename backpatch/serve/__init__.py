@@ -12,14 +12,14 @@ object, as in YAML), ``{"truncate_audio": true}`` to cut clips longer than the m
 
 from __future__ import annotations
 
-from transformers.utils.import_utils import is_serve_available
+from ._compat import check_serving_installed, describe_import_failure
 
-if not is_serve_available():  # pragma: no cover - depends on the installed extras
-    raise ImportError("backpatch serve needs transformers' serving packages (fastapi, uvicorn, openai, pydantic): "
-                      "pip install 'backpatch[serve]'")
-
-from .app import CONTINUOUS_BATCHING_REFUSAL, build_app  # noqa: E402
-from .requests import RequestError  # noqa: E402
-from .run import bind, serve  # noqa: E402
+check_serving_installed()  # a transformers release outside the tested range, or a missing package, named first
+try:
+    from .app import CONTINUOUS_BATCHING_REFUSAL, build_app
+    from .requests import RequestError
+    from .run import bind, serve
+except ImportError as exc:  # installed, in range, and still failing (a patch release moved a name): say which
+    raise ImportError(describe_import_failure(exc)) from exc
 
 __all__ = ["CONTINUOUS_BATCHING_REFUSAL", "RequestError", "bind", "build_app", "serve"]

@@ -190,6 +190,11 @@ class BackpatchChatHandler(ChatCompletionHandler):
 
     async def handle_request(self, body: dict, request_id: str) -> Any:
         checked = check_request(body, self.sampling_rate, self.window_s)
+        served = self.model_manager.force_model
+        if body.get("model") is not None and body["model"] != served:
+            # transformers' own refusal is an HTTPException, which carries no OpenAI ``param``
+            raise RequestError(f"this server is pinned to {served!r}, not {body['model']!r:.60}; send "
+                               f"model={served!r}", "model")
         wrapped = self.presets.get(checked.options.preset)
         # "backpatch" is not an OpenAI field: the handler's schema check would refuse it.
         body = {key: value for key, value in body.items() if key != "backpatch"}
@@ -198,6 +203,18 @@ class BackpatchChatHandler(ChatCompletionHandler):
             return await super().handle_request(body, request_id)
         finally:
             _CURRENT.reset(token)
+
+    def _validate_request(self, body: dict) -> None:
+        try:
+            super()._validate_request(body)
+        except HTTPException as exc:
+            # transformers names the unexpected fields as a Python set and no ``param``; name the first one.
+            known = getattr(self._valid_params_class, "__mutable_keys__", None)
+            unexpected = sorted(set(body) - set(known)) if known else []
+            if exc.status_code >= 500 or not unexpected:
+                raise
+            raise RequestError(f"{unexpected[0]} is not a chat completion field (unexpected: "
+                               f"{', '.join(unexpected)}); remove it, or check its spelling", unexpected[0]) from None
 
     def _resolve_model(self, body: dict) -> tuple[str, Any, Any]:
         model_id, _, processor = super()._resolve_model(body)

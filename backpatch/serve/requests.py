@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..audio_io import exceeds_window, fit_to_window, resample, too_long_message
+from ..audio_io import exceeds_window, fit_to_window, resample, too_long_message, unreadable_reason
 
 #: content part types the server takes; transformers' handler silently drops the ones it does not know
 TEXT_PARTS = ("text", "input_text", "output_text")
@@ -182,9 +182,8 @@ def decode_audio(data: bytes, where: str, sampling_rate: int, window_s: float | 
     try:
         wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except Exception as exc:  # noqa: BLE001 - libsndfile raises several types; the sentence names the fix
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RequestError(f"{where} is not audio that can be read ({reason}); send a wav, flac, ogg or mp3 file",
-                           where) from None
+        raise RequestError(f"{where} is not audio that can be read ({unreadable_reason(exc)}); send a wav, flac, "
+                           "ogg or mp3 file", where) from None
     if wave.size == 0:
         raise RequestError(f"{where} holds no audio samples; send a non-empty clip", where)
     wave = wave.mean(axis=1)
