@@ -7,7 +7,9 @@ environment.
 ``lock`` is run by a maintainer when a fresh install (CI's) has passed the tests with new releases; ``check`` runs in
 CI right after the fresh install, so every run shows whether today's resolution still matches the known-good one or
 names the drift (a report, not a failure: drift is expected as upstream releases; a drift that breaks something
-fails the tests that follow it). Users who want a reproducible install pass the file to pip with ``-c``.
+fails the tests that follow it). Users who want a reproducible install install the file itself, hash-checked
+(``pip install -r constraints.txt``), then the project with ``--no-deps``: pip refuses hashes for an editable or
+folder requirement, so ``-e . -c constraints.txt`` cannot check them.
 
 The hashes are those of the files pip picks on the machine that ran ``lock`` (the header names its platform and
 Python); pip checks them for every package the file names. torch is left out: its build is chosen by the CPU pin
@@ -89,8 +91,9 @@ def lock(path: Path) -> int:
         scratch.unlink(missing_ok=True)
     lines = [
         "# The versions last known good for a fresh `pip install -e \".[dev,demo,serve]\"` (CI's install), with the",
-        "# sha256 of the file pip picked for each. Reproducible install (after the CPU torch pin):",
-        "#   pip install torch==2.13.0 && pip install -e \".[dev,demo,serve]\" -c constraints.txt",
+        "# sha256 of the file pip picked for each. Reproducible install, in a fresh venv (pip checks every hash; the",
+        "# project itself goes in without dependencies, since pip cannot hash a source folder):",
+        "#   pip install torch==2.13.0 && pip install -r constraints.txt && pip install --no-deps -e .",
         f"# Written by `python scripts/constraints.py lock` on {date.today()} on {platform.system()} "
         f"{platform.machine()}, Python {platform.python_version()}:",
         "# the hashes are those of this platform's files; elsewhere drop the --hash parts. torch is not pinned here",
