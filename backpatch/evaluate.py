@@ -40,6 +40,7 @@ from .inputs import (
     truncation_enabled,
 )
 from .paired import paired_report
+from .preset import Preset, PresetError, methods_label
 
 __all__ = [
     "ConflictItem",
@@ -484,7 +485,9 @@ def format_table(report: dict[str, Any]) -> str:
     """The two metric columns side by side, with intervals and counts, for the terminal; ``!`` marks a control
     metric whose paired harm bound exceeds the no-harm limit."""
     lines = [f"WARNING: {warning}" for warning in report.get("warnings", [])]
-    lines.append(f"{'metric':<16}{'plain':>24}{'backpatched':>24}")
+    label = second_column_label(report)
+    width = max(24, len(label) + 2)
+    lines.append(f"{'metric':<16}{'plain':>24}{label:>{width}}")
     marked = []
     for name in METRICS:
         cells = []
@@ -495,7 +498,7 @@ def format_table(report: dict[str, Any]) -> str:
         if splits:
             marked.append(f"{name} ({', '.join(splits)})")
         flag = " !" if splits else ""
-        lines.append(f"{name:<16}{cells[0]:>24}{cells[1]:>24}{flag}")
+        lines.append(f"{name:<16}{cells[0]:>24}{cells[1]:>{width}}{flag}")
     p = report["plain"]
     lines.append(f"items: {p['n_conflict']} conflict, {p['n_consistent']} consistent, {p['n_audio_only']} audio-only")
     if marked:
@@ -519,6 +522,21 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def second_column_label(report: dict[str, Any]) -> str:
+    """The table's name for the report's second column (JSON key ``backpatched``): what ran there, e.g.
+    ``contrastive a=2 + gate`` or ``back-patched 20->18 + instruction``. A preset without patches is not
+    "back-patched"; a report without a readable preset says "with preset"."""
+    settings = report.get("settings") or {}
+    if settings.get("mitigation") == "none":
+        label = "no preset"
+    else:
+        try:
+            label = methods_label(Preset.from_dict(report["preset"]))
+        except (KeyError, TypeError, PresetError):
+            label = "with preset"
+    return f"{label} + instruction" if settings.get("instruction") else label
+
+
 def _cell(m: dict[str, Any], name: str) -> str:
     value, ci = m[name], m["ci95"][name]
     return "n/a" if value is None else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
@@ -526,15 +544,16 @@ def _cell(m: dict[str, Any], name: str) -> str:
 
 def _breakdown_table(parts: dict[str, dict[str, Any]], key: str) -> list[str]:
     width = max(len(key), *(len(v) for v in list(parts)[:TABLE_ROWS])) + 2
-    lines = [f"{key:<{width}}{'conflicts':>10}{'TDR plain':>24}{'TDR backpatched':>24}{'AFR plain':>11}"
-             f"{'AFR bp':>8}{'audio-only':>16}{'consistent':>16}"]
+    # the second column is named over the main table; here it is "mitigated", whatever its methods
+    lines = [f"{key:<{width}}{'conflicts':>10}{'TDR plain':>24}{'TDR mitigated':>24}{'AFR plain':>11}"
+             f"{'AFR mitigated':>15}{'audio-only':>16}{'consistent':>16}"]
     for value, m in list(parts.items())[:TABLE_ROWS]:
         p, b = m["plain"], m["backpatched"]
         short = {name: ["n/a" if x[name] is None else f"{x[name]:.3f}" for x in (p, b)]
                  for name in ("afr", "audio_only_acc", "consistent_acc")}
         controls = "".join(f"{short[n][0] + ' > ' + short[n][1]:>16}" for n in ("audio_only_acc", "consistent_acc"))
         lines.append(f"{value:<{width}}{p['n_conflict']:>10}{_cell(p, 'tdr'):>24}{_cell(b, 'tdr'):>24}"
-                     f"{short['afr'][0]:>11}{short['afr'][1]:>8}{controls}")
+                     f"{short['afr'][0]:>11}{short['afr'][1]:>15}{controls}")
     if len(parts) > TABLE_ROWS:
         lines.append(f"... {len(parts) - TABLE_ROWS} more {key}s in the JSON report (by_{key})")
     return lines

@@ -132,6 +132,45 @@ def block_labels(preset: Any) -> list[str]:
     return labels
 
 
+def methods_label(preset: Any) -> str:
+    """What ``preset`` does, in a few words: ``contrastive a=2 + gate``, ``back-patched 20->18``,
+    ``back-patched 20->18 + contrastive a=1``.
+
+    For the labels people read beside an answer or over a column (eval's table, ``backpatch run``, the demo): a
+    preset that only decodes contrastively is not "back-patched", so the label names the methods it runs. Report
+    keys ("backpatched") stay as they are; they are a contract, not a description.
+    """
+    parts = []
+    if preset.patches:
+        first = preset.patches[0]
+        parts.append(f"back-patched {first.source}->{first.target}" if len(preset.patches) == 1
+                     else f"back-patched ({len(preset.patches)} patches)")
+    blocks = preset.attention is not None or preset.steering is not None
+    contrastive = preset.contrastive
+    # alpha 0 rows only feed the gate or the steering: not a method of their own unless nothing else runs
+    if contrastive is not None and (contrastive.alpha > 0 or not (parts or blocks)):
+        parts.append(f"contrastive a={contrastive.alpha:g}")
+    if preset.attention is not None:
+        parts.append(f"attention a={preset.attention.alpha:g}")
+    if preset.steering is not None:
+        parts.append(f"steering b={preset.steering.beta:g}")
+    if preset.gate is not None:
+        parts.append("gate")
+    return " + ".join(parts) or "no method"
+
+
+def methods_details(preset: Any) -> str:
+    """Every method of ``preset`` with its settings on one line (patches, contrastive decoding, attention and
+    steering blocks, the gate): the long form of :func:`methods_label`, for ``backpatch presets`` and the demo."""
+    parts = [patch_label(p) for p in preset.patches]
+    if preset.contrastive is not None:
+        parts.append(f"contrastive alpha {preset.contrastive.alpha:g} ({preset.contrastive.null_audio})")
+    parts += block_labels(preset)
+    if preset.gate is not None:
+        parts.append(gate_label(preset.gate))
+    return "; ".join(parts)
+
+
 @dataclass
 class Patch:
     """One back-patch: route layer ``source``'s output back into layer ``target`` at ``positions``.

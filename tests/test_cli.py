@@ -35,12 +35,29 @@ def test_presets_lists_bundled_presets(capsys):
 
 
 def test_method_labels_name_the_attention_and_steering_blocks():
-    from backpatch.cli import _format_patches
+    from backpatch.preset import methods_details
 
     preset = backpatch.Preset(name="m", attention=backpatch.Attention([10, 20], 0.1, "add"),
                               steering=backpatch.Steering([4, 12], 1.5), contrastive=backpatch.Contrastive(alpha=0.0))
-    assert _format_patches(preset) == ("contrastive alpha 0 (silence); attention to audio 10..20 add alpha 0.1; "
+    assert methods_details(preset) == ("contrastive alpha 0 (silence); attention to audio 10..20 add alpha 0.1; "
                                        "steering 4..12 beta 1.5")
+    assert backpatch.methods_label(preset) == "attention a=0.1 + steering b=1.5"  # alpha 0 rows only feed steering
+
+
+def test_methods_label_names_what_a_preset_does_not_back_patching_by_default():
+    """Issue 25: a preset without patches is not "back-patched" in any label people read."""
+    label = backpatch.methods_label
+    contrastive = backpatch.Contrastive(alpha=2.0)
+    gate = backpatch.Gate("audio_gap", 0.1, 0.3)
+    assert label(backpatch.load_preset("smol-whisper")) == "contrastive a=2 + gate"
+    assert label(Preset(name="c", contrastive=contrastive)) == "contrastive a=2"
+    assert label(Preset(name="c0", contrastive=backpatch.Contrastive(alpha=0.0))) == "contrastive a=0"
+    assert label(Preset(name="p", patches=[Patch(20, 18)])) == "back-patched 20->18"
+    assert label(Preset(name="pg", patches=[Patch(20, 18)], contrastive=backpatch.Contrastive(alpha=0.0),
+                        gate=gate)) == "back-patched 20->18 + gate"
+    assert label(Preset(name="pp", patches=[Patch(20, 18), Patch(26, 10)], contrastive=contrastive)) == \
+        "back-patched (2 patches) + contrastive a=2"
+    assert label(backpatch.load_preset("organism-digits")) == "back-patched 11->0 + contrastive a=2"
 
 
 def test_run_prints_plain_and_backpatched_answers(checkpoint, capsys):
@@ -62,8 +79,72 @@ def test_run_prints_plain_and_backpatched_answers(checkpoint, capsys):
         plain = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     n = inputs["input_ids"].shape[1]
     assert out["plain"].strip() == decode_new_tokens(processor, plain, n)[0]
-    assert out["backpatched"].strip().removesuffix("(same)").strip() == decode_new_tokens(processor, patched, n)[0]
+    # the second answer is labelled with what the preset does
+    assert out["back-patched -1->0"].strip().removesuffix("(same)").strip() == decode_new_tokens(processor, patched,
+                                                                                                  n)[0]
     assert out["preset"].strip() == "p [-1->0 add x3 @audio+last]"
+
+
+def test_run_labels_a_preset_without_patches_by_its_methods(checkpoint, tmp_path, capsys):
+    """Issue 25: a contrastive, gated preset (like smol-whisper's) is not called back-patched."""
+    directory, audio, _ = checkpoint
+    preset = tmp_path / "c.yaml"
+    Preset(name="c", contrastive=backpatch.Contrastive(alpha=2.0),
+           gate=backpatch.Gate("audio_gap", 0.1, 0.3)).to_yaml(preset)
+    assert main(["run", "--model", str(directory), "--preset", str(preset), "--audio", str(audio),
+                 "--prompt", "Which digit is spoken?", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    lines = dict(line.split(":", 1) for line in out.splitlines())
+    assert "contrastive a=2 + gate" in lines and "back-patched" not in out and "backpatched" not in out
+    assert lines["preset"].strip() == "c [contrastive alpha 2 (silence); gate audio_gap 0.1..0.3]"
+
+
+def test_answer_lines_align_the_two_answers():
+    from backpatch.cli import _answer_lines
+
+    plain, other = _answer_lines("contrastive a=2 + gate", "three", "seven")
+    assert plain.index("three") == other.index("seven") and other.startswith("contrastive a=2 + gate: ")
+    assert _answer_lines("x", "a", "a")[1] == "x:            a   (same)"
+
+
+def _subparsers(parser):
+    """Every subcommand parser under ``parser``, nested ones (organism build) included, with its command path."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                for nested, deeper in _subparsers(sub):
+                    yield f"{name} {nested}", deeper
+
+
+def test_every_subcommand_help_page_says_what_it_does():
+    from backpatch.cli import build_parser
+
+    found = dict(_subparsers(build_parser()))
+    assert {"presets", "run", "eval", "calibrate", "demo", "serve", "diagnose", "conflicts", "organism",
+            "organism build"} <= set(found)
+    for name, sub in found.items():
+        assert sub.description and sub.description.endswith("."), name
+        assert " ".join(sub.description.split()) in " ".join(sub.format_help().split()), name  # on its -h page
+    # no help text calls the preset's column back-patched: the default preset does no back-patching
+    for name in ("run", "eval", "demo", "serve"):
+        assert "back-patched" not in found[name].description, name
+
+
+def _option_help(parser, option):
+    return next(a.help for a in parser._actions if option in a.option_strings)
+
+
+def test_option_help_strings_say_what_budget_and_batch_size_bound():
+    from backpatch.cli import build_parser
+
+    found = dict(_subparsers(build_parser()))
+    budget = _option_help(found["calibrate"], "--budget-minutes")
+    assert "whole run" in budget and "verification included" in budget
+    for name in ("eval", "calibrate", "diagnose"):
+        assert _option_help(found[name], "--batch-size"), name
 
 
 @pytest.mark.parametrize(
@@ -100,7 +181,7 @@ def test_run_with_dtype_and_device_map(checkpoint, capsys):
     code = main(["run", "--model", str(directory), "--preset", str(preset), "--audio", str(audio), "--prompt",
                  "Which digit is spoken?", "--dtype", "bfloat16", "--device-map", "cpu", "--max-new-tokens", "2"])
     assert code == 0
-    assert "backpatched:" in capsys.readouterr().out
+    assert "back-patched -1->0:" in capsys.readouterr().out
 
 
 def test_load_model_and_processor_honours_dtype_and_device_map(checkpoint):
@@ -142,10 +223,10 @@ def test_diagnose_subcommand_writes_the_report(checkpoint, tmp_path, capsys):
 
 
 def test_presets_line_names_the_gate():
-    from backpatch.cli import _format_patches
+    from backpatch.preset import methods_details
 
     preset = backpatch.Preset(patches=[backpatch.Patch(5, 2, 0.1)], contrastive=backpatch.Contrastive(alpha=0.0),
                               gate=backpatch.Gate("audio_gap", 0.2, 0.2))
-    assert _format_patches(preset) == "5->2 add x0.1 @audio; contrastive alpha 0 (silence); gate audio_gap >= 0.2"
+    assert methods_details(preset) == "5->2 add x0.1 @audio; contrastive alpha 0 (silence); gate audio_gap >= 0.2"
     ramp = backpatch.Preset(patches=[backpatch.Patch(5, 2)], gate=backpatch.Gate("certainty", 0.3, 0.7))
-    assert _format_patches(ramp).endswith("; gate certainty 0.3..0.7")
+    assert methods_details(ramp).endswith("; gate certainty 0.3..0.7")

@@ -170,6 +170,45 @@ def test_compare_marks_control_accuracy_beyond_the_no_harm_bound_like_eval(demo)
     assert 'id="bp-harm"' in r.verdict_html and "consistent 1.000 → 0.975 !" in r.verdict_html
 
 
+def test_gate_controls_start_from_the_preset_and_change_what_runs(demo):
+    """Issue 25: the gate, the default preset's key feature, has controls: on/off, signal and thresholds, applied
+    in compare() (and left at None, the preset's gate is kept)."""
+    import dataclasses
+
+    preset = backpatch.load_preset(PRESET)
+    controls = demo.controls(preset)
+    assert preset.gate is not None  # smol-whisper's preset: contrastive decoding behind an audio_gap gate
+    assert (controls["gate_on"], controls["gate_signal"], controls["gate_low"], controls["gate_high"]) == \
+        (True, preset.gate.signal, preset.gate.low, preset.gate.high)
+    clip, prompt = _clip(demo)
+    off = demo.compare(str(clip.path), prompt, gate_on=False)
+    assert off.preset.gate is None and off.preset.contrastive == preset.contrastive and off.preset.patches == []
+    ungated = dataclasses.replace(preset, gate=None)
+    assert off.preset.calibration.status == "uncalibrated" and "gate" not in off.extra
+    plain, patched, _, _ = _library_answers(demo.model, demo.processor, clip.wave, prompt, preset=ungated)
+    assert (off.plain, off.patched) == (plain, patched)
+    # thresholds no signal reaches: the gate closes, and the answer is the plain model's
+    closed = demo.compare(str(clip.path), prompt, gate_signal="certainty", gate_low=1.0, gate_high=1.0)
+    assert closed.preset.gate == backpatch.Gate("certainty", 1.0, 1.0) and closed.plain == closed.patched
+    assert "gate closed" in closed.extra["gate"] and closed.plain_top == closed.patched_top
+    # a preset without a gate gets the schema's default gate when the switch is turned on
+    nogate = {"nogate": dataclasses.replace(ungated, name="nogate")}
+    assert demo.controls(nogate["nogate"])["gate_on"] is False
+    assert demo.compare(str(clip.path), prompt, preset_name="nogate", uploaded=nogate).preset.gate is None
+    on = demo.compare(str(clip.path), prompt, preset_name="nogate", uploaded=nogate, gate_on=True)
+    assert on.preset.gate == backpatch.Gate() and "gate" in on.extra
+
+
+def test_methods_line_names_what_is_on_and_off(demo):
+    from backpatch.demo import methods_status
+
+    line = methods_status(backpatch.load_preset(PRESET))
+    assert line == ("**On:** contrastive decoding α 2, audio-confidence gate audio_gap 0.1..0.3. **Off:** "
+                    "back-patching, attention to audio, audio-silence steering.")
+    patched = backpatch.Preset(name="p", patches=[backpatch.Patch(20, 18)])
+    assert methods_status(patched).startswith("**On:** back-patching (1 patch). **Off:** contrastive decoding")
+
+
 def test_attention_and_steering_controls_build_their_blocks_and_answer_like_the_library(demo):
     """Issue 20 point 5: the two controls make attention and steering blocks (the base preset's layers, else the
     middle third), the answers equal the library's for that preset, and 0 leaves them out."""
@@ -239,6 +278,8 @@ def _tone(seconds: float, rate: int = 16000) -> np.ndarray:
         ("preset_does_not_fit", "The preset does not fit this model (30 decoder layers)"),  # smol-whisper
         ("bad_control", "must be a whole number"),
         ("nothing_on", "Nothing to compare"),
+        ("bad_gate", "These gate controls do not make a valid gate: gate.low: low (0.5) must not exceed high (0.2)"),
+        ("bad_gate_signal", "Gate signal 'loudness' is not one of: audio_gap, certainty"),
     ],
 )
 def test_bad_input_is_a_friendly_error_and_the_demo_keeps_serving(demo, tmp_path, case, message):
@@ -263,6 +304,10 @@ def test_bad_input_is_a_friendly_error_and_the_demo_keeps_serving(demo, tmp_path
         kwargs = {"source": 7.5, "patch_on": True}
     elif case == "nothing_on":
         kwargs = {"patch_on": False, "alpha": 0}
+    elif case == "bad_gate":
+        kwargs = {"gate_on": True, "gate_low": 0.5, "gate_high": 0.2}
+    elif case == "bad_gate_signal":
+        kwargs = {"gate_signal": "loudness"}
     with pytest.raises(gr.Error, match=message.replace("(", r"\(").replace(")", r"\)")):
         demo.compare(audio, prompt, **kwargs)
     assert demo.compare(str(clip.path), clip.conflict_prompts[0]).plain  # still serving
@@ -414,11 +459,34 @@ def test_app_queues_compare_one_at_a_time_and_names_the_endpoint(server):
     compare = [fn for fn in app.fns.values() if fn.api_name == "compare"]
     assert len(compare) == 1 and compare[0].concurrency_limit == 1
     assert [c.label for c in compare[0].inputs[:2]] == ["Audio clip", "Prompt"]
-    assert [c.label for c in compare[0].outputs[:2]] == ["Plain model", "With the preset"]
+    # the right answer is labelled with what the preset does: smol-whisper's does no back-patching
+    assert [c.label for c in compare[0].outputs[:2]] == ["Plain model", "With the preset: contrastive a=2 + gate"]
     # every event that runs the model shares one concurrency slot
     model_fns = [fn for fn in app.fns.values() if fn.fn is not None and fn.fn.__name__ == "on_compare"]
     assert len(model_fns) == 2 and {fn.concurrency_id for fn in model_fns} == {"model"}
     assert all(fn.concurrency_limit == 1 for fn in model_fns)
+
+
+def _component(app, elem_id):
+    return next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+
+
+def test_controls_show_the_gate_and_grey_out_the_patch_for_a_patchless_preset(server):
+    """Issue 25: with smol-whisper's preset (contrastive decoding behind a gate, no patch) the patch controls are
+    off and not interactive, the gate's controls show its setting, and the page names the methods."""
+    _, app = server
+    preset = backpatch.load_preset(PRESET)
+    assert _component(app, "bp-patch-on").value is False
+    for elem_id in ("bp-source", "bp-target", "bp-scale", "bp-mode", "bp-positions"):
+        assert _component(app, elem_id).interactive is False, elem_id
+    assert _component(app, "bp-gate-on").value is True
+    gate = [_component(app, f"bp-gate-{key}") for key in ("signal", "low", "high")]
+    assert [c.value for c in gate] == [preset.gate.signal, preset.gate.low, preset.gate.high]
+    assert all(c.interactive is not False for c in gate)
+    intro = _component(app, "bp-intro").value
+    assert intro.startswith("# backpatch: plain vs contrastive a=2 + gate, side by side")
+    assert "back-patched" not in intro
+    assert "**Off:** back-patching" in _component(app, "bp-methods").value
 
 
 def test_api_endpoint_with_gradio_client(server, showcase_item, tmp_path):
@@ -439,6 +507,13 @@ def test_api_endpoint_with_gradio_client(server, showcase_item, tmp_path):
     # the app keeps serving, and the controls follow the two first inputs
     out = client.predict(handle_file(str(showcase_item.audio)), showcase_item.prompt, -1, 0, 0.0, "add", "audio",
                          0, True, api_name="/compare")
+    assert out[0] == out[1] == plain
+    # the gate controls are the endpoint's last arguments: a gate no signal reaches gives the plain answer
+    names = [p["parameter_name"] for p in client.view_api(print_info=False, return_format="dict")[
+        "named_endpoints"]["/compare"]["parameters"]]
+    assert names[:2] == ["audio", "prompt"] and names[-4:] == ["gate_on", "gate_signal", "gate_low", "gate_high"]
+    out = client.predict(handle_file(str(showcase_item.audio)), showcase_item.prompt, gate_signal="certainty",
+                         gate_low=1.0, gate_high=1.0, api_name="/compare")
     assert out[0] == out[1] == plain
     # the save button's endpoint returns the controls as a preset YAML file
     saved = client.predict(10, 2, 0.5, "add", "audio", 0, True, PRESET, "from-api", api_name="/save_preset")
@@ -472,6 +547,11 @@ def test_browser_compare_shows_plain_following_text_and_backpatched_following_au
             page.route("**/*", only_local)
             page.goto(url, wait_until="domcontentloaded")
             expect(page.locator("#bp-compare")).to_be_visible(timeout=30_000)
+            # the page names what the preset does; its patch controls are greyed out, its gate is on
+            expect(page.locator("#bp-intro")).to_contain_text("plain vs contrastive a=2 + gate")
+            expect(page.locator("#bp-source input").first).to_be_disabled()
+            expect(page.locator("#bp-gate-on input[type=checkbox]")).to_be_checked()
+            expect(page.locator("#bp-gate-low input")).to_be_enabled()
 
             def pick(elem_id, text):
                 box = page.locator(f"#{elem_id} input")
@@ -509,6 +589,16 @@ def test_browser_compare_shows_plain_following_text_and_backpatched_following_au
             expect(page.locator("#bp-patched-top")).to_contain_text(showcase_item.audio_answer)
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
+            # turning back-patching on makes its controls live and the page names the patch
+            page.locator("#bp-patch-on input[type=checkbox]").check()
+            expect(page.locator("#bp-source input").first).to_be_enabled(timeout=10_000)
+            expect(page.locator("#bp-intro")).to_contain_text("plain vs back-patched", timeout=10_000)
+            expect(page.locator("#bp-methods")).to_contain_text("back-patching (1 patch)")
+            expect(page.locator("#bp-patched-answer")).to_contain_text("With the preset: back-patched")
+            page.locator("#bp-gate-on input[type=checkbox]").uncheck()
+            expect(page.locator("#bp-gate-low input")).to_be_disabled(timeout=10_000)
+            expect(page.locator("#bp-methods")).to_contain_text("Off: attention to audio, audio-silence steering, "
+                                                                "audio-confidence gate")
         finally:
             browser.close()
     assert judge(plain, showcase_item) == "text", (showcase_item.id, plain)

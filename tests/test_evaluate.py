@@ -161,6 +161,45 @@ def test_cli_eval_writes_report(setup, capsys):
     assert "tdr" in printed and "audio_only_acc" in printed and "report written to" in printed
 
 
+def _table_header(report):
+    return next(line for line in format_table(report).splitlines() if line.startswith("metric")).split(None, 2)
+
+
+def test_table_names_the_second_column_by_the_presets_methods():
+    """Issue 25: the default preset (contrastive decoding behind a gate) is not labelled back-patched; the JSON keys
+    stay "plain"/"backpatched"."""
+    m = metrics([item("conflict"), item("audio_only")], ["text", "audio"])
+    report = {"plain": m, "backpatched": m, "preset": backpatch.load_preset("smol-whisper").to_dict(),
+              "settings": {"mitigation": "preset", "instruction": None}}
+    assert _table_header(report) == ["metric", "plain", "contrastive a=2 + gate"]
+    assert "backpatched" not in format_table(report) and "back-patched" not in format_table(report)
+    report["preset"] = Preset(patches=[Patch(20, 18)], name="p").to_dict()
+    assert _table_header(report)[2] == "back-patched 20->18"
+    report["settings"]["instruction"] = {"text": "Trust the audio.", "role": "user"}
+    assert _table_header(report)[2] == "back-patched 20->18 + instruction"
+    report["settings"]["mitigation"] = "none"
+    assert _table_header(report)[2] == "no preset + instruction"
+    assert _table_header({"plain": m, "backpatched": m})[2] == "with preset"  # no preset recorded
+    report["settings"]["mitigation"], report["preset"]["name"] = "preset", "a-preset-with-a-long-label"
+    report["preset"]["patches"].append({"source": 26, "target": 10})
+    rows = format_table(report).splitlines()  # "back-patched (2 patches) + instruction": wider than 24
+    assert len({len(line) for line in rows if line.startswith(("metric", "tdr ", "afr "))}) == 1  # aligned
+
+
+def test_cli_eval_table_names_a_contrastive_preset_by_its_methods(setup, tmp_path, capsys):
+    root, data, _ = setup
+    preset = tmp_path / "c.yaml"
+    Preset(name="c", contrastive=backpatch.Contrastive(alpha=2.0), gate=backpatch.Gate("audio_gap", 0.1, 0.3)
+           ).to_yaml(preset)
+    out = tmp_path / "c.json"
+    assert main(["eval", "--model", str(root / "model"), "--preset", str(preset), "--data", str(data),
+                 "--max-new-tokens", "2", "--limit", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("metric"))
+    assert header.split(None, 2)[2] == "contrastive a=2 + gate" and "back-patched" not in printed
+    assert {"plain", "backpatched"} <= set(json.loads(out.read_text()))  # the report's keys are a contract
+
+
 def test_cli_eval_bad_data_is_one_sentence(setup, capsys):
     root, _, preset = setup
     assert main(["eval", "--model", str(root / "model"), "--data", str(root / "missing.jsonl")]) == 2

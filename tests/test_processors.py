@@ -294,5 +294,5 @@ def test_cli_runs_a_saved_audioflamingo3_checkpoint(tmp_path, capsys, seconds):
                  "--prompt", "Transcribe this", "--max-new-tokens", "2"])
     assert code == 0
     out = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines() if ":" in line)
-    assert "plain" in out and "backpatched" in out
+    assert "plain" in out and "back-patched -1->0" in out  # the second answer's label: what the preset does
     assert out["preset"].strip() == "p [-1->0 add x1 @audio]"

@@ -24,9 +24,10 @@ def test_readme_block_runs_as_written(index, capsys):
         assert capsys.readouterr().out.strip()
 
 
-def test_quickstart_answers_are_what_the_text_says():
+def test_quickstart_answers_are_what_the_text_says(capsys):
     """The Quickstart's clip says "seven"; the plain model follows the misleading prompt or the audio, and the
-    back-patched answer is a digit word (the README claims no more than that)."""
+    answer with the preset is a digit word (the README claims no more than that). The print labels that answer with
+    what the default preset does (contrastive decoding behind a gate), not "back-patched" (issue 25)."""
     scope: dict = {"__name__": "__readme__"}
     exec(compile(BLOCKS[0], "README.md quickstart", "exec"), scope)
     n = scope["n"]
@@ -34,3 +35,12 @@ def test_quickstart_answers_are_what_the_text_says():
     patched = scope["decode_new_tokens"](scope["processor"], scope["out"], n)[0]
     assert plain in ("seven", "three") and patched in scope["backpatch"].organism.DIGITS
     assert scope["backpatch"].backpatch_hook_count(scope["model"]) == 0
+    printed = capsys.readouterr().out
+    assert "contrastive a=2 + gate:" in printed and "back-patched" not in printed
+
+
+def test_no_runnable_block_labels_an_answer_back_patched():
+    """The default preset does no back-patching: the README's snippets name the second answer otherwise."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+    printed = [line for block in blocks for line in block.splitlines() if "print(" in line]
+    assert printed and not [line for line in printed if re.search(r"back-?patched:", line)]

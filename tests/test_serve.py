@@ -225,7 +225,7 @@ def test_readme_client_snippet_runs_against_the_server(smol_server, smol_python,
     assert scope["reply"].choices[0].message.content.strip() == smol_python.answer()
     assert scope["plain"].choices[0].message.content.strip() == smol_python.answer(enabled=False)
     assert scope["streamed"].strip() == smol_python.answer()
-    assert "back-patched: zero | plain: two" in capsys.readouterr().out
+    assert "with preset: zero | plain: two" in capsys.readouterr().out
 
 
 def test_per_request_presets_match_python(digits_server, digits_python):
