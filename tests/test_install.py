@@ -92,3 +92,21 @@ def test_constraints_check_reports_drift_and_fails_only_when_strict(tmp_path, ca
     out = capsys.readouterr().out
     assert "1 of 2 pinned packages drifted" in out and "pyyaml: known good 0.0.1, installed" in out
     assert constraints.main(["check", "--constraints", str(path), "--strict"]) == 1
+
+
+def test_ci_installs_as_a_new_user_does_into_a_fresh_environment():
+    """CI must meet what a fresh install meets: a new venv every run, the declared requirements (no constraints),
+    the CPU torch pin first, the drift report, and the README's test command."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    steps = [line.strip() for line in ci.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+    def index(fragment: str) -> int:
+        (found,) = [i for i, line in enumerate(steps) if fragment in line]
+        return found
+
+    assert index('rm -rf "$VENV"') < index('-m venv "$VENV"') < index('source "$VENV/bin/activate"')
+    assert index("pip install -q torch==2.13.0") < index('pip install -q -e ".[dev,demo,serve]"')
+    assert "constraints.txt" not in steps[index('pip install -q -e ".[dev,demo,serve]"')]
+    assert index('-e ".[dev,demo,serve]"') < index("scripts/constraints.py check") < index("python -m pytest -q")
+    readme = (ROOT / "README.md").read_text()
+    assert "python -m pytest -q" in readme and "pip install -r constraints.txt" in readme
