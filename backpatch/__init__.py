@@ -6,22 +6,11 @@ See docs/design.md for the semantics and the README for a quickstart.
 """
 
 from . import organism
-from ._engine import BackpatchRuntimeError
 from .bundled import list_presets, load_preset
-from .preset import (
-    Attention,
-    AudioSpan,
-    Calibration,
-    Contrastive,
-    Gate,
-    Match,
-    ModelFacts,
-    Patch,
-    Preset,
-    PresetError,
-    Steering,
-    methods_label,
-)
+from .engine import BackpatchRuntimeError
+from .methods import Attention, Contrastive, Gate, Patch, Steering
+from .preset import AudioSpan, Calibration, Match, ModelFacts, Preset, PresetError, methods_label
+from .registry import LayerSpace, Method, get_method, register_method, registered_methods, unregister_method
 from .wrapper import BackpatchedModel, apply, backpatch_hook_count, wrap
 
 __version__ = "0.1.0"
@@ -34,7 +23,9 @@ __all__ = [
     "Calibration",
     "Contrastive",
     "Gate",
+    "LayerSpace",
     "Match",
+    "Method",
     "ModelFacts",
     "Patch",
     "Preset",
@@ -42,10 +33,14 @@ __all__ = [
     "Steering",
     "apply",
     "backpatch_hook_count",
+    "get_method",
     "list_presets",
     "load_preset",
     "methods_label",
     "organism",
+    "register_method",
+    "registered_methods",
+    "unregister_method",
     "wrap",
     "__version__",
 ]

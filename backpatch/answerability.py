@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .evaluate import ConflictItem, ConflictSetError, wilson
+from .items import ConflictItem, ConflictSetError
+from .paired import wilson
 
 __all__ = ["UnanswerableError", "chance_warning", "check_labels", "labels_of", "unwritable_labels"]
 

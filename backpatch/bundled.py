@@ -7,9 +7,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .preset import Patch, Preset, PresetError
+from .preset import Preset, PresetError
 
-__all__ = ["bundled_preset_dir", "find_matching_preset", "list_presets", "load_preset", "uncalibrated_patch"]
+__all__ = ["bundled_preset_dir", "find_matching_preset", "list_presets", "load_preset"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,30 +26,6 @@ def bundled_preset_dir() -> Path:
     if installed.is_dir():
         return installed
     return Path(__file__).resolve().parent.parent / "presets"
-
-
-#: The one rule for uncalibrated presets, as fractions of the text decoder's depth N and a scale:
-#: source round(0.9 N), target round(N / 2), ``add`` x0.05 at the audio positions. Read off both organisms'
-#: validation calibrations (README, "Bundled presets"): on ``smol-whisper`` every strong or far-back patch harmed
-#: the answers while small audio-span adds were harmless almost everywhere and helped most from s ~ 0.9 N into
-#: t ~ N / 2; on ``digits`` no audio-span ``add`` (0.5 to 2, any pair) harmed or helped. The first version (x0.1)
-#: passed validation but lost 2.5 points of audio-only accuracy on smol-whisper's test split, as the calibrated
-#: x0.1 patches did (validation under-estimated that harm by about 3 points), so the scale was halved; measured by
-#: ``scripts/uncalibrated_rule.py`` (``docs/uncalibrated-rule.json``, the x0.1 run in
-#: ``docs/uncalibrated-rule-scale0.1.json``), including a projector the rule was never chosen on.
-UNCALIBRATED_RULE = {"source": 0.9, "target": 0.5, "scale": 0.05, "mode": "add", "positions": "audio"}
-
-
-def uncalibrated_patch(num_layers: int) -> Patch:
-    """The patch an uncalibrated preset for a text decoder of ``num_layers`` layers gets: gentle, so that a preset
-    nobody has calibrated for a model does no harm (it is not tuned for that model either)."""
-    if num_layers < 2:
-        raise ValueError(f"back-patching needs a text decoder of at least 2 layers (a source after a target); "
-                         f"this one has {num_layers}")
-    rule = UNCALIBRATED_RULE
-    source = min(round(rule["source"] * num_layers), num_layers - 1)
-    target = min(round(rule["target"] * num_layers), source - 1)
-    return Patch(source=source, target=target, scale=rule["scale"], mode=rule["mode"], positions=rule["positions"])
 
 
 def list_presets() -> list[str]:

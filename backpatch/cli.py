@@ -140,7 +140,8 @@ def _eval_without_preset(args: argparse.Namespace) -> bool:
 def _load_unpatched(args: argparse.Namespace):
     """The model in a wrapper whose preset never runs (``eval --preset none``: prompt framing alone)."""
     from .loading import load_model_and_processor
-    from .preset import Patch, Preset
+    from .methods import Patch
+    from .preset import Preset
     from .wrapper import wrap
 
     model, processor = load_model_and_processor(args.model, args.dtype, args.device_map, args.trust_remote_code)
@@ -365,7 +366,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from .diagnose import diagnose
-    from .diagnose.report import _ranges_text
+    from .diagnose.report import ranges_text
     from .evaluate import truncation_line
     from .loading import load_model_and_processor
 
@@ -380,7 +381,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     print(f"audio answer decodable at the last prompt position under conflict, last layer: "
           f"{s['probe_audio_conflict_last_layer']} (chance {s['chance_audio_conflict']}); text answer ahead in the "
           "logit lens " + (f"from layer {s['text_takeover_layer']} on" if s["text_takeover_layer"] is not None
-                           else _ranges_text(s.get("text_ahead_layers"))))
+                           else ranges_text(s.get("text_ahead_layers"))))
     print(f"suggested preset: {Path(args.out) / 'suggested_preset.yaml'}")
     print(f"wrote {Path(args.out) / 'report.md'}, report.json and {len(report['figures'])} figures")
     return 0

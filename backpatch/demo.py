@@ -30,26 +30,14 @@ import torch
 
 from . import organism
 from .audio_io import AudioFileError, exceeds_window, read_audio, resample, too_long_message
-from .bundled import list_presets, load_preset, uncalibrated_patch
+from .bundled import list_presets, load_preset
 from .evaluate import ConflictItem, judge, load_conflict_set, normalize
 from .inputs import audio_window_seconds, build_inputs, decode_new_tokens, sampling_rate_of
 from .loading import display_name
-from .preset import (
-    GATE_SIGNALS,
-    MODES,
-    POSITIONS,
-    Attention,
-    Calibration,
-    Contrastive,
-    Gate,
-    Patch,
-    Preset,
-    PresetError,
-    Steering,
-    gate_label,
-    methods_details,
-    methods_label,
-)
+from .methods import Attention, Contrastive, Gate, Patch, Steering, gate_label
+from .methods.backpatching import MODES, POSITIONS, uncalibrated_patch
+from .methods.gate import GATE_SIGNALS
+from .preset import Calibration, Preset, PresetError, methods_details, methods_label
 from .wrapper import BackpatchedModel, wrap
 
 # No telemetry and no version check from a demo that must run offline (read when gradio builds the Blocks).

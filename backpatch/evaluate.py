@@ -16,13 +16,9 @@ Clips longer than the model's audio window are refused before any model work, al
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
-import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +35,8 @@ from .inputs import (
     sampling_rate_of,
     truncation_enabled,
 )
-from .paired import paired_report
+from .items import ANNOTATIONS, ConflictItem, ConflictSetError, judge, load_conflict_set, normalize
+from .paired import paired_report, wilson
 from .preset import Preset, PresetError, methods_label
 
 __all__ = [
@@ -59,123 +56,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("conflict", "consistent", "audio_only")
 METRICS = ("tdr", "afr", "other_rate", "consistent_acc", "audio_only_acc")
-ANNOTATIONS = ("framing", "label", "group", "perturbation")
 #: annotations the report breaks the metrics down by (``by_<key>``)
 BREAKDOWNS = ("framing", "label", "perturbation")
 #: rows shown per breakdown in the terminal table (the JSON report has all)
 TABLE_ROWS = 30
 #: long clips named in a refusal (all are counted)
 NAMED_CLIPS = 10
-
-
-class ConflictSetError(ValueError):
-    """A conflict-set file that cannot be used as it is."""
-
-
-@dataclass(frozen=True)
-class ConflictItem:
-    id: str
-    audio: Path
-    prompt: str
-    audio_answer: str
-    text_answer: str | None
-    kind: str
-    #: optional annotations (extra keys are allowed; ``backpatch conflicts`` writes these)
-    framing: str | None = None
-    label: str | None = None
-    group: str | None = None
-    choices: tuple[str, ...] | None = None
-    #: how the clip was degraded (stress sets, ``backpatch.organism.perturb``); None for clean audio
-    perturbation: str | None = None
-
-
-def load_conflict_set(path: str | Path, limit: int | None = None) -> list[ConflictItem]:
-    """Read and check a conflict set; errors name the file, the line and the field. ``limit``: the first items
-    only (a positive number)."""
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConflictSetError(f"limit must be a positive number of items, got {limit!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise ConflictSetError(f"conflict set not found: {path}")
-    items = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConflictSetError(f"{where}: not valid JSON ({exc.msg})") from None
-        missing = [k for k in ("id", "audio", "prompt", "audio_answer", "kind") if k not in row]
-        if missing:
-            raise ConflictSetError(f"{where}: missing field(s) {', '.join(missing)}")
-        if row["kind"] not in KINDS:
-            raise ConflictSetError(f"{where}: kind {row['kind']!r} is not one of {', '.join(KINDS)}")
-        text_answer = row.get("text_answer")
-        if row["kind"] == "conflict" and not text_answer:
-            raise ConflictSetError(f"{where}: a conflict item needs a text_answer")
-        if row["kind"] == "conflict" and normalize(str(text_answer)) == normalize(str(row["audio_answer"])):
-            raise ConflictSetError(f"{where}: a conflict item needs a text_answer that differs from its audio_answer "
-                                   f"(both are {row['audio_answer']!r}); make it kind 'consistent' or change the claim")
-        if row["kind"] == "consistent" and text_answer != row["audio_answer"]:
-            raise ConflictSetError(f"{where}: a consistent item needs text_answer == audio_answer")
-        audio = (path.parent / row["audio"]).resolve()
-        if not audio.is_file():
-            raise ConflictSetError(f"{where}: audio file {row['audio']!r} not found (paths are relative to the JSONL)")
-        choices = row.get("choices")
-        if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
-            raise ConflictSetError(f"{where}: choices must be a list of strings")
-        items.append(ConflictItem(str(row["id"]), audio, row["prompt"], row["audio_answer"], text_answer, row["kind"],
-                                  *(_optional_text(row, key) for key in ("framing", "label", "group")),
-                                  tuple(choices) if choices is not None else None,
-                                  _optional_text(row, "perturbation")))
-        if limit is not None and len(items) >= limit:
-            break
-    if not items:
-        raise ConflictSetError(f"{path}: no items")
-    return items
-
-
-def _optional_text(row: dict, key: str) -> str | None:
-    return None if row.get(key) is None else str(row[key])
-
-
-def normalize(text: str) -> str:
-    """Lowercase words separated by single spaces: punctuation and special characters do not count."""
-    return " ".join(re.findall(r"[\w']+", text.lower()))
-
-
-def _first_mention(answer: str, target: str | None) -> int | None:
-    if not target:
-        return None
-    match = re.search(rf"(?<!\w){re.escape(normalize(target))}(?!\w)", answer)
-    return match.start() if match else None
-
-
-def judge(answer: str, item: ConflictItem) -> str:
-    """``audio``, ``text`` or ``other``. An answer follows whichever of the two it mentions (first, if both):
-    single-word answers ("seven") and sentences ("The digit is seven.") are judged alike."""
-    norm = normalize(answer)
-    audio_at = _first_mention(norm, item.audio_answer)
-    text_at = _first_mention(norm, item.text_answer) if item.kind == "conflict" else None
-    if audio_at is None and text_at is None:
-        return "other"
-    if text_at is None or (audio_at is not None and audio_at < text_at):
-        return "audio"
-    return "text"
-
-
-def wilson(successes: int, n: int, z: float = 1.96) -> list[float] | None:
-    """95% Wilson score interval; ``None`` when there are no trials."""
-    if n == 0:
-        return None
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def _rate(k: int, n: int) -> float | None:

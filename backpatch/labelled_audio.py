@@ -37,7 +37,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .audio_io import AudioFileError, read_audio
-from .evaluate import ConflictSetError
+from .items import ConflictSetError
 
 __all__ = [
     "AUDIO_COLUMNS",

@@ -14,18 +14,30 @@ TDR is a ratio with a varying denominator, so its paired reduction gets a seeded
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from scipy.stats import beta
 
-__all__ = ["CONTROL_KINDS", "harm_bound", "paired_report", "split_of", "tdr_reduction_bound"]
+__all__ = ["CONTROL_KINDS", "wilson", "harm_bound", "paired_report", "split_of", "tdr_reduction_bound"]
 
 #: the item kinds whose accuracy a mitigation must not lower
 CONTROL_KINDS = ("audio_only", "consistent")
 CONFIDENCE = 0.95
 BOOTSTRAP = 2000
+
+
+def wilson(successes: int, n: int, z: float = 1.96) -> list[float] | None:
+    """95% Wilson score interval of one rate (the report's ``ci95``); ``None`` when there are no trials."""
+    if n == 0:
+        return None
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def harm_bound(plain_correct: Sequence[bool], mitigated_correct: Sequence[bool],

@@ -2,7 +2,7 @@
 
 Like PEFT's ``PeftModel``, :class:`BackpatchedModel` holds the base model, forwards every attribute it does
 not override, and gives the model back clean with :meth:`BackpatchedModel.unwrap`. It never touches weights:
-all it adds are hooks that live for one prefill (see :mod:`backpatch._engine`).
+all it adds are hooks that live for one call (see :mod:`backpatch.engine`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from typing import Any
 
 from torch import nn
 
-from ._architectures import Resolved, resolve
-from ._engine import generation_session, model_lock, plain_call
 from .bundled import find_matching_preset, load_preset
-from .preset import Preset, PresetError, patch_label
+from .engine import Resolved, generation_session, model_lock, plain_call, resolve
+from .preset import Preset, PresetError, methods_details
 
 __all__ = ["BackpatchedModel", "apply", "backpatch_hook_count", "wrap"]
 
@@ -60,23 +59,17 @@ def _as_preset(model: nn.Module, preset: Preset | str | Path | None) -> Preset:
 _WARNED: set[str] = set()
 
 
-def _silence_for(preset: Preset, processor: Any) -> Any:
-    """Silent-clip features for contrastive decoding with ``null_audio: silence`` (needs the processor)."""
-    block = preset.contrastive
-    # null rows feed an audio_gap gate and the steering block even at alpha 0
-    gate_rows = (preset.gate is not None and preset.gate.signal == "audio_gap") or (
-        preset.steering is not None and preset.steering.beta != 0)
-    if block is None or (block.alpha == 0 and not gate_rows) or block.null_audio != "silence":
-        return None
-    if processor is None or getattr(processor, "feature_extractor", None) is None:
-        origin = f"{preset.origin}: " if preset.origin else ""
-        raise PresetError(
-            f"{origin}contrastive.null_audio: silence needs the processor to compute silent features; pass "
-            "wrap(model, preset, processor=processor), or use null_audio: zeros"
-        )
-    from ._contrastive import silence_frame
-
-    return silence_frame(processor)
+def prepare_resources(preset: Preset, processor: Any) -> dict[str, Any]:
+    """What each method of ``preset`` computes once per wrapped model (``Method.prepare``: e.g. the silent features
+    of contrastive decoding), for the methods that run: a block whose rows nobody needs prepares nothing."""
+    needs_rows = preset.needs_null_rows()
+    resources = {}
+    for method, config in preset.methods():
+        if method.acts(config) or (needs_rows and method.provides_null_rows):
+            resource = method.prepare(config, processor, preset.origin)
+            if resource is not None:
+                resources[method.key] = resource
+    return resources
 
 
 class BackpatchedModel:
@@ -94,13 +87,10 @@ class BackpatchedModel:
         self._model = model
         self.preset = _as_preset(model, preset)
         self._resolved = resolve(model, self.preset, processor)
-        self._silence = _silence_for(self.preset, processor)
+        self._resources = prepare_resources(self.preset, processor)
         self._local = threading.local()
-        #: the sessions of the most recent call (for deterministic counts in tests and benchmarks)
-        self.last_session = None
-        self.last_contrastive = None
-        self.last_attention = None
-        self.last_steering = None
+        #: the sessions of the most recent call, by preset key (for deterministic counts in tests and benchmarks)
+        self.last_sessions: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------- access
     @property
@@ -118,10 +108,25 @@ class BackpatchedModel:
         return getattr(object.__getattribute__(self, "_model"), name)
 
     def __repr__(self) -> str:
-        patches = ", ".join(patch_label(p) for p in self._resolved.patches)
-        contrastive = f", contrastive alpha={self.preset.contrastive.alpha:g}" if self.preset.contrastive else ""
         return (f"BackpatchedModel({type(self._model).__name__}, preset={self.preset.name!r}, "
-                f"patches=[{patches}]{contrastive})")
+                f"methods=[{methods_details(self.preset)}])")
+
+    # the most recent call's session of each built-in method (None when it did not run)
+    @property
+    def last_session(self) -> Any:
+        return self.last_sessions.get("patches")
+
+    @property
+    def last_contrastive(self) -> Any:
+        return self.last_sessions.get("contrastive")
+
+    @property
+    def last_attention(self) -> Any:
+        return self.last_sessions.get("attention")
+
+    @property
+    def last_steering(self) -> Any:
+        return self.last_sessions.get("steering")
 
     # ------------------------------------------------------------------------------------------ calling
     @property
@@ -138,9 +143,8 @@ class BackpatchedModel:
             self._local.disabled -= 1
 
     def _session(self) -> Any:
-        """The hooks of one back-patched call: patches, contrastive rows and the gate of this preset."""
-        return generation_session(self._resolved, self.preset.contrastive, self._silence, gate=self.preset.gate,
-                                  attention=self.preset.attention, steering=self.preset.steering)
+        """The hooks of one back-patched call: every method of this preset, installed by the engine."""
+        return generation_session(self._resolved, resources=self._resources)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """Hugging Face ``generate()``, with the preset's patches applied to the prefill.
@@ -153,9 +157,8 @@ class BackpatchedModel:
         if self.is_disabled:
             with plain_call():
                 return plain_generate(generator, *args, **kwargs)
-        with self._session() as sessions:
-            self.last_session, self.last_contrastive = sessions
-            self.last_attention, self.last_steering = sessions.attention, sessions.steering
+        with self._session() as call:
+            self.last_sessions = call.sessions
             return plain_generate(generator, *args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -164,9 +167,8 @@ class BackpatchedModel:
         if self.is_disabled:
             with plain_call():
                 return generator(*args, **kwargs)
-        with self._session() as sessions:
-            self.last_session, self.last_contrastive = sessions
-            self.last_attention, self.last_steering = sessions.attention, sessions.steering
+        with self._session() as call:
+            self.last_sessions = call.sessions
             return generator(*args, **kwargs)
 
     __call__ = forward

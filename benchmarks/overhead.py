@@ -206,8 +206,8 @@ def bench(name: str, runs: int, warmup: int, new_tokens: int) -> None:
 def bench_sweep(runs: int, n_items: int, batch_size: int) -> None:
     """Calibration sweep on smol-whisper: seconds and decoder-layer calls per scored setting, before/after."""
     from backpatch.calibrate.grid import Candidate, Setting
-    from backpatch.calibrate.sweep import Scorer, _prepare
-    from backpatch.calibrate.writing import _candidate_preset
+    from backpatch.calibrate.sweep import Scorer, prepare_batches
+    from backpatch.calibrate.writing import candidate_preset
 
     model, processor, items, _ = build_smol(n_items)
     wrapped = backpatch.wrap(model, processor=processor)
@@ -217,11 +217,11 @@ def bench_sweep(runs: int, n_items: int, batch_size: int) -> None:
     grid = {"sources": sorted({s.source for s in settings}), "positions": sorted({s.positions for s in settings})}
     with torch.no_grad():
         start = time.perf_counter()
-        batches, _ = _prepare(wrapped, processor, items, grid, batch_size, False, layer_states=True)
+        batches, _ = prepare_batches(wrapped, processor, items, grid, batch_size, False, layer_states=True)
         capture = time.perf_counter() - start
     scorers = {}
     for when, short in (("before", False), ("after", True)):
-        scorers[when] = Scorer(model, processor, wrapped.preset, "silence", None, _candidate_preset)
+        scorers[when] = Scorer(model, processor, wrapped.preset, "silence", None, candidate_preset)
         scorers[when].short_path_ok = short  # before: every setting runs the whole patched model (the engine)
     counter = Counter(model)
     calls, times = {}, {}

@@ -5,8 +5,8 @@ that none of them pretends to be tuned: for a text decoder of N layers,
 
     source = round(0.9 N), target = round(N / 2), mode add, scale 0.05, positions audio
 
-(``backpatch.bundled.uncalibrated_patch``; derived from both organisms' calibrations and measured to do no harm
-on both test splits by scripts/uncalibrated_rule.py).
+(``backpatch.methods.backpatching.uncalibrated_patch``; derived from both organisms' calibrations and measured to do
+no harm on both test splits by scripts/uncalibrated_rule.py).
 
 The facts (layer counts, audio token) come from each checkpoint's config as recorded in `SOURCE`; numbers we
 could not check against the checkpoint's own config.json are marked "unverified" in the description, and
@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from backpatch import AudioSpan, Calibration, Match, ModelFacts, Preset
-from backpatch.bundled import uncalibrated_patch
+from backpatch.methods.backpatching import uncalibrated_patch
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 

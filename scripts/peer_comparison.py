@@ -24,7 +24,7 @@ from organism_report import time_ratio  # scripts/ is on sys.path when this runs
 import backpatch
 from backpatch import Preset
 from backpatch.calibrate.run import candidate_of_row
-from backpatch.calibrate.writing import _candidate_preset
+from backpatch.calibrate.writing import candidate_preset
 from backpatch.evaluate import evaluate, load_conflict_set
 from backpatch.loading import load_model_and_processor
 
@@ -67,7 +67,7 @@ def pick(sweep: dict, kind) -> dict | None:
 def preset_of(row: dict, base: Preset, null_audio: str, name: str) -> Preset:
     """The preset of a sweep row as calibration builds it (the null rows a gate or steering reads included), with
     ``base``'s facts only."""
-    preset = _candidate_preset(base, candidate_of_row(row), null_audio)
+    preset = candidate_preset(base, candidate_of_row(row), null_audio)
     return dataclasses.replace(preset, name=name, description=None, calibration=None)
 
 

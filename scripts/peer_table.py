@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from backpatch import Preset
-from backpatch.preset import block_labels, gate_label, patch_label
+from backpatch.methods import gate_label, patch_label
+from backpatch.registry import get_method
 
 
 def setting(preset: dict | None, instruction: str | None) -> str:
@@ -20,7 +21,8 @@ def setting(preset: dict | None, instruction: str | None) -> str:
     parts = [patch_label(patch) for patch in p.patches]
     if p.contrastive is not None and p.contrastive.alpha:
         parts.append(f"contrastive alpha {p.contrastive.alpha:g}")
-    parts += block_labels(p)
+    parts += [line for key in ("attention", "steering") if getattr(p, key) is not None
+              for line in get_method(key).details(getattr(p, key))]
     text = " + ".join(parts)
     return f"{text} | {gate_label(p.gate)}" if p.gate is not None else text
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import backpatch
 from backpatch import Patch
-from backpatch._contrastive import silence_frame
 from backpatch.calibrate.grid import block_grid
 from backpatch.calibrate.run import (
     STAGE_FRACTIONS,
@@ -35,9 +34,10 @@ from backpatch.calibrate.run import (
     previous_results,
 )
 from backpatch.calibrate.search import StageRecord, _run_stage, clip_subsets, combinations
-from backpatch.calibrate.sweep import Scorer, _prepare
-from backpatch.calibrate.writing import _candidate_preset, _with_patches
+from backpatch.calibrate.sweep import Scorer, prepare_batches
+from backpatch.calibrate.writing import _with_patches, candidate_preset
 from backpatch.loading import load_model_and_processor
+from backpatch.methods.contrastive import silence_frame
 
 
 def main() -> None:
@@ -63,8 +63,8 @@ def main() -> None:
     base = backpatch.load_preset(args.base)
     wrapped = backpatch.wrap(model, _with_patches(base, [Patch(source=1, target=0)]), processor=processor)
     silence = silence_frame(processor) if null_audio == "silence" else None
-    scorer = Scorer(model, processor, wrapped.preset, null_audio, silence, _candidate_preset)
-    batches, answers = _prepare(wrapped, processor, refine, {"sources": [1], "positions": ["audio"]},
+    scorer = Scorer(model, processor, wrapped.preset, null_audio, silence, candidate_preset)
+    batches, answers = prepare_batches(wrapped, processor, refine, {"sources": [1], "positions": ["audio"]},
                                 args.batch_size, True)
     plain = _plain_metrics(refine, answers)
     earlier = previous["plain"]["refine"]

@@ -21,8 +21,8 @@ import backpatch
 from backpatch.calibrate.grid import Candidate, Setting
 from backpatch.calibrate.run import STAGE_FRACTIONS
 from backpatch.calibrate.search import clip_subsets, passes_no_harm
-from backpatch.calibrate.sweep import Scorer, _prepare
-from backpatch.calibrate.writing import _candidate_preset
+from backpatch.calibrate.sweep import Scorer, prepare_batches
+from backpatch.calibrate.writing import candidate_preset
 from backpatch.evaluate import judge, load_conflict_set, metrics
 from backpatch.loading import load_model_and_processor
 
@@ -57,9 +57,9 @@ def main() -> None:
     items = items[: math.ceil(len(items) / args.batch_size) * args.batch_size]
     todo = settings(wrapped.resolved.num_layers)
     grid = {"sources": sorted({s.source for s in todo}), "positions": ["audio"]}
-    batches, answers = _prepare(wrapped, processor, items, grid, args.batch_size, True, layer_states=True)
+    batches, answers = prepare_batches(wrapped, processor, items, grid, args.batch_size, True, layer_states=True)
     plain = metrics(items, [judge(a, it) for a, it in zip(answers, items, strict=True)])
-    scorer = Scorer(model, processor, wrapped.preset, "silence", None, _candidate_preset)
+    scorer = Scorer(model, processor, wrapped.preset, "silence", None, candidate_preset)
     rows, started = [], time.perf_counter()
     for setting in todo:
         row = {"setting": setting.label()}

@@ -48,7 +48,7 @@ def main() -> None:
         report["settings"][name] = {"patch": preset.to_dict()["patches"][0], "plain": result["plain"],
                                     "backpatched": result["backpatched"]}
         p, b = result["plain"], result["backpatched"]
-        print(f"{name:<8} {backpatch.preset.patch_label(patch):<28} " +
+        print(f"{name:<8} {backpatch.methods.patch_label(patch):<28} " +
               "  ".join(f"{k} {p[k]} -> {b[k]}" for k in KEYS), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

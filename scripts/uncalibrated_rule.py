@@ -1,7 +1,7 @@
 """Does the one rule for uncalibrated presets do no harm? Measured on both organisms, validation then test.
 
-The rule (``backpatch.bundled.UNCALIBRATED_RULE``) was read off the organisms' validation calibrations; this
-script checks it with full greedy ``generate()`` through ``backpatch.evaluate.evaluate``, on the validation split
+The rule (``backpatch.methods.backpatching.UNCALIBRATED_RULE``) was read off the organisms' validation calibrations;
+this script checks it with full greedy ``generate()`` through ``backpatch.evaluate.evaluate``, on the validation split
 (where it was derived) and the test split. No harm: audio-only and consistent accuracy each within 2 points of
 plain. The organisms share the espeak validation and test clips, so one pair of conflict sets serves both.
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import backpatch
 from backpatch import Preset
-from backpatch.bundled import UNCALIBRATED_RULE, uncalibrated_patch
 from backpatch.evaluate import evaluate
 from backpatch.loading import load_model_and_processor
+from backpatch.methods.backpatching import UNCALIBRATED_RULE, uncalibrated_patch
 from backpatch.organism import smol_whisper
 
 KEYS = ("tdr", "afr", "other_rate", "audio_only_acc", "consistent_acc")
@@ -72,7 +72,7 @@ def main() -> None:
                 "harm": harm, "no_harm": all(v <= MAX_HARM for v in harm.values()),
                 "seconds": round(time.perf_counter() - start, 1),
             }
-            print(f"{name:<13} {split:<10} {backpatch.preset.patch_label(patch):<24} "
+            print(f"{name:<13} {split:<10} {backpatch.methods.patch_label(patch):<24} "
                   + "  ".join(f"{k} {plain[k]} -> {patched[k]}" for k in KEYS), flush=True)
         report["organisms"][name] = entry
     args.out.parent.mkdir(parents=True, exist_ok=True)

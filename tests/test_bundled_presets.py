@@ -9,8 +9,8 @@ import pytest
 from families import BUILDERS
 
 import backpatch
-from backpatch._architectures import resolve
 from backpatch.bundled import find_matching_preset
+from backpatch.engine import resolve
 
 REPO = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("make_presets", REPO / "scripts" / "make_presets.py")
@@ -84,7 +84,7 @@ def test_the_rule_was_measured_to_do_no_harm_on_both_organisms_test_splits():
     and this fails until it is measured again."""
     import json
 
-    from backpatch.bundled import UNCALIBRATED_RULE, uncalibrated_patch
+    from backpatch.methods.backpatching import UNCALIBRATED_RULE, uncalibrated_patch
 
     report = json.loads((REPO / "docs" / "uncalibrated-rule.json").read_text())
     assert report["rule"] == UNCALIBRATED_RULE

@@ -11,10 +11,9 @@ import torch
 from tiny import tiny_checkpoint, tiny_conflict_set
 
 import backpatch
-from backpatch._architectures import resolve
-from backpatch._engine import patch_session
-from backpatch.calibrate import Setting, _prepare, _settings, default_grid, passes_no_harm
+from backpatch.calibrate import Setting, _settings, default_grid, passes_no_harm, prepare_batches
 from backpatch.cli import main
+from backpatch.engine import generation_session, resolve
 from backpatch.evaluate import load_conflict_set
 from backpatch.loading import load_model_and_processor
 
@@ -55,11 +54,11 @@ def test_reused_capture_gives_the_same_logits_as_a_fresh_capture(setup, setting)
     items = load_conflict_set(data)
     wrapped = backpatch.wrap(model, backpatch.Preset(patches=[setting.patch()]), processor=processor)
     grid = {"sources": [setting.source], "positions": [setting.positions], "alphas": []}
-    batches, _ = _prepare(wrapped, processor, items, grid, batch_size=5, progress=False)
+    batches, _ = prepare_batches(wrapped, processor, items, grid, batch_size=5, progress=False)
     resolved = resolve(model, wrapped.preset, processor)
     with torch.no_grad():
         for batch in batches:
-            with patch_session(resolved, precaptured=batch.states):
+            with generation_session(resolved, precaptured=batch.states):
                 reused = model(**batch.inputs).logits[:, -1]
             fresh = wrapped(**batch.inputs).logits[:, -1]
             assert torch.equal(reused, fresh)
@@ -109,25 +108,25 @@ def test_sweep_short_path_runs_only_the_layers_after_the_target_and_equals_the_e
     """A scored setting runs layers t+1..N-1 from the shared capture's layer-t state (counted with forward hooks
     on the decoder layers), and its first-token metrics equal those of the normal engine on the same batches."""
     from backpatch.calibrate import Candidate, Scorer
-    from backpatch.calibrate.writing import _candidate_preset
+    from backpatch.calibrate.writing import candidate_preset
 
     _, data, model, processor = setup
     items = load_conflict_set(data)
     wrapped = backpatch.wrap(model, backpatch.Preset(patches=[setting.patch()]), processor=processor)
     grid = {"sources": [setting.source], "positions": [setting.positions]}
-    batches, _ = _prepare(wrapped, processor, items, grid, batch_size=4, progress=False, layer_states=True)
+    batches, _ = prepare_batches(wrapped, processor, items, grid, batch_size=4, progress=False, layer_states=True)
     layers = wrapped.resolved.layers
     calls = []
     handles = [layer.register_forward_hook(lambda *_a, i=i: calls.append(i)) for i, layer in enumerate(layers)]
     try:
-        short = Scorer(model, processor, wrapped.preset, "silence", None, _candidate_preset)
+        short = Scorer(model, processor, wrapped.preset, "silence", None, candidate_preset)
         short_metrics = short.score(Candidate(setting), batches)
         assert short.short_path_ok is True
         calls.clear()
         short_metrics = short.score(Candidate(setting), batches)
         per_batch = len(layers) - setting.target - 1
         assert calls == list(range(setting.target + 1, len(layers))) * len(batches) and per_batch < len(layers)
-        engine = Scorer(model, processor, wrapped.preset, "silence", None, _candidate_preset)
+        engine = Scorer(model, processor, wrapped.preset, "silence", None, candidate_preset)
         engine.short_path_ok = False
         calls.clear()
         assert engine.score(Candidate(setting), batches) == short_metrics
@@ -139,9 +138,9 @@ def test_sweep_short_path_runs_only_the_layers_after_the_target_and_equals_the_e
     resolved = resolve(model, wrapped.preset, processor)
     with torch.no_grad():
         for batch in batches:
-            with patch_session(resolved, precaptured=batch.states):
+            with generation_session(resolved, precaptured=batch.states):
                 full = model(**batch.inputs, use_cache=False).logits[:, -1]
-            assert torch.equal(short._short_logits(resolved, resolved.patches[0], batch), full)
+            assert torch.equal(short._short_logits(resolved, resolved.setting("patches")[0], batch), full)
 
 
 def test_staged_default_search_covers_the_whole_depth_and_small_scales():
@@ -197,19 +196,19 @@ def test_norm_matched_sweep_short_path_equals_the_engine(setup):
     items = load_conflict_set(data)
     patch = backpatch.Patch(5, 1, 0.5, "interpolate", "audio", match_norm=True)
     wrapped = backpatch.wrap(model, backpatch.Preset(patches=[patch]), processor=processor)
-    batches, _ = _prepare(wrapped, processor, items, {"sources": [5], "positions": ["audio"]}, batch_size=4,
+    batches, _ = prepare_batches(wrapped, processor, items, {"sources": [5], "positions": ["audio"]}, batch_size=4,
                           progress=False, layer_states=True)
     from backpatch.calibrate import Scorer
-    from backpatch.calibrate.writing import _candidate_preset
+    from backpatch.calibrate.writing import candidate_preset
 
-    scorer = Scorer(model, processor, wrapped.preset, "silence", None, _candidate_preset)
+    scorer = Scorer(model, processor, wrapped.preset, "silence", None, candidate_preset)
     resolved = resolve(model, wrapped.preset, processor)
     unmatched = resolve(model, backpatch.Preset(patches=[backpatch.Patch(5, 1, 0.5, "interpolate")]), processor)
     with torch.no_grad():
         for batch in batches:
-            with patch_session(resolved, precaptured=batch.states):
+            with generation_session(resolved, precaptured=batch.states):
                 full = model(**batch.inputs, use_cache=False).logits[:, -1]
-            torch.testing.assert_close(scorer._short_logits(resolved, resolved.patches[0], batch), full)
+            torch.testing.assert_close(scorer._short_logits(resolved, resolved.setting("patches")[0], batch), full)
             torch.testing.assert_close(scorer._short_logits(unmatched, unmatched.patches[0], batch, match_norm=True),
                                        full)
 
@@ -222,21 +221,21 @@ def test_gated_and_contrastive_scoring_equals_generate(setup, gate, alpha, short
     """What calibration scores for a candidate (stored plain and null-audio logits, cached patched logits, the
     gate per row) is what generate() with that candidate's preset gives as first-token logits."""
     from backpatch.calibrate import Candidate, Scorer
-    from backpatch.calibrate.writing import _candidate_preset
+    from backpatch.calibrate.writing import candidate_preset
 
     _, data, model, processor = setup
     items = load_conflict_set(data)
     setting = Setting(5, 1, 1.5, "add", "audio")
     base = backpatch.wrap(model, backpatch.Preset(patches=[setting.patch()]), processor=processor)
-    batches, _ = _prepare(base, processor, items, {"sources": [5], "positions": ["audio"]}, batch_size=4,
+    batches, _ = prepare_batches(base, processor, items, {"sources": [5], "positions": ["audio"]}, batch_size=4,
                           progress=False, layer_states=short_path, null=("zeros", None))
-    scorer = Scorer(model, processor, base.preset, "zeros", None, _candidate_preset)
+    scorer = Scorer(model, processor, base.preset, "zeros", None, candidate_preset)
     if gate is not None and gate.low == 0.3:  # a step inside the range of the signal: some rows on, some off
         gaps = torch.cat([0.5 * (b.main_logits.softmax(-1) - b.null_logits.softmax(-1)).abs().sum(-1)
                           for b in batches])
         gate = backpatch.Gate("audio_gap", float(gaps.median()), float(gaps.median()))
     candidate = Candidate(setting, alpha, gate)
-    preset = _candidate_preset(base.preset, candidate, "zeros")
+    preset = candidate_preset(base.preset, candidate, "zeros")
     wrapped = backpatch.wrap(model, preset, processor=processor)
     for index, batch in enumerate(batches):
         with torch.no_grad():
@@ -331,7 +330,8 @@ def test_budget_is_a_hard_bound_with_verification_and_names_what_it_cut(setup, t
     _, data, model, processor = setup
     clock = FakeClock()
     monkeypatch.setattr(time_module, "perf_counter", clock)
-    real_score, real_answers, real_evaluate, real_prepare = Scorer.score, run.answer_items, run.evaluate, run._prepare
+    real_score, real_answers, real_evaluate = Scorer.score, run.answer_items, run.evaluate
+    real_prepare = run.prepare_batches
     verified = []
 
     def score(self, candidate, batches):
@@ -359,7 +359,7 @@ def test_budget_is_a_hard_bound_with_verification_and_names_what_it_cut(setup, t
     monkeypatch.setattr(Scorer, "score", score)
     monkeypatch.setattr(run, "answer_items", answers)
     monkeypatch.setattr(run, "evaluate", evaluate)
-    monkeypatch.setattr(run, "_prepare", prepare)
+    monkeypatch.setattr(run, "prepare_batches", prepare)
     started = clock.now
     summary = calibrate(model, processor, data, tmp_path / "b.yaml", grid={"alphas": [1.0]}, batch_size=4,
                         verify_top=3, max_new_tokens=2, budget_minutes=budget_minutes, progress=False)
@@ -442,7 +442,7 @@ def test_staged_search_scores_the_peer_blocks_and_their_scores_match_generate(se
     """Issue 20 point 4: the refine stage scores the attention and steering grids (same harm rule); a block
     candidate's first-token answers are those of generate() with its preset; --no-blocks leaves them out."""
     from backpatch.calibrate import Candidate, Scorer, calibrate
-    from backpatch.calibrate.writing import _candidate_preset
+    from backpatch.calibrate.writing import candidate_preset
     from backpatch.inputs import decode_new_tokens
 
     _, data, model, processor = setup
@@ -456,13 +456,13 @@ def test_staged_search_scores_the_peer_blocks_and_their_scores_match_generate(se
     assert combined and "the blocks combined with the other methods" in summary["searched"]
     items = load_conflict_set(data)
     base = backpatch.wrap(model, backpatch.Preset(patches=[backpatch.Patch(1, 0)]), processor=processor)
-    batches, _ = _prepare(base, processor, items, {"sources": [1], "positions": ["audio"]}, batch_size=4,
+    batches, _ = prepare_batches(base, processor, items, {"sources": [1], "positions": ["audio"]}, batch_size=4,
                           progress=False, null=("zeros", None))
-    scorer = Scorer(model, processor, base.preset, "zeros", None, _candidate_preset)
+    scorer = Scorer(model, processor, base.preset, "zeros", None, candidate_preset)
     for candidate in (Candidate(None, attention=backpatch.Attention([1, 3], 1.0, "add")),
                       Candidate(None, steering=backpatch.Steering([1, 3], 50.0))):
         got = scorer.score(candidate, batches)["verdicts"]
-        wrapped = backpatch.wrap(model, _candidate_preset(base.preset, candidate, "zeros"), processor=processor)
+        wrapped = backpatch.wrap(model, candidate_preset(base.preset, candidate, "zeros"), processor=processor)
         answers = []
         for batch in batches:
             with torch.no_grad():
@@ -509,7 +509,7 @@ def test_the_search_scores_the_best_blocks_on_top_of_the_best_other_methods(tmp_
     is never the one combined; with blocks=False nothing of the kind is scored."""
     from backpatch.calibrate.grid import Candidate
     from backpatch.calibrate.search import staged_search
-    from backpatch.calibrate.writing import _candidate_preset
+    from backpatch.calibrate.writing import candidate_preset
 
     def score(c: Candidate) -> dict:
         harmful = c.steering is not None and c.steering.beta >= 8 or c.gate is not None
@@ -542,6 +542,6 @@ def test_the_search_scores_the_best_blocks_on_top_of_the_best_other_methods(tmp_
     expected.add(Candidate(None, attention=best_attention.attention, steering=best_steering.steering))
     assert set(combined) == expected and len(combined) == 5
     for candidate in combined:  # each one is a preset the engine takes (steering rides the contrastive rows)
-        preset = _candidate_preset(backpatch.Preset(patches=[backpatch.Patch(11, 0)]), candidate, "zeros")
+        preset = candidate_preset(backpatch.Preset(patches=[backpatch.Patch(11, 0)]), candidate, "zeros")
         assert preset.contrastive is not None or candidate.steering is None
     assert not any(c.has_blocks for c in run(blocks=False))

@@ -14,7 +14,6 @@ import backpatch
 from backpatch import Patch, Preset
 from backpatch.audio_io import load_audio
 from backpatch.diagnose import (
-    _final_norm,
     _lens_fn,
     _Recorder,
     class_mean_convergence,
@@ -24,6 +23,7 @@ from backpatch.diagnose import (
     text_takeover_layer,
 )
 from backpatch.diagnose.probes import _group_folds
+from backpatch.engine import final_norm
 from backpatch.evaluate import load_conflict_set
 from backpatch.inputs import build_inputs
 
@@ -174,14 +174,14 @@ def test_recorded_states_are_layer_outputs_and_the_lens_ends_at_the_logits(tiny)
     recorder.prepare(inputs["input_ids"], inputs["attention_mask"], torch.zeros_like(inputs["input_ids"], dtype=bool))
     with torch.no_grad(), recorder.hooks():
         out = model(**inputs, output_hidden_states=True)
-    norm = _final_norm(resolved.text_model)
+    norm = final_norm(resolved.text_model)
     for i in range(resolved.num_layers):
         mine = recorder.reduced[i]["last_device"]
         expected = out.hidden_states[i + 1][:, -1]
         torch.testing.assert_close(norm(mine) if i == resolved.num_layers - 1 else mine, expected)
     ids = [[int(t)] for t in out.logits[:, -1].argmax(-1)]
     with torch.no_grad():
-        lens = _lens_fn(norm, model.get_output_embeddings())(recorder.reduced[5]["last_device"], (ids, ids))
+        lens = _lens_fn(resolved.generator, norm)(recorder.reduced[5]["last_device"], (ids, ids))
     torch.testing.assert_close(lens["audio_prob"], out.logits[:, -1].softmax(-1).max(-1).values)
     assert lens["audio_rank"].tolist() == [1.0] * 5
     assert backpatch.backpatch_hook_count(model) == 0

@@ -12,7 +12,7 @@ from reference import reference_logits
 
 import backpatch
 from backpatch import Patch, Preset
-from backpatch._architectures import ARCHITECTURES
+from backpatch.engine import ARCHITECTURES
 
 KWARGS = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 
@@ -182,7 +182,7 @@ def _mata_reference(fam, first, last, alpha, form, steps):
 
     from reference import mata_eager
 
-    from backpatch._attention import attention_module
+    from backpatch.methods.attention import attention_module
 
     wrapped = backpatch.wrap(fam.model, Preset(patches=[Patch(source=-1, target=0, scale=0.0)]))
     audio = fam.batch["input_ids"] == wrapped.resolved.audio_token_id

@@ -53,7 +53,7 @@ def test_layer_ranges_are_checked_against_the_model(tmp_path):
     model, _ = load_model_and_processor(str(tmp_path / "m"))
     n = len(backpatch.wrap(model, Preset(name="a", attention=Attention(layers=[0, -1]))).resolved.layers)
     resolved = backpatch.wrap(model, Preset(name="a", attention=Attention(layers=[1, -1]))).resolved
-    assert resolved.attention_layers == (1, n - 1)
+    assert resolved.setting("attention").layers == [1, n - 1]
     with pytest.raises(PresetError, match=rf"attention\.layers\[1\]: layer {n} is out of range .* has {n} decoder"):
         backpatch.wrap(model, Preset(name="a", attention=Attention(layers=[0, n])))
     with pytest.raises(PresetError, match=r"steering\.layers: \[-1, 2\] runs backwards"):

@@ -237,7 +237,7 @@ def test_audio_span_errors(model):
 def test_audio_token_auto_detection_paths(path):
     from transformers import PretrainedConfig
 
-    from backpatch._architectures import _resolve_audio_token_id
+    from backpatch.engine.architectures import _resolve_audio_token_id
 
     holder = _with_config()
     if path.startswith("audio_config."):
@@ -286,7 +286,7 @@ def test_wrap_without_preset_picks_matching_bundled_one(caplog):
         wrapped = backpatch.wrap(model)
     assert wrapped.preset.name == "qwen2-audio-7b-instruct"
     assert "using bundled preset 'qwen2-audio-7b-instruct'" in caplog.text
-    assert [(p.source, p.target) for p in wrapped.resolved.patches] == [(29, 16)]  # round(0.9 * 32), 32 / 2
+    assert [(p.source, p.target) for p in wrapped.resolved.setting("patches")] == [(29, 16)]  # round(0.9 * 32), 32 / 2
 
 
 def test_an_uncalibrated_bundled_preset_is_picked_with_one_warning_naming_calibrate(caplog, monkeypatch):

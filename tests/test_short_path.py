@@ -21,7 +21,7 @@ from transformers import Qwen2AudioForConditionalGeneration
 
 import backpatch
 from backpatch import Contrastive, Patch, Preset
-from backpatch._architectures import ARCHITECTURES
+from backpatch.engine import ARCHITECTURES
 
 KWARGS = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
 FAMILIES = sorted(BUILDERS)
@@ -177,10 +177,12 @@ def test_layers_of_another_attention_type_between_t_and_s_take_the_two_pass_path
 def test_a_call_with_per_layer_inputs_takes_the_two_pass_path():
     """Qwen3-Omni adds deepstack visual embeddings between early layers (image or video input): such a call
     cannot give later layers the arguments of layer t_min."""
-    from backpatch._engine import CallHooks, PatchSession
+    from backpatch.engine import Call, CallHooks
+    from backpatch.methods.backpatching import PatchSession
 
     resolved = backpatch.wrap(family("qwen3_omni_moe_thinker").model, Preset(patches=PATCHES)).resolved
     assert resolved.per_layer_inputs == ("deepstack_visual_embeds",)
-    session = PatchSession(resolved, hooks=CallHooks())
+    call = Call(resolved, resolved.methods, CallHooks(), null_rows=False, resources={})
+    session = PatchSession(call, resolved.setting("patches"))
     assert session._short_path_fits(resolved.text_model, {"deepstack_visual_embeds": None})
     assert not session._short_path_fits(resolved.text_model, {"deepstack_visual_embeds": [torch.zeros(1, 32)]})

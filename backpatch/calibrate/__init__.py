@@ -8,8 +8,8 @@ One room per job (STYLE item 8): :mod:`.grid` (what is searched), :mod:`.sweep` 
 from .grid import Candidate, Setting, _settings, band_grid, default_grid, refinements
 from .run import calibrate
 from .search import passes_no_harm, staged_search
-from .sweep import Scorer, _first_token_answers, _prepare
+from .sweep import Scorer, _first_token_answers, prepare_batches
 
 __all__ = ["Candidate", "Scorer", "Setting", "band_grid", "calibrate", "default_grid", "passes_no_harm",
-           "refinements", "staged_search"]
-__all__ += ["_first_token_answers", "_prepare", "_settings"]  # used by diagnose and the tests
+           "prepare_batches", "refinements", "staged_search"]
+__all__ += ["_first_token_answers", "_settings"]  # used by the tests

@@ -16,7 +16,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from ..preset import Attention, Gate, Patch, Steering, block_labels, gate_label, patch_label
+from ..methods import Attention, Contrastive, Gate, Patch, Steering, gate_label, patch_label
+from ..registry import get_method
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class Candidate:
     def label(self) -> str:
         parts = ([self.setting.label()] if self.setting else []) + ([f"contrastive a={self.alpha:g}"] if self.alpha
                                                                      else [])
-        parts += block_labels(self)
+        parts += [line for key in ("attention", "steering") if getattr(self, key) is not None
+                  for line in get_method(key).details(getattr(self, key))]
         text = " + ".join(parts) or "plain"
         return f"{text} | {gate_label(self.gate)}" if self.gate is not None else text
 
@@ -58,9 +60,11 @@ class Candidate:
 
     @property
     def null_rows(self) -> bool:
-        """Whether its preset rides null-audio rows: contrastive decoding, an audio_gap gate or steering reads them."""
-        gate_rows = self.gate is not None and self.gate.signal == "audio_gap"
-        return bool(self.alpha) or gate_rows or self.steering is not None
+        """Whether its preset rides null-audio rows (each method's own rule: contrastive decoding, an audio_gap gate
+        and steering read them)."""
+        sections = {"contrastive": Contrastive(alpha=self.alpha) if self.alpha else None, "gate": self.gate,
+                    "steering": self.steering}
+        return any(get_method(key).needs_null_rows(config) for key, config in sections.items() if config is not None)
 
 
 #: the peer methods' small grids: MATA's alpha (its paper's 0.1 and larger; the additive form's e^alpha boost),

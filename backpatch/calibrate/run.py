@@ -29,19 +29,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .._contrastive import silence_frame
 from ..answerability import chance_warning, check_labels
 from ..evaluate import answer_items, check_clip_lengths, evaluate, judge, load_conflict_set, metrics
 from ..inputs import audio_truncation, truncation_enabled
+from ..methods import Attention, Gate, Patch, Steering
+from ..methods.contrastive import silence_frame
 from ..paired import paired_report
-from ..preset import Attention, Gate, Patch, Preset, Steering
+from ..preset import Preset
 from ..wrapper import preset_for, wrap
 from .budget import Budget, worst_factor
 from .grid import Candidate, Setting, _settings, default_grid
 from .plots import _plot_band, _plot_heatmap
 from .search import StageRecord, clip_subsets, passes_no_harm, rank_key, staged_search, tdr_key
-from .sweep import Scorer, _prepare
-from .writing import _calibrated_preset, _candidate_preset, _with_patches
+from .sweep import Scorer, prepare_batches
+from .writing import _calibrated_preset, _with_patches, candidate_preset
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     if needs_null and grid["null_audio"] == "silence" and getattr(processor, "feature_extractor", None) is None:
         raise ValueError("contrastive calibration with null_audio silence needs a processor with a feature extractor")
     silence = silence_frame(processor) if needs_null and grid["null_audio"] == "silence" else None
-    scorer = Scorer(model, processor, wrapped.preset, grid["null_audio"], silence, _candidate_preset)
+    scorer = Scorer(model, processor, wrapped.preset, grid["null_audio"], silence, candidate_preset)
     null = (grid["null_audio"], silence) if needs_null else None
     # the verification's plain answers first: they serve every finalist, and their time prices the verification
     budget = Budget(budget_s, started)
@@ -227,7 +228,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         if not settings:
             raise ValueError("the calibration grid is empty: every source must be later than some target")
         logger.info("calibrating %d settings on %d items", len(settings), len(items))
-        batches, plain_answers = _prepare(wrapped, processor, items, grid, batch_size, progress, null=null)
+        batches, plain_answers = prepare_batches(wrapped, processor, items, grid, batch_size, progress, null=null)
         plain = _plain_metrics(items, plain_answers)
         record = StageRecord("grid", len(items), plain, items=items, bounded=True)
         patches_end = time.perf_counter() + 0.8 * (search_end - time.perf_counter())  # the rest: contrastive
@@ -270,7 +271,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
                         f"{max(0.0, budget.left()):.0f} s left)")
             continue
         began = time.perf_counter()
-        preset = _candidate_preset(wrapped.preset, candidate, grid["null_audio"])
+        preset = candidate_preset(wrapped.preset, candidate, grid["null_audio"])
         wrapped_candidate = wrap(model, preset, processor=processor)
         reports = [evaluate(wrapped_candidate, processor, path, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             limit=limit, progress=progress, truncate=truncate, max_harm=max_harm,
@@ -512,7 +513,7 @@ def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, se
                 raise ValueError(f"--resume: the earlier run's {stage} stage scored {sizes[stage]} items, this one "
                                  f"would score {n} (a different --batch-size?): resume with the same --batch-size")
     began = time.perf_counter()
-    small, small_plain = _prepare(wrapped, processor, refine, grid, batch_size, progress, layer_states=True,
+    small, small_plain = prepare_batches(wrapped, processor, refine, grid, batch_size, progress, layer_states=True,
                                   null=null)
     full_capture_seconds = (time.perf_counter() - began) * len(subsets[2]) / max(1, len(refine))
     plain_of = _plain_metrics
@@ -532,7 +533,7 @@ def _staged(wrapped, processor, items, grid, scorer: Scorer, batch_size: int, se
         sources = sorted({c.setting.source for c in finalists if c.setting} or {1})
         positions = sorted({c.setting.positions for c in finalists if c.setting} or {"audio"})
         del small[:]  # free the per-layer states of the small subsets before capturing the full set
-        batches, answers = _prepare(wrapped, processor, subsets[2], {"sources": sources, "positions": positions},
+        batches, answers = prepare_batches(wrapped, processor, subsets[2], {"sources": sources, "positions": positions},
                                     batch_size, progress, null=null)
         full_plain.update(plain_of(subsets[2], answers))
         return (lambda c: scorer.score(c, batches)), full_plain, len(subsets[2]), subsets[2]

@@ -22,12 +22,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._architectures import ResolvedPatch, resolve
-from .._contrastive import null_features
-from .._engine import _at, _combine, _hidden, _select, generation_session
-from .._gate import gate_strength
-from .._positions import position_masks
+from ..engine import at, final_norm, generation_session, hidden_of, position_masks, readout, resolve, select
 from ..evaluate import encode_items, judge, metrics
+from ..methods.backpatching import ResolvedPatch, combine, gated
+from ..methods.contrastive import contrastive_logits, null_features
+from ..methods.gate import gate_strength
 from ..wrapper import BackpatchedModel
 from .grid import Candidate
 
@@ -75,7 +74,7 @@ def null_inputs(inputs: Any, feature_keys: tuple[str, ...], null_audio: str, sil
 
 
 @torch.no_grad()
-def _prepare(wrapped: BackpatchedModel, processor: Any, items, grid, batch_size: int, progress: bool,
+def prepare_batches(wrapped: BackpatchedModel, processor: Any, items, grid, batch_size: int, progress: bool,
              layer_states: bool = False, null: tuple[str, Any] | None = None):
     """Plain first-token answers and captured source states, one unpatched forward per batch; with ``null``
     (``(null_audio, silence)``) also the plain first-token logits of the null-audio batch."""
@@ -93,10 +92,10 @@ def _prepare(wrapped: BackpatchedModel, processor: Any, items, grid, batch_size:
 
         def make_hook(layer, masks=masks, states=states, layer_out=layer_out):
             def hook(_module, _args, output):
-                hidden = _hidden(output)
+                hidden = hidden_of(output)
                 if layer in sources:
                     for kind, mask in masks.items():
-                        states[(layer, kind)] = _select(hidden, mask.to(hidden.device)).detach()
+                        states[(layer, kind)] = select(hidden, mask.to(hidden.device)).detach()
                 if layer_states:
                     layer_out[layer] = hidden.detach()
 
@@ -128,14 +127,6 @@ def _prepare(wrapped: BackpatchedModel, processor: Any, items, grid, batch_size:
     return batches, plain_answers
 
 
-def _final_norm(text_model: nn.Module) -> nn.Module | None:
-    for name in ("norm", "final_layernorm", "ln_f", "final_norm"):
-        module = getattr(text_model, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    return None
-
-
 class Scorer:
     """First-token metrics of candidates on a fixed list of batches (short path when it is exact)."""
 
@@ -143,6 +134,8 @@ class Scorer:
                  candidate_preset, count_layers: bool = False) -> None:
         self.model, self.processor = model, processor
         self.base_preset, self.null_audio, self.silence = base_preset, null_audio, silence
+        #: what the engine needs prepared per model (the silent features of contrastive decoding)
+        self._resources = {"contrastive": silence} if silence is not None else {}
         self.candidate_preset = candidate_preset
         self.short_path_ok: bool | None = None  # decided on first use
         #: decoder-layer calls per scored setting (counted when ``count_layers``; tests assert on it)
@@ -158,7 +151,9 @@ class Scorer:
         resolved = resolve(self.model, preset, self.processor)
         answers = []
         for batch in batches:
-            with generation_session(resolved, preset.contrastive, self.silence, precaptured=batch.states):
+            # the stored states stand for the capture pass; a gate would need the values measured with them
+            settings = {key: value for key, value in resolved.methods.items() if key != "gate"}
+            with generation_session(resolved, settings, resources=self._resources, precaptured=batch.states):
                 answers += _first_token_answers(resolved.generator, self.processor, batch.inputs)
         return answers
 
@@ -169,8 +164,7 @@ class Scorer:
         resolved = resolve(self.model, preset, self.processor)
         answers = []
         for batch in batches:
-            with generation_session(resolved, preset.contrastive, self.silence, gate=preset.gate,
-                                    attention=preset.attention, steering=preset.steering):
+            with generation_session(resolved, resources=self._resources):
                 answers += _first_token_answers(resolved.generator, self.processor, batch.inputs)
         return answers
 
@@ -181,30 +175,26 @@ class Scorer:
         hidden = batch.layer_out[t].clone()
         mask = batch.masks[patch.positions].to(hidden.device)
         states = batch.states[(patch.source, patch.positions)].to(device=hidden.device, dtype=hidden.dtype)
-        at = _at(hidden, mask)
-        current = hidden[at]
+        where = at(hidden, mask)
+        current = hidden[where]
         if match_norm:
             patch = dataclasses.replace(patch, match_norm=True)
-        combined = _combine(current, states, patch)
-        if row_gate is not None:  # the engine's gated combine: h + g (patched - h), g per row
+        combined = combine(current, states, patch)
+        if row_gate is not None:  # the engine's gated combine, g per row
             strength = row_gate.to(hidden.dtype)[mask.nonzero(as_tuple=True)[0]].unsqueeze(-1)
-            combined = current + strength * (combined - current)
-        hidden[at] = combined
+            combined = gated(current, combined, strength)
+        hidden[where] = combined
         for i in range(t + 1, resolved.num_layers):
             args, kwargs = batch.layer_args[i]
-            hidden = _hidden(resolved.layers[i](hidden, *args, **kwargs))
+            hidden = hidden_of(resolved.layers[i](hidden, *args, **kwargs))
         if self.count_layers:
             self.layer_calls.append(resolved.num_layers - t - 1)
-        norm = _final_norm(resolved.text_model)
-        last = hidden[:, -1:]
-        if norm is not None:
-            last = norm(last)
-        return resolved.generator.get_output_embeddings()(last)[:, -1]
+        return readout(resolved.generator, hidden[:, -1:], final_norm(resolved.text_model))[:, -1]
 
     def _short_answers(self, candidate: Candidate, batches, match_norm: bool = False) -> list[str]:
         preset = self.candidate_preset(self.base_preset, candidate, self.null_audio)
         resolved = resolve(self.model, preset, self.processor)
-        patch = resolved.patches[0]
+        patch = resolved.setting("patches")[0]
         answers = []
         for batch in batches:
             logits = self._short_logits(resolved, patch, batch, match_norm)
@@ -215,17 +205,17 @@ class Scorer:
         """One batch, both ways: the short path is used only if it gives the engine's logits."""
         preset = self.candidate_preset(self.base_preset, candidate, self.null_audio)
         resolved = resolve(self.model, preset, self.processor)  # one resolve: same text model as the base preset
-        if _final_norm(resolved.text_model) is None:
+        if final_norm(resolved.text_model) is None:
             return False
         try:
-            short = self._short_logits(resolved, resolved.patches[0], batch)
+            short = self._short_logits(resolved, resolved.setting("patches")[0], batch)
         except Exception as exc:  # noqa: BLE001 - any failure means: use the engine for this model
             logger.info("calibration short path unavailable (%s: %s); using the full engine", type(exc).__name__, exc)
             return False
         finally:
             if self.count_layers and self.layer_calls:
                 self.layer_calls.pop()
-        with generation_session(resolved, None, None, precaptured=batch.states):
+        with generation_session(resolved, {"patches": resolved.setting("patches")}, precaptured=batch.states):
             full = resolved.generator(**batch.inputs, use_cache=False).logits[:, -1]
         diff = float((short - full).abs().max())
         logger.info("calibration short path vs engine: max |logit diff| %.2e", diff)
@@ -257,9 +247,10 @@ class Scorer:
         if batch.layer_out is not None and self.short_path_ok is None:
             self.short_path_ok = self._short_path_usable(Candidate(setting), batch)
         if batch.layer_out is not None and self.short_path_ok:
-            return self._short_logits(resolved, resolved.patches[0], batch, row_gate=strength).float()
+            return self._short_logits(resolved, resolved.setting("patches")[0], batch, row_gate=strength).float()
         # the engine on the stored states, each row's patch scaled by the strength measured on the stored logits
-        with generation_session(resolved, None, None, precaptured=batch.states, gate_values=strength):
+        with generation_session(resolved, {"patches": resolved.setting("patches")}, precaptured=batch.states,
+                                gate_values=strength):
             return _first_token_logits(resolved.generator, batch.inputs)
 
     def first_token_logits(self, candidate: Candidate, batches, index: int) -> torch.Tensor:
@@ -277,11 +268,8 @@ class Scorer:
             patched = self._patched_logits(candidate, batches, index, strength)
         if not candidate.alpha:
             return patched
-        alpha = torch.full(patched.shape[:1], candidate.alpha)
-        if gate is not None:
-            alpha = alpha * gate_strength(gate, patched, null)
-        alpha = alpha.unsqueeze(-1)
-        return (1.0 + alpha) * patched - alpha * null
+        strength = gate_strength(gate, patched, null) if gate is not None else None
+        return contrastive_logits(patched, null, candidate.alpha, strength)
 
     # -------------------------------------------------------------------------------- entry
     @torch.no_grad()

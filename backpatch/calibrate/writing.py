@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..preset import AudioSpan, Calibration, Contrastive, Match, ModelFacts, Patch, Preset
+from ..methods import Contrastive, Patch
+from ..preset import AudioSpan, Calibration, Match, ModelFacts, Preset
 from .grid import Candidate
 
 
@@ -21,7 +22,7 @@ def _contrastive_block(candidate: Candidate, null_audio: str) -> Contrastive | N
     return Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.null_rows else None
 
 
-def _candidate_preset(base: Preset, candidate: Candidate, null_audio: str) -> Preset:
+def candidate_preset(base: Preset, candidate: Candidate, null_audio: str) -> Preset:
     return dataclasses.replace(base, patches=[candidate.setting.patch()] if candidate.setting else [],
                                contrastive=_contrastive_block(candidate, null_audio), gate=candidate.gate,
                                attention=candidate.attention, steering=candidate.steering)

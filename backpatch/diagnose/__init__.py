@@ -31,9 +31,9 @@ shared machinery in :mod:`backpatch.calibrate.sweep`, and the suggested preset),
 :mod:`.report` (``report.json`` assembly and ``report.md``), :mod:`.run` (``diagnose()``).
 """
 
-from .passes import _final_norm, _lens_fn, _Recorder
+from .passes import _lens_fn, _Recorder
 from .probes import class_mean_convergence, linear_probe, probe_layers, text_takeover_layer
 from .run import diagnose
 
 __all__ = ["diagnose", "linear_probe", "probe_layers", "class_mean_convergence", "text_takeover_layer"]
-__all__ += ["_Recorder", "_final_norm", "_lens_fn"]  # used by the tests
+__all__ += ["_Recorder", "_lens_fn"]  # used by the tests

@@ -24,10 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._architectures import Resolved
-from .._engine import _hidden
-from .._positions import audio_mask, last_prompt_mask
-from ..calibrate.sweep import _final_norm
+from ..engine import Resolved, audio_mask, final_norm, hidden_of, last_prompt_mask, readout
 from ..evaluate import ConflictItem, encode_items
 from ..inputs import conversation
 from ..wrapper import BackpatchedModel
@@ -213,7 +210,7 @@ class _Recorder:
             return pre_hook
 
         def last_hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-            self._reduce(n - 1, _hidden(output).detach())
+            self._reduce(n - 1, hidden_of(output).detach())
 
         def make_attn(layer: int):
             def attn_hook(_module: nn.Module, _args: tuple, output: Any) -> None:
@@ -301,17 +298,12 @@ def _record(
     run.answers += [processor.decode([int(t)], skip_special_tokens=True) for t in logits.argmax(-1)]
 
 
-def _lens_fn(norm: nn.Module | None, head: nn.Module):
-    """Final norm + LM head on ``[B, H]`` states: probability (summed over the answer's start tokens) and best
-    1-based rank of the audio and the text answer."""
+def _lens_fn(generator: nn.Module, norm: nn.Module | None):
+    """The model's readout (final norm, LM head, soft-cap) on ``[B, H]`` states: probability (summed over the
+    answer's start tokens) and best 1-based rank of the audio and the text answer."""
 
     def lens(states: torch.Tensor, answer_ids: tuple[list[list[int]], list[list[int]]]) -> dict[str, torch.Tensor]:
-        x = states.unsqueeze(1)
-        if norm is not None:
-            device = _module_device(norm)
-            x = norm(x.to(device) if device is not None else x)
-        device = _module_device(head)
-        logits = head(x.to(device) if device is not None else x)[:, 0].to(torch.float32).cpu()
+        logits = readout(generator, states.unsqueeze(1), norm)[:, 0].to(torch.float32).cpu()
         probs = logits.softmax(-1)
         out = {}
         for name, ids_per_row in zip(("audio", "text"), answer_ids, strict=True):
@@ -351,11 +343,11 @@ def record_runs(
         else None
     if head is None:
         raise ValueError(f"{type(resolved.generator).__name__} has no output embeddings; the logit lens needs one")
-    norm = _final_norm(resolved.text_model)
+    norm = final_norm(resolved.text_model)
     if norm is None:
         logger.warning("no final norm found on %s; the logit lens applies the LM head directly",
                        type(resolved.text_model).__name__)
-    lens = _lens_fn(norm, head)
+    lens = _lens_fn(resolved.generator, norm)
     recorder = _Recorder(resolved, [_attention_module(layer) for layer in resolved.layers], head)
     runs = {"plain": _Run(), "backpatched": _Run()}
     for run in runs.values():

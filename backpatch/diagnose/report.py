@@ -72,7 +72,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _ranges_text(ranges: list[list[int]] | None) -> str:
+def ranges_text(ranges: list[list[int]] | None) -> str:
     if not ranges:
         return "in no layer where either answer is readable (p >= 0.01)"
     return "in layers " + ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in ranges)
@@ -80,7 +80,7 @@ def _ranges_text(ranges: list[list[int]] | None) -> str:
 
 def _takeover_text(layer: int | None, ranges: list[list[int]] | None = None) -> str:
     if layer is None:
-        ahead = f" (it is ahead {_ranges_text(ranges)})" if ranges else ""
+        ahead = f" (it is ahead {ranges_text(ranges)})" if ranges else ""
         return f"the text answer is not ahead of the audio answer at the last layer{ahead}."
     return f"the text answer is ahead of the audio answer from layer {layer} on."
 

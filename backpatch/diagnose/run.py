@@ -14,7 +14,8 @@ from torch import nn
 
 from ..evaluate import check_clip_lengths, load_conflict_set
 from ..inputs import audio_truncation, truncation_enabled
-from ..preset import Patch, Preset, PresetError
+from ..methods import Patch
+from ..preset import Preset, PresetError
 from ..wrapper import preset_for, wrap
 from .analysis import first_token_metrics, layer_rows
 from .passes import record_runs

@@ -2,7 +2,7 @@
 over them, and the preset written from the best setting.
 
 The sweep is calibration's machinery (:mod:`backpatch.calibrate.sweep`): one capture per batch
-(:func:`~backpatch.calibrate.sweep._prepare`), each setting scored by :class:`~backpatch.calibrate.sweep.Scorer`,
+(:func:`~backpatch.calibrate.sweep.prepare_batches`), each setting scored by :class:`~backpatch.calibrate.sweep.Scorer`,
 and the no-harm rule of :func:`~backpatch.calibrate.search.passes_no_harm`.
 """
 
@@ -15,14 +15,15 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._architectures import Resolved
-from ..bundled import uncalibrated_patch
 from ..calibrate.grid import Candidate, Setting
 from ..calibrate.search import passes_no_harm
-from ..calibrate.sweep import Scorer, _prepare
-from ..calibrate.writing import _candidate_preset
+from ..calibrate.sweep import Scorer, prepare_batches
+from ..calibrate.writing import candidate_preset
+from ..engine import Resolved
 from ..evaluate import ConflictItem, judge, metrics
-from ..preset import AudioSpan, Calibration, Match, ModelFacts, Patch, Preset
+from ..methods import Patch
+from ..methods.backpatching import uncalibrated_patch
+from ..preset import AudioSpan, Calibration, Match, ModelFacts, Preset
 from ..wrapper import wrap
 
 #: (mode, scale, positions) tried from the latest well-probed source into the early targets: the digits
@@ -69,10 +70,10 @@ def _sweep(
                           name=base.name, model=base.model, audio_span=base.audio_span, match=base.match)
     wrapped = wrap(model, probe_preset, processor=processor)
     grid = {"sources": sources, "positions": sorted({s.positions for s in settings})}
-    batches, plain_answers = _prepare(wrapped, processor, list(items), grid, batch_size, progress)
+    batches, plain_answers = prepare_batches(wrapped, processor, list(items), grid, batch_size, progress)
     plain = metrics(items, [judge(a, it) for a, it in zip(plain_answers, items, strict=True)])
     # no contrastive candidates here, so no null audio is ever built
-    scorer = Scorer(model, processor, wrapped.preset, "silence", None, _candidate_preset)
+    scorer = Scorer(model, processor, wrapped.preset, "silence", None, candidate_preset)
     rows = []
     for setting in tqdm(settings, desc="suggestion sweep", unit="setting", disable=not progress):
         m = scorer.score(Candidate(setting), batches)

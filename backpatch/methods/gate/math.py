@@ -1,4 +1,4 @@
-"""The audio-confidence gate's signals (the preset's ``gate`` block; semantics in docs/design.md).
+"""The audio-confidence gate's math as pure functions of logits (the preset's ``gate`` block; docs/design.md).
 
 Why a gate: back-patching and contrastive decoding push every answer toward the audio pathway. Where the model
 hears the audio well that undoes text dominance; where it hears it poorly (unfamiliar voices, noise, natural
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .preset import Gate
+from .config import Gate
 
 __all__ = ["gate_signal", "gate_strength"]
 

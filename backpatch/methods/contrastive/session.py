@@ -18,71 +18,23 @@ from __future__ import annotations
 from dataclasses import fields, is_dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from ._architectures import Resolved
-from ._engine import CallHooks
-from .preset import Contrastive
+from ...engine import CACHE_KWARGS, Call, batch_dim
+from ..gate.math import gate_strength
+from .config import Contrastive
+from .math import contrastive_logits, null_features
 
-__all__ = ["ContrastiveSession", "null_features", "silence_frame"]
-
-_CACHE_KWARGS = ("cache", "past_key_values")
-_NOT_BATCHED = frozenset({"cache_position", "logits_to_keep"})
-
-
-def silence_frame(processor: Any) -> tuple[torch.Tensor, int]:
-    """One frame of the feature extractor's output for a silent clip, and the number of mel bins.
-
-    Log-mel extractors normalize per clip, so silence is one constant frame repeated: broadcasting it over a
-    row's frames gives the features of a silent clip of the same length (same feature mask, same number of
-    audio tokens).
-    """
-    extractor = getattr(processor, "feature_extractor", None)
-    if extractor is None:
-        raise ValueError("null_audio: silence needs a processor with a feature_extractor")
-    rate = int(getattr(extractor, "sampling_rate", 16000))
-    features = extractor(np.zeros(rate, dtype=np.float32), sampling_rate=rate, return_tensors="pt")
-    tensor = next(v for v in features.values() if isinstance(v, torch.Tensor) and v.dim() == 3)
-    bins = int(getattr(extractor, "feature_size", tensor.shape[1]))
-    frame = tensor[0, :, 0] if tensor.shape[1] == bins else tensor[0, 0, :]
-    return frame.float(), bins
-
-
-def null_features(key: str, value: torch.Tensor, null_audio: str,
-                  silence: tuple[torch.Tensor, int] | None) -> torch.Tensor:
-    """Audio features ``value`` (forward keyword ``key``) replaced by null audio: zeros, or the silent frame."""
-    if null_audio == "zeros":
-        return torch.zeros_like(value)
-    frame, bins = silence
-    frame = frame.to(device=value.device, dtype=value.dtype)
-    if value.dim() == 3 and value.shape[1] == bins:
-        return frame[None, :, None].expand_as(value).clone()
-    if value.dim() == 3 and value.shape[2] == bins:
-        return frame[None, None, :].expand_as(value).clone()
-    raise ValueError(f"cannot build silence for {key} of shape {tuple(value.shape)}: no axis has {bins} mel bins; "
-                     "use null_audio: zeros")
-
-
-def batch_dim(key: str, value: torch.Tensor) -> int | None:
-    """The batch axis of a forward keyword tensor, or None when it has none."""
-    if key in _NOT_BATCHED or value.dim() == 0:
-        return None
-    return 1 if key == "position_ids" and value.dim() == 3 else 0  # M-RoPE position ids are [3 or 4, B, T]
+__all__ = ["ContrastiveSession"]
 
 
 class ContrastiveSession:
     """Hooks for one contrastive ``generate()``/forward call; always removed by the caller's ``finally``."""
 
-    def __init__(
-        self,
-        resolved: Resolved,
-        config: Contrastive,
-        silence: tuple[torch.Tensor, int] | None,
-        hooks: CallHooks,
-        gate: Any = None,
-    ) -> None:
+    def __init__(self, call: Call, config: Contrastive) -> None:
+        silence = call.resources.get("contrastive")
+        resolved, hooks, gate = call.resolved, call.hooks, call.setting("gate")
         if config.null_audio == "silence" and silence is None:
             raise ValueError("null_audio: silence needs the processor: wrap(model, preset, processor=processor)")
         self.resolved = resolved
@@ -145,7 +97,7 @@ class ContrastiveSession:
         return args, doubled
 
     def _adopt_cache(self, kwargs: dict) -> None:
-        cache = next((kwargs[k] for k in _CACHE_KWARGS if kwargs.get(k) is not None), None)
+        cache = next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
         if cache is None or not hasattr(cache, "reorder_cache"):
             return
         self._cache = cache
@@ -162,19 +114,11 @@ class ContrastiveSession:
         rows, alpha = self.rows, self.config.alpha
         logits = output.logits
         main, null = logits[:rows], logits[rows:]
-        if self.gate is None:
-            combined = (1.0 + alpha) * main - alpha * null
-        else:  # alpha per row and position: g * alpha, g measured on this step's two distributions
-            from ._gate import gate_strength
-
+        strength = None
+        if self.gate is not None:  # alpha per row and position: g * alpha, g measured on this step's two distributions
             strength = gate_strength(self.gate, main, null)
             self.gate_steps.append(strength[:, -1].detach().cpu())
-            scaled = (alpha * strength).to(main.dtype).unsqueeze(-1)
-            combined = (1.0 + scaled) * main - scaled * null
-        if self.config.plausibility is not None:
-            probs = main.float().softmax(dim=-1)
-            cut = probs < self.config.plausibility * probs.amax(dim=-1, keepdim=True)
-            combined = combined.masked_fill(cut, torch.finfo(combined.dtype).min)
+        combined = contrastive_logits(main, null, alpha, strength, self.config.plausibility)
         for field in _output_fields(output):
             value = output[field]
             if field == "logits":

@@ -3,7 +3,7 @@
 ``s = mean over layers a..b of (h_audio - h_null)`` at the last prompt position, measured at prefill; then
 ``beta * s`` is added to the last decoder layer's output at the last position of every main row, at prefill and at
 every decode step. ``h_null`` comes from the null-audio rows that contrastive decoding already rides in the batch
-(:mod:`backpatch._contrastive`: rows ``B..2B-1`` copy rows ``0..B-1`` with the audio features replaced), so the
+(:mod:`backpatch.methods.contrastive`: rows ``B..2B-1`` copy rows ``0..B-1`` with the audio features replaced), so the
 steering costs no second call; the null rows themselves are never steered.
 
 The states are those of the pass that produces the answer: a back-patching capture pass (which may run some
@@ -13,15 +13,13 @@ layer ``i``. The last layer's own output is read just before it is steered.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._architectures import Resolved
-from ._engine import BackpatchRuntimeError, CallHooks, _hidden, _with_hidden
-from .preset import Steering
+from ...engine import BackpatchRuntimeError, Call, hidden_of, with_hidden
+from .config import Steering
 
 __all__ = ["SteeringSession"]
 
@@ -29,13 +27,13 @@ __all__ = ["SteeringSession"]
 class SteeringSession:
     """The steering block's hooks for one call; always removed by the caller."""
 
-    def __init__(self, resolved: Resolved, block: Steering, hooks: CallHooks, capturing: Callable[[], bool]) -> None:
-        self.resolved = resolved
+    def __init__(self, call: Call, block: Steering) -> None:
+        self.resolved = call.resolved
         self.block = block
-        self.hooks = hooks
-        #: True while a back-patching capture pass runs (its states are not the answer's)
-        self.capturing = capturing
-        self.first, self.last = resolved.steering_layers
+        self.hooks = call.hooks
+        #: True while a capture pass runs (a back-patching one: its states are not the answer's)
+        self.capturing = lambda: call.capturing
+        self.first, self.last = block.layers  # absolute: resolved for this model
         #: last-position states of the steering layers in this prefill, [..., 2B, H] (float32)
         self.states: dict[int, torch.Tensor] = {}
         #: the steering vector per main row, [..., B, H]; set at the prefill's last layer
@@ -78,7 +76,7 @@ class SteeringSession:
     def _steer(self, _layer: nn.Module, _args: tuple, output: Any) -> Any:
         if self.capturing():
             return None
-        hidden = _hidden(output)
+        hidden = hidden_of(output)
         rows = hidden.shape[-3] // 2
         if self.vector is None:
             final = len(self.resolved.layers) - 1
@@ -94,4 +92,4 @@ class SteeringSession:
         steered = hidden.clone()
         steered[..., :rows, -1, :] += (self.block.beta * self.vector).to(device=hidden.device, dtype=hidden.dtype)
         self.steered += 1
-        return _with_hidden(output, steered)
+        return with_hidden(output, steered)

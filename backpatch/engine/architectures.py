@@ -9,12 +9,15 @@ the layer path (``model.layers``) and the audio span (``audio_span``).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
 
-from .preset import Patch, Preset, PresetError
+from ..preset import Preset
+from ..registry import LayerSpace
+from ..validation import PresetError
 
 logger = logging.getLogger(__name__)
 
@@ -91,46 +94,29 @@ def get_attr_path(obj: Any, path: str) -> Any:
 
 
 @dataclass(frozen=True)
-class ResolvedPatch:
-    """A patch with layer indices made non-negative for a concrete model."""
-
-    source: int
-    target: int
-    scale: float
-    mode: str
-    positions: str
-    match_norm: bool = False
-
-
-@dataclass(frozen=True)
 class Resolved:
-    """Everything the engine needs to patch one concrete model with one preset."""
+    """Everything the engine needs to run one preset's methods on one concrete model: the modules to hook, the
+    audio token, and each method's setting made concrete for this model (``methods``, by preset key)."""
 
     generator: nn.Module
     text_model: nn.Module
     layers: nn.ModuleList
     layers_path: str
     audio_token_id: int
-    patches: tuple[ResolvedPatch, ...]
+    #: preset key -> that method's resolved setting (absolute layer indices), for every method the preset sets
+    methods: Mapping[str, Any] = field(default_factory=dict)
     audio_feature_keys: tuple[str, ...] = DEFAULT_AUDIO_FEATURE_KEYS
     #: see :attr:`Architecture.short_path` (False when a preset moves ``model.layers`` off the table's path)
     short_path: bool = False
     per_layer_inputs: tuple[str, ...] = ()
-    #: the attention block's and the steering block's layer ranges, absolute and inclusive (None: no block)
-    attention_layers: tuple[int, int] | None = None
-    steering_layers: tuple[int, int] | None = None
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
-    @property
-    def deepest_source(self) -> int:
-        return max((p.source for p in self.patches), default=-1)
-
-    @property
-    def earliest_target(self) -> int:
-        return min((p.target for p in self.patches), default=-1)
+    def setting(self, key: str) -> Any:
+        """The resolved setting of method ``key`` (None when the preset does not set it)."""
+        return self.methods.get(key)
 
 
 def _find_decoder_layers(model: nn.Module) -> str:
@@ -188,44 +174,6 @@ def _resolve_audio_token_id(model: nn.Module, preset: Preset, arch: Architecture
     )
 
 
-def _resolve_patch(patch: Patch, index: int, num_layers: int, layers_path: str, origin: str) -> ResolvedPatch:
-    resolved = {}
-    for key in ("source", "target"):
-        value = getattr(patch, key)
-        absolute = value + num_layers if value < 0 else value
-        if not 0 <= absolute < num_layers:
-            raise PresetError(
-                f"{origin}patches[{index}].{key}: layer {value} is out of range for this model, which has "
-                f"{num_layers} decoder layers at {layers_path} (allowed: {-num_layers}..{num_layers - 1})"
-            )
-        resolved[key] = absolute
-    if resolved["source"] <= resolved["target"]:
-        raise PresetError(
-            f"{origin}patches[{index}]: source {patch.source} (layer {resolved['source']}) must be later than target "
-            f"{patch.target} (layer {resolved['target']}) in this {num_layers}-layer model"
-        )
-    return ResolvedPatch(resolved["source"], resolved["target"], patch.scale, patch.mode, patch.positions,
-                         patch.match_norm)
-
-
-def _resolve_range(block: Any, key: str, num_layers: int, layers_path: str, origin: str) -> tuple[int, int] | None:
-    """A block's ``layers: [a, b]`` as absolute indices, checked against this model."""
-    if block is None:
-        return None
-    absolute = []
-    for i, value in enumerate(block.layers):
-        layer = value + num_layers if value < 0 else value
-        if not 0 <= layer < num_layers:
-            raise PresetError(f"{origin}{key}.layers[{i}]: layer {value} is out of range for this model, which "
-                              f"has {num_layers} decoder layers at {layers_path} (allowed: {-num_layers}.."
-                              f"{num_layers - 1})")
-        absolute.append(layer)
-    if absolute[0] > absolute[1]:
-        raise PresetError(f"{origin}{key}.layers: {block.layers} runs backwards in this {num_layers}-layer model "
-                          f"(layers {absolute[0]} to {absolute[1]})")
-    return absolute[0], absolute[1]
-
-
 def architecture_for(model: nn.Module) -> Architecture | None:
     return ARCHITECTURES.get(getattr(model.config, "model_type", ""))
 
@@ -259,19 +207,16 @@ def resolve(model: nn.Module, preset: Preset, processor: Any = None) -> Resolved
         )
     generator = get_attr_path(model, arch.generator) if arch is not None and arch.generator else model
     text_model = get_attr_path(model, layers_path.rsplit(".", 1)[0])
-    patches = tuple(
-        _resolve_patch(p, i, num_layers, layers_path, origin) for i, p in enumerate(preset.patches)
-    )
+    space = LayerSpace(num_layers, layers_path, preset.origin)
+    methods = {method.key: method.resolve(config, space) for method, config in preset.methods()}
     return Resolved(
         generator=generator,
         text_model=text_model,
         layers=layers,
         layers_path=layers_path,
         audio_token_id=_resolve_audio_token_id(model, preset, arch, processor),
-        patches=patches,
+        methods=methods,
         audio_feature_keys=arch.audio_feature_keys if arch is not None else DEFAULT_AUDIO_FEATURE_KEYS,
         short_path=arch is not None and arch.short_path and layers_path == arch.layers,
         per_layer_inputs=arch.per_layer_inputs if arch is not None else (),
-        attention_layers=_resolve_range(preset.attention, "attention", num_layers, layers_path, origin),
-        steering_layers=_resolve_range(preset.steering, "steering", num_layers, layers_path, origin),
     )

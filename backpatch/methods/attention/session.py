@@ -26,10 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._architectures import Resolved
-from ._engine import BackpatchRuntimeError, CallHooks, _cache_is_static, _cache_length
-from ._positions import audio_mask
-from .preset import Attention, PresetError
+from ...engine import BackpatchRuntimeError, Call, audio_mask, cache_is_static, cache_length
+from ...validation import PresetError
+from .config import Attention
 
 __all__ = ["AttentionSession", "SUPPORTED_IMPLEMENTATIONS"]
 
@@ -97,8 +96,9 @@ def _repeat_kv(key: torch.Tensor, heads: int) -> torch.Tensor:
 class AttentionSession:
     """The attention block's registry wrapper and generator hook for one call; always removed by the caller."""
 
-    def __init__(self, resolved: Resolved, block: Attention, hooks: CallHooks) -> None:
-        first, last = resolved.attention_layers
+    def __init__(self, call: Call, block: Attention) -> None:
+        resolved, hooks = call.resolved, call.hooks
+        first, last = block.layers  # absolute: resolved for this model
         self.resolved = resolved
         self.block = block
         self.hooks = hooks
@@ -145,10 +145,10 @@ class AttentionSession:
             raise BackpatchRuntimeError("the attention block finds the audio keys from input_ids, but this call has "
                                         "none (inputs_embeds only?); pass input_ids as produced by the processor")
         if self.audio is None:
-            if _cache_length(kwargs) > 0:
+            if cache_length(kwargs) > 0:
                 raise BackpatchRuntimeError("the attention block needs a fresh prefill, but this call continues a "
                                             "non-empty KV cache")
-            if _cache_is_static(kwargs):
+            if cache_is_static(kwargs):
                 raise BackpatchRuntimeError("the attention block does not support static (compileable) caches; use "
                                             "the default dynamic cache")
             self.audio = audio_mask(input_ids, self.resolved.audio_token_id)

@@ -1,0 +1,46 @@
+"""Attention to audio (MATA): in decoder layers ``a..b`` the last query row's raw scores toward the audio keys are
+scaled or raised, at prefill and every decode step. Its config, install (:mod:`.session`: a mask bias through
+attention functions registered with transformers) and registry entry live here."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ...registry import LayerSpace, Method, register_method
+from .config import ATTENTION_FORMS, Attention
+from .session import SUPPORTED_IMPLEMENTATIONS, AttentionSession, attention_module
+
+__all__ = ["ATTENTION_FORMS", "METHOD", "SUPPORTED_IMPLEMENTATIONS", "Attention", "AttentionSession",
+           "AttentionToAudio", "attention_module"]
+
+
+class AttentionToAudio(Method):
+    key = "attention"
+    title = "attention to audio"
+    section_order = 2
+    config_cls = Attention
+    order = 20  # after the contrastive rows are appended (it biases them as the model sees them), before patches
+
+    def acts(self, config: Any) -> bool:
+        return config.alpha > 0
+
+    def dump(self, config: Any) -> Any:
+        return dataclasses.asdict(config)
+
+    def resolve(self, config: Any, space: LayerSpace) -> Attention:
+        return dataclasses.replace(config, layers=list(space.span(config.layers, "attention.layers")))
+
+    def open(self, call: Any, config: Any) -> AttentionSession:
+        session = AttentionSession(call, config)
+        session.install()
+        return session
+
+    def label(self, config: Any) -> str:
+        return f"attention a={config.alpha:g}"
+
+    def details(self, config: Any) -> list[str]:
+        return [f"attention to audio {config.layers[0]}..{config.layers[1]} {config.form} alpha {config.alpha:g}"]
+
+
+METHOD = register_method(AttentionToAudio())

@@ -1,0 +1,59 @@
+"""Back-patching (the method this library is named for): route a late layer's states at chosen positions back into
+an earlier layer during the prefill (DESIGN section 1). Its config (:class:`Patch`), pure math (:mod:`.math`) and
+install (:mod:`.session`) live here; :data:`METHOD` is its registry entry."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ...registry import LayerSpace, Method, register_method
+from ...validation import fail
+from .config import MODES, POSITIONS, Patch, patch_label
+from .math import ResolvedPatch, combine, gated
+from .rules import UNCALIBRATED_RULE, uncalibrated_patch
+from .session import PatchSession
+
+__all__ = ["METHOD", "MODES", "POSITIONS", "UNCALIBRATED_RULE", "BackPatching", "Patch", "PatchSession",
+           "ResolvedPatch", "combine", "gated", "patch_label", "uncalibrated_patch"]
+
+
+class BackPatching(Method):
+    key = "patches"
+    title = "back-patching"
+    section_order = 0
+    config_cls = Patch
+    many = True
+    order = 30  # after contrastive decoding (it must see the doubled batch) and attention (capture passes biased)
+
+    def dump(self, config: Any) -> Any:
+        # match_norm only when on, so that presets without it read and write exactly as before
+        return [{k: v for k, v in dataclasses.asdict(p).items() if k != "match_norm" or v} for p in config]
+
+    def resolve(self, config: Any, space: LayerSpace) -> tuple[ResolvedPatch, ...]:
+        resolved = []
+        for index, patch in enumerate(config):
+            source = space.index(patch.source, f"patches[{index}].source")
+            target = space.index(patch.target, f"patches[{index}].target")
+            if source <= target:
+                raise fail(f"patches[{index}]", f"source {patch.source} (layer {source}) must be later than target "
+                           f"{patch.target} (layer {target}) in this {space.num_layers}-layer model", space.origin)
+            resolved.append(ResolvedPatch(source, target, patch.scale, patch.mode, patch.positions,
+                                          patch.match_norm))
+        return tuple(resolved)
+
+    def open(self, call: Any, config: Any) -> PatchSession:
+        session = PatchSession(call, config)
+        session.install()
+        return session
+
+    def label(self, config: Any) -> str:
+        first = config[0]
+        return f"back-patched {first.source}->{first.target}" if len(config) == 1 \
+            else f"back-patched ({len(config)} patches)"
+
+    def details(self, config: Any) -> list[str]:
+        return [patch_label(p) for p in config]
+
+
+METHOD = register_method(BackPatching())

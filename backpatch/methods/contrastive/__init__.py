@@ -1,0 +1,55 @@
+"""Audio-aware contrastive decoding (AAD): ``(1 + a) l(audio) - a l(null audio)`` at every step, KV-cached, the null
+stream riding as extra batch rows. Its config, pure math (:mod:`.math`), install (:mod:`.session`) and registry
+entry live here. It also brings the null-audio rows that the gate's ``audio_gap`` and the steering read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...registry import Method, register_method
+from ...validation import PresetError
+from .config import NULL_AUDIO, Contrastive
+from .math import contrastive_logits, null_features, silence_frame
+from .session import ContrastiveSession
+
+__all__ = ["METHOD", "NULL_AUDIO", "Contrastive", "ContrastiveDecoding", "ContrastiveSession", "contrastive_logits",
+           "null_features", "silence_frame"]
+
+
+class ContrastiveDecoding(Method):
+    key = "contrastive"
+    title = "contrastive decoding"
+    section_order = 1
+    config_cls = Contrastive
+    order = 10  # first: it doubles the batch, and every other method must see the doubled rows
+    provides_null_rows = True
+
+    def acts(self, config: Any) -> bool:
+        return config.alpha > 0
+
+    def needs_null_rows(self, config: Any) -> bool:
+        return config.alpha > 0
+
+    def prepare(self, config: Any, processor: Any, origin: str | None) -> Any:
+        """The silent clip's feature frame (``null_audio: silence``), computed once per wrapped model."""
+        if config.null_audio != "silence":
+            return None
+        if processor is None or getattr(processor, "feature_extractor", None) is None:
+            where = f"{origin}: " if origin else ""
+            raise PresetError(f"{where}contrastive.null_audio: silence needs the processor to compute silent "
+                              "features; pass wrap(model, preset, processor=processor), or use null_audio: zeros")
+        return silence_frame(processor)
+
+    def open(self, call: Any, config: Any) -> ContrastiveSession:
+        session = ContrastiveSession(call, config)
+        session.install()
+        return session
+
+    def label(self, config: Any) -> str:
+        return f"contrastive a={config.alpha:g}"
+
+    def details(self, config: Any) -> list[str]:
+        return [f"contrastive alpha {config.alpha:g} ({config.null_audio})"]
+
+
+METHOD = register_method(ContrastiveDecoding())

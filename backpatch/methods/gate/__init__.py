@@ -1,0 +1,47 @@
+"""The audio-confidence gate: not a mitigation of its own, it scales the others (patches and contrastive decoding)
+per row and step by how much the audio supports the answer. Its config, math and registry entry live here; the
+methods it scales read it from the call (``call.setting("gate")``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...registry import Method, register_method
+from ...validation import fail
+from .config import GATE_SIGNALS, Gate, gate_label
+from .math import gate_signal, gate_strength
+
+__all__ = ["GATE_SIGNALS", "METHOD", "Gate", "GateMethod", "gate_label", "gate_signal", "gate_strength"]
+
+
+class GateMethod(Method):
+    key = "gate"
+    title = "audio-confidence gate"
+    section_order = 4
+    config_cls = Gate
+    standalone = False
+    order = 0  # installs nothing: the methods it scales read it
+
+    def dump(self, config: Any) -> Any:
+        return {"signal": config.signal, "low": config.low, "high": config.high}
+
+    def check(self, preset: Any, config: Any, origin: str | None) -> None:
+        if preset.attention is not None or preset.steering is not None:
+            raise fail("gate", "the audio-confidence gate scales patches and contrastive decoding; it does not yet "
+                       "act on attention or steering blocks: drop the gate or those blocks", origin)
+        if config.signal == "audio_gap" and preset.contrastive is None:
+            raise fail("gate.signal", "audio_gap compares the answer with and without the audio, so it needs the "
+                       "null-audio rows of a contrastive block; add `contrastive: {alpha: 0.0}` (rows for the gate "
+                       "only) or use signal: certainty", origin)
+
+    def needs_null_rows(self, config: Any) -> bool:
+        return config.signal == "audio_gap"
+
+    def label(self, config: Any) -> str:
+        return "gate"
+
+    def details(self, config: Any) -> list[str]:
+        return [gate_label(config)]
+
+
+METHOD = register_method(GateMethod())

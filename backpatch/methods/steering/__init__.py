@@ -1,0 +1,55 @@
+"""Audio-silence steering: ``beta`` times the last position's residual difference, audio minus null audio (averaged
+over layers ``a..b``), added to the last layer's output at every step. Its config, install (:mod:`.session`) and
+registry entry live here; it reads the null-audio rows that contrastive decoding brings."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ...registry import LayerSpace, Method, register_method
+from ...validation import fail
+from .config import Steering
+from .session import SteeringSession
+
+__all__ = ["METHOD", "AudioSilenceSteering", "Steering", "SteeringSession"]
+
+
+class AudioSilenceSteering(Method):
+    key = "steering"
+    title = "audio-silence steering"
+    section_order = 3
+    config_cls = Steering
+    order = 40  # last: it reads the answer's pass, after patches, and skips a patch's capture pass
+
+    def acts(self, config: Any) -> bool:
+        return config.beta != 0
+
+    def needs_null_rows(self, config: Any) -> bool:
+        return config.beta != 0
+
+    def check(self, preset: Any, config: Any, origin: str | None) -> None:
+        if preset.contrastive is None:
+            raise fail("steering", "steering compares the residual with and without the audio, so it needs the "
+                       "null-audio rows of a contrastive block; add `contrastive: {alpha: 0.0}` (rows for the "
+                       "steering only)", origin)
+
+    def dump(self, config: Any) -> Any:
+        return dataclasses.asdict(config)
+
+    def resolve(self, config: Any, space: LayerSpace) -> Steering:
+        return dataclasses.replace(config, layers=list(space.span(config.layers, "steering.layers")))
+
+    def open(self, call: Any, config: Any) -> SteeringSession:
+        session = SteeringSession(call, config)
+        session.install()
+        return session
+
+    def label(self, config: Any) -> str:
+        return f"steering b={config.beta:g}"
+
+    def details(self, config: Any) -> list[str]:
+        return [f"steering {config.layers[0]}..{config.layers[1]} beta {config.beta:g}"]
+
+
+METHOD = register_method(AudioSilenceSteering())
