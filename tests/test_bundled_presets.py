@@ -105,7 +105,7 @@ def test_the_rule_was_measured_to_do_no_harm_on_both_organisms_test_splits():
 
 @pytest.mark.parametrize("n", [2, 3, 12, 30, 48])
 def test_the_rule_gives_a_valid_late_to_early_patch_at_every_depth(n):
-    from backpatch.bundled import uncalibrated_patch
+    from backpatch.methods.backpatching import uncalibrated_patch
 
     patch = uncalibrated_patch(n)
     assert 0 <= patch.target < patch.source <= n - 1
@@ -113,15 +113,15 @@ def test_the_rule_gives_a_valid_late_to_early_patch_at_every_depth(n):
 
 
 def test_the_rule_refuses_a_one_layer_decoder_naming_the_count():
-    from backpatch.bundled import uncalibrated_patch
+    from backpatch.methods.backpatching import uncalibrated_patch
 
     with pytest.raises(ValueError, match="at least 2 layers.*has 1"):
         uncalibrated_patch(1)
 
 
 def test_diagnose_suggestion_sweep_tries_the_gentle_rule_and_the_early_targets():
-    from backpatch.bundled import uncalibrated_patch
     from backpatch.diagnose.suggest import _sweep_settings
+    from backpatch.methods.backpatching import uncalibrated_patch
 
     layers = [{"layer": i, "probe_audio_conflict": 0.5 + 0.01 * i} for i in range(30)]
     settings = _sweep_settings(layers, 30)
