@@ -47,8 +47,8 @@ def _sweep_settings(layers: list[dict], num_layers: int) -> list[Setting]:
     Early targets (layer 0 and the first quarter, where the audio is read in) from the latest layer where the
     audio answer is still decodable under conflict, and from the last layer; and the gentle kind: a small ``add`` at
     the audio span, the uncalibrated presets' rule (:func:`~backpatch.methods.backpatching.uncalibrated_patch`:
-    round(0.9 N) into N/2) and its neighbours from the last layer and into the first quarter. On smol-whisper strong or far-back
-    patches wrecked the answers while small audio-span adds from late layers into the middle helped most.
+    round(0.9 N) into N/2) and its neighbours from the last layer and into the first quarter. On smol-whisper strong
+    or far-back patches wrecked the answers while small audio-span adds from late layers into the middle helped most.
     """
     last, early = num_layers - 1, sorted({0, num_layers // 4})
     out = [Setting(s, t, scale, mode, positions) for s in sorted({_best_probe_source(layers, num_layers), last})
