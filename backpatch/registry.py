@@ -155,6 +155,10 @@ class Method:
         """One line per setting with every value that matters (``backpatch presets``, the demo)."""
         return [self.label(config) or self.title]
 
+    def summary(self, config: Any) -> str:
+        """The method and its strength in a few words for a sentence (the demo's "On: ..." line)."""
+        return self.title
+
 
 _REGISTRY: dict[str, Method] = {}
 

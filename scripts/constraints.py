@@ -1,6 +1,8 @@
 """The constraints file of the versions last known good (``constraints.txt``): write it, or compare it with this
 environment.
 
+README "Install": `constraints.txt`, the reproducible install (CI runs `check` after its fresh install).
+
     python scripts/constraints.py lock     # resolve ".[dev,demo,serve]" now (pip lock) and rewrite constraints.txt
     python scripts/constraints.py check    # name every package whose installed version differs from constraints.txt
 

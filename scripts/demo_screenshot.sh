@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# README "Try it first: the demo": the screenshot docs/demo.png.
 # Refresh docs/demo.png: the demo's browser test drives the running app on the default model and saves its
 # screenshot there (tests themselves write only to temporary paths). Needs Debian's chromium (see README).
 set -euo pipefail

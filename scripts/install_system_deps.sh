@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# README "Tests" (and CI, .ci/run): regenerates no number; the system packages every other step needs.
 # The Debian packages the tests need (run as root, or with sudo): espeak-ng + sox synthesize the organisms'
 # speech corpus, libsndfile reads audio files, chromium is the browser the demo's browser test drives
 # (Debian's own; no test tool downloads a browser).

@@ -1,5 +1,7 @@
 """Write the bundled presets for real checkpoints from one table and one rule.
 
+README "Presets" > "Bundled presets": the uncalibrated `presets/*.yaml` and their table.
+
 Uncalibrated presets for real models all follow the same documented rule (README, "Bundled presets"), so
 that none of them pretends to be tuned: for a text decoder of N layers,
 

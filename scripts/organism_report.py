@@ -1,5 +1,8 @@
 """Regenerate an organism's numbers in the README: plain vs back-patching vs contrastive vs both.
 
+README "Model organisms": the held-out test tables of `smol-whisper` (`docs/smol-whisper-report.json`)
+and `digits` (`docs/organism-report.json`).
+
 The four configurations come from the calibration sweep on the VALIDATION split (the best no-harm candidate of
 each kind by the first-token sweep); they are then evaluated with full greedy generate() on the TEST split, and
 on the shipped examples subset (tests/test_organism_metrics.py checks that the shipped weights reproduce those).

@@ -1,5 +1,7 @@
 """Issue 20's table: every training-free fix on one model and one TEST split, with the same no-harm statistics.
 
+README "Peer methods as preset blocks", the "Side by side, measured" table (`docs/peers/*.json`).
+
 Each method's setting comes from a calibration sweep on the VALIDATION split (``backpatch calibrate`` with the peer
 blocks; never the test split): the best candidate of its kind that passed the no-harm rule in the last stage that
 measured that kind (lowest first-token TDR; verified with generate() where calibration verified one). Prompt framing

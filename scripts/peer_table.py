@@ -1,5 +1,7 @@
 """The README's peer-methods table rows from a ``scripts/peer_comparison.py`` report (no hand-copied numbers).
 
+README "Peer methods as preset blocks", the "Side by side, measured" table: prints its rows.
+
     python scripts/peer_table.py docs/peers/smol-whisper.json
 """
 

@@ -1,5 +1,8 @@
 """Score the peer blocks that a budget-cut calibration never reached, on that calibration's own refine-stage items.
 
+README "Peer methods as preset blocks": the steering and combination rows of
+`docs/peers/smol-whisper-calibration.sweep.json`, where smol-whisper's peer settings in that table come from.
+
 Why: on ``smol-whisper`` a calibration with the peer blocks (``docs/peers/calibrate_smol_blocks.sh``, 50 min) spent
 its refine share on contrastive alphas and gates and the attention grid, and the budget ran out before the
 steering grid (the sweep names it under ``skipped``). Resuming the whole search would first spend its coarse share

@@ -1,5 +1,8 @@
 """Does a norm-matched combine widen the no-harm band? (calibration issue, point 4; validation only)
 
+README "Model organisms", "`smol-whisper`: pretrained weights, inherited text dominance",
+the "Norm-matched combine" paragraph (`docs/smol-whisper-norm-match.json`).
+
 Late-layer states are much larger than early ones. Norm matching rescales the captured states, per position, to
 the norm of the target layer's states before ``add`` / ``interpolate``. Both variants are scored by first answer
 token on the same validation clips (the calibration's coarse subset: 10% of the clips, seed 0) for the same

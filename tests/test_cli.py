@@ -100,7 +100,7 @@ def test_run_labels_a_preset_without_patches_by_its_methods(checkpoint, tmp_path
 
 
 def test_answer_lines_align_the_two_answers():
-    from backpatch.cli import _answer_lines
+    from backpatch.cli.run_eval import _answer_lines
 
     plain, other = _answer_lines("contrastive a=2 + gate", "three", "seven")
     assert plain.index("three") == other.index("seven") and other.startswith("contrastive a=2 + gate: ")

@@ -402,7 +402,7 @@ def test_a_busy_port_is_named_with_the_port_option_before_the_model_loads(busy_p
 def test_gradios_own_busy_port_error_is_reworded_to_name_the_port_option(busy_port, monkeypatch):
     """A port taken between the early check and the server start: gradio's message names an environment
     variable; ours names --port."""
-    monkeypatch.setattr("backpatch.demo.check_port", lambda host, port: None)
+    monkeypatch.setattr("backpatch.demo.server.check_port", lambda host, port: None)  # where launch() looks it up
     with pytest.raises(OSError) as info:
         launch("organism:digits", port=busy_port, prevent_thread_lock=True, quiet=True)
     assert str(info.value).startswith(f"port {busy_port} on 127.0.0.1 is already in use; pass a free one with --port")

@@ -1,5 +1,8 @@
 """Sanity checks of the shipped organism (offline load, audio-token expansion, batching, size, examples).
 
+README "`digits`: trained from scratch": checks the organism that `scripts/organism/reproduce.sh` rebuilds
+(`backpatch/organism/TRAINING.md` names it); it regenerates no number itself.
+
 Run: PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/organism/check_organism.py [--model DIR] [--data JSONL]
 """
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# README "`digits`: trained from scratch": the shipped digits organism and its test metrics.
 # Rebuild the model organism from scratch: corpus -> train -> conflict sets -> test metrics.
 # Needs espeak-ng and sox on PATH; CPU only, about 10-12 minutes on 2 idle cores.
 # Usage: scripts/organism/reproduce.sh [DATA_DIR]   (default /work/data/organism; nothing big goes in the repo)

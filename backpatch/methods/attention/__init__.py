@@ -42,5 +42,8 @@ class AttentionToAudio(Method):
     def details(self, config: Any) -> list[str]:
         return [f"attention to audio {config.layers[0]}..{config.layers[1]} {config.form} alpha {config.alpha:g}"]
 
+    def summary(self, config: Any) -> str:
+        return f"attention to audio α {config.alpha:g}"
+
 
 METHOD = register_method(AttentionToAudio())

@@ -55,5 +55,8 @@ class BackPatching(Method):
     def details(self, config: Any) -> list[str]:
         return [patch_label(p) for p in config]
 
+    def summary(self, config: Any) -> str:
+        return f"back-patching ({len(config)} patch{'es' if len(config) > 1 else ''})"
+
 
 METHOD = register_method(BackPatching())

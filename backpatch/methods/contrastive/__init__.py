@@ -51,5 +51,8 @@ class ContrastiveDecoding(Method):
     def details(self, config: Any) -> list[str]:
         return [f"contrastive alpha {config.alpha:g} ({config.null_audio})"]
 
+    def summary(self, config: Any) -> str:
+        return f"contrastive decoding α {config.alpha:g}"
+
 
 METHOD = register_method(ContrastiveDecoding())

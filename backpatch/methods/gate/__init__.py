@@ -43,5 +43,8 @@ class GateMethod(Method):
     def details(self, config: Any) -> list[str]:
         return [gate_label(config)]
 
+    def summary(self, config: Any) -> str:
+        return f"audio-confidence {gate_label(config)}"
+
 
 METHOD = register_method(GateMethod())

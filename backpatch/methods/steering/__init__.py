@@ -51,5 +51,8 @@ class AudioSilenceSteering(Method):
     def details(self, config: Any) -> list[str]:
         return [f"steering {config.layers[0]}..{config.layers[1]} beta {config.beta:g}"]
 
+    def summary(self, config: Any) -> str:
+        return f"audio-silence steering β {config.beta:g}"
+
 
 METHOD = register_method(AudioSilenceSteering())

@@ -5,7 +5,7 @@ absent 25%, never conflicting); every training example draws its question type w
 metrics of every question type are logged every ``--eval-every`` steps, every checkpoint is kept, and the
 selection uses validation metrics of ``--select-on`` only (the test split is never read here).
 
-    PYTHONPATH=/work/main python scripts/organism_hop/train_hop.py --run-dir /work/data/organism_hop/run-s0
+    PYTHONPATH=/work/main python research/organism_hop/train_hop.py --run-dir /work/data/organism_hop/run-s0
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Print the markdown tables of FINDINGS.md from the JSON outputs of eval_hop.py / train_hop.py.
 
-    python scripts/organism_hop/tables.py /work/data/organism_hop/run-s0
+    python research/organism_hop/tables.py /work/data/organism_hop/run-s0
 """
 
 import json

@@ -1,8 +1,8 @@
 """Evaluate the two-hop organism: plain metrics, a back-patching grid, and last-position probes.
 
-    PYTHONPATH=/work/main python scripts/organism_hop/eval_hop.py plain --model DIR --out plain.json
-    PYTHONPATH=/work/main python scripts/organism_hop/eval_hop.py grid  --model DIR --task after --out grid.json
-    PYTHONPATH=/work/main python scripts/organism_hop/eval_hop.py probe --model DIR --out probe.json
+    PYTHONPATH=/work/main python research/organism_hop/eval_hop.py plain --model DIR --out plain.json
+    PYTHONPATH=/work/main python research/organism_hop/eval_hop.py grid  --model DIR --task after --out grid.json
+    PYTHONPATH=/work/main python research/organism_hop/eval_hop.py probe --model DIR --out probe.json
 
 Answers are the argmax at the last prompt position (= the first greedy token; every answer is one token);
 ``plain`` also checks this against ``generate`` on the test split. Back-patched answers come from
