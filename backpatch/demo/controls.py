@@ -12,6 +12,7 @@ from ..methods import Attention, Contrastive, Gate, Patch, Steering
 from ..methods.backpatching import MODES, POSITIONS, uncalibrated_patch
 from ..methods.gate import GATE_SIGNALS
 from ..preset import Calibration, Preset, PresetError
+from ..registry import get_method
 from .errors import _fail
 
 
@@ -78,27 +79,21 @@ class ControlsMixin:
         if alpha < 0:
             raise _fail(f"The contrastive alpha must be >= 0 (0 turns it off), got {alpha:g}.")
         gate = _gate_from_controls(base.gate, gate_on, gate_signal, gate_low, gate_high)
-        # an audio_gap gate reads the null-audio rows, which stay at alpha 0
-        gate_rows = gate is not None and gate.signal == "audio_gap"
-        contrastive = None
-        if alpha > 0 or gate_rows:
-            template = base.contrastive or Contrastive()
-            contrastive = Contrastive(alpha=alpha, null_audio=template.null_audio,
-                                      plausibility=template.plausibility)
         attention, steering = self._blocks_from_controls(base, attention_alpha, steering_beta)
-        if steering is not None and contrastive is None:  # the steering reads the null rows: alpha 0 rides them
-            template = base.contrastive or Contrastive(alpha=0.0)
-            contrastive = Contrastive(alpha=0.0, null_audio=template.null_audio, plausibility=template.plausibility)
+        template = base.contrastive or Contrastive()
+        contrastive = Contrastive(alpha=alpha, null_audio=template.null_audio, plausibility=template.plausibility)
+        # alpha 0 keeps the block only for the methods that read its null-audio rows (an audio_gap gate, steering)
+        if alpha == 0 and not _needs_null_rows(gate=gate, steering=steering):
+            contrastive = None
         if not patches and alpha == 0 and attention is None and steering is None:
             raise _fail("Nothing to compare: turn back-patching on, or set a contrastive alpha, an attention alpha or "
                         "a steering beta above 0.")
         if gate is not None and (attention is not None or steering is not None):
             raise _fail("The audio-confidence gate does not act on attention or steering yet: turn the gate off, or "
                         "set those controls to 0.")
-        base_rows = base.gate is not None and base.gate.signal == "audio_gap"
+        base_rows = base.contrastive is not None and base.needs_null_rows()
         unchanged = patches == base.patches and attention == base.attention and steering == base.steering and (
-            gate == base.gate) and (contrastive == (base.contrastive if base.contrastive is not None and (
-                base.contrastive.alpha > 0 or base_rows or base.steering is not None) else None))
+            gate == base.gate) and (contrastive == (base.contrastive if base_rows else None))
         if unchanged and name in (None, base.name):
             return base
         description = base.description if unchanged else (
@@ -159,3 +154,8 @@ def _control_number(value: Any, what: str) -> float:
     if not np.isfinite(out):
         raise _fail(f"The {what} must be a finite number, got {value!r}.")
     return out
+
+
+def _needs_null_rows(**sections: object) -> bool:
+    """Whether these settings read the null-audio rows: each method's own rule, from the registry."""
+    return any(get_method(key).needs_null_rows(config) for key, config in sections.items() if config is not None)
