@@ -162,11 +162,11 @@ def test_staged_default_search_covers_the_whole_depth_and_small_scales():
 
 
 def test_staged_search_on_a_budget_records_what_it_cut(setup, tmp_path):
-    from backpatch.calibrate import band_grid, calibrate, run
+    from backpatch.calibrate import band_grid, calibrate, verify
 
     root, data, model, processor = setup
     batches = []
-    real = run.answer_items
+    real = verify.answer_items
 
     def counting(wrapped, processor, items, *args, **kwargs):
         batches.append(len(items))
@@ -174,7 +174,7 @@ def test_staged_search_on_a_budget_records_what_it_cut(setup, tmp_path):
 
     # a budget that cannot hold even the verification stops after one timed batch, naming the budget it needs
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run, "answer_items", counting)
+        patch.setattr(verify, "answer_items", counting)
         with pytest.raises(ValueError, match=r"time budget \(0 min\) cannot hold the generate\(\) verification.*"
                                              r"raise --budget-minutes to at least \d+"):
             calibrate(model, processor, data, tmp_path / "none.yaml", grid={"alphas": []}, batch_size=4,
@@ -282,7 +282,7 @@ def test_calibration_can_skip_the_full_stage_and_reuses_plain_answers_in_verific
     """The verification's plain answers are generated once, before the search (they price the verification), and
     every finalist's verification reuses them."""
     from backpatch import evaluate as evaluate_module
-    from backpatch.calibrate import calibrate, run
+    from backpatch.calibrate import calibrate, verify
 
     _, data, model, processor = setup
     seen, plain_runs = [], []
@@ -296,8 +296,8 @@ def test_calibration_can_skip_the_full_stage_and_reuses_plain_answers_in_verific
         plain_runs.append(kwargs.get("backpatched", True))
         return real_answers(*args, **kwargs)
 
-    monkeypatch.setattr(run, "evaluate", spy)
-    monkeypatch.setattr(run, "answer_items", answers_spy)
+    monkeypatch.setattr(verify, "evaluate", spy)
+    monkeypatch.setattr(verify, "answer_items", answers_spy)
     summary = calibrate(model, processor, data, tmp_path / "s.yaml", grid={"alphas": [1.0]}, batch_size=4,
                         verify_top=2, max_new_tokens=2, budget_minutes=5.0, progress=False, full_stage=False)
     assert [s["name"] for s in summary["search"]["stages"]] == ["coarse", "refine"]
@@ -324,14 +324,15 @@ def test_budget_is_a_hard_bound_with_verification_and_names_what_it_cut(setup, t
     preset description, and the description claims only the kinds that were scored."""
     import time as time_module
 
-    from backpatch.calibrate import calibrate, run
+    from backpatch.calibrate import calibrate, run_search, verify
     from backpatch.calibrate.budget import verification_factor
     from backpatch.calibrate.sweep import Scorer
 
     _, data, model, processor = setup
     clock = FakeClock()
     monkeypatch.setattr(time_module, "perf_counter", clock)
-    real_score, real_answers, real_evaluate, real_prepare = Scorer.score, run.answer_items, run.evaluate, run._prepare
+    real_score, real_answers, real_evaluate = Scorer.score, verify.answer_items, verify.evaluate
+    real_prepare = run_search._prepare
     verified = []
 
     def score(self, candidate, batches):
@@ -357,9 +358,9 @@ def test_budget_is_a_hard_bound_with_verification_and_names_what_it_cut(setup, t
         return real_prepare(*args, **kwargs)
 
     monkeypatch.setattr(Scorer, "score", score)
-    monkeypatch.setattr(run, "answer_items", answers)
-    monkeypatch.setattr(run, "evaluate", evaluate)
-    monkeypatch.setattr(run, "_prepare", prepare)
+    monkeypatch.setattr(verify, "answer_items", answers)
+    monkeypatch.setattr(verify, "evaluate", evaluate)
+    monkeypatch.setattr(run_search, "_prepare", prepare)
     started = clock.now
     summary = calibrate(model, processor, data, tmp_path / "b.yaml", grid={"alphas": [1.0]}, batch_size=4,
                         verify_top=3, max_new_tokens=2, budget_minutes=budget_minutes, progress=False)
