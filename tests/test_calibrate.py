@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from backpatch._architectures import resolve
+from backpatch._engine import patch_session
 from tiny import tiny_checkpoint, tiny_conflict_set
 
 import backpatch
 from backpatch.calibrate import Setting, _settings, default_grid, passes_no_harm, prepare_batches
 from backpatch.cli import main
-from backpatch.engine import generation_session, resolve
 from backpatch.evaluate import load_conflict_set
 from backpatch.loading import load_model_and_processor
 
@@ -58,7 +59,7 @@ def test_reused_capture_gives_the_same_logits_as_a_fresh_capture(setup, setting)
     resolved = resolve(model, wrapped.preset, processor)
     with torch.no_grad():
         for batch in batches:
-            with generation_session(resolved, precaptured=batch.states):
+            with patch_session(resolved, precaptured=batch.states):
                 reused = model(**batch.inputs).logits[:, -1]
             fresh = wrapped(**batch.inputs).logits[:, -1]
             assert torch.equal(reused, fresh)
@@ -138,9 +139,9 @@ def test_sweep_short_path_runs_only_the_layers_after_the_target_and_equals_the_e
     resolved = resolve(model, wrapped.preset, processor)
     with torch.no_grad():
         for batch in batches:
-            with generation_session(resolved, precaptured=batch.states):
+            with patch_session(resolved, precaptured=batch.states):
                 full = model(**batch.inputs, use_cache=False).logits[:, -1]
-            assert torch.equal(short._short_logits(resolved, resolved.setting("patches")[0], batch), full)
+            assert torch.equal(short._short_logits(resolved, resolved.patches[0], batch), full)
 
 
 def test_staged_default_search_covers_the_whole_depth_and_small_scales():
@@ -161,11 +162,11 @@ def test_staged_default_search_covers_the_whole_depth_and_small_scales():
 
 
 def test_staged_search_on_a_budget_records_what_it_cut(setup, tmp_path):
-    from backpatch.calibrate import band_grid, calibrate, run
+    from backpatch.calibrate import band_grid, calibrate, verify
 
     root, data, model, processor = setup
     batches = []
-    real = run.answer_items
+    real = verify.answer_items
 
     def counting(wrapped, processor, items, *args, **kwargs):
         batches.append(len(items))
@@ -173,7 +174,7 @@ def test_staged_search_on_a_budget_records_what_it_cut(setup, tmp_path):
 
     # a budget that cannot hold even the verification stops after one timed batch, naming the budget it needs
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(run, "answer_items", counting)
+        patch.setattr(verify, "answer_items", counting)
         with pytest.raises(ValueError, match=r"time budget \(0 min\) cannot hold the generate\(\) verification.*"
                                              r"raise --budget-minutes to at least \d+"):
             calibrate(model, processor, data, tmp_path / "none.yaml", grid={"alphas": []}, batch_size=4,
@@ -206,9 +207,9 @@ def test_norm_matched_sweep_short_path_equals_the_engine(setup):
     unmatched = resolve(model, backpatch.Preset(patches=[backpatch.Patch(5, 1, 0.5, "interpolate")]), processor)
     with torch.no_grad():
         for batch in batches:
-            with generation_session(resolved, precaptured=batch.states):
+            with patch_session(resolved, precaptured=batch.states):
                 full = model(**batch.inputs, use_cache=False).logits[:, -1]
-            torch.testing.assert_close(scorer._short_logits(resolved, resolved.setting("patches")[0], batch), full)
+            torch.testing.assert_close(scorer._short_logits(resolved, resolved.patches[0], batch), full)
             torch.testing.assert_close(scorer._short_logits(unmatched, unmatched.patches[0], batch, match_norm=True),
                                        full)
 
@@ -281,7 +282,7 @@ def test_calibration_can_skip_the_full_stage_and_reuses_plain_answers_in_verific
     """The verification's plain answers are generated once, before the search (they price the verification), and
     every finalist's verification reuses them."""
     from backpatch import evaluate as evaluate_module
-    from backpatch.calibrate import calibrate, run
+    from backpatch.calibrate import calibrate, verify
 
     _, data, model, processor = setup
     seen, plain_runs = [], []
@@ -295,8 +296,8 @@ def test_calibration_can_skip_the_full_stage_and_reuses_plain_answers_in_verific
         plain_runs.append(kwargs.get("backpatched", True))
         return real_answers(*args, **kwargs)
 
-    monkeypatch.setattr(run, "evaluate", spy)
-    monkeypatch.setattr(run, "answer_items", answers_spy)
+    monkeypatch.setattr(verify, "evaluate", spy)
+    monkeypatch.setattr(verify, "answer_items", answers_spy)
     summary = calibrate(model, processor, data, tmp_path / "s.yaml", grid={"alphas": [1.0]}, batch_size=4,
                         verify_top=2, max_new_tokens=2, budget_minutes=5.0, progress=False, full_stage=False)
     assert [s["name"] for s in summary["search"]["stages"]] == ["coarse", "refine"]
@@ -323,15 +324,15 @@ def test_budget_is_a_hard_bound_with_verification_and_names_what_it_cut(setup, t
     preset description, and the description claims only the kinds that were scored."""
     import time as time_module
 
-    from backpatch.calibrate import calibrate, run
+    from backpatch.calibrate import calibrate, run_search, verify
     from backpatch.calibrate.budget import verification_factor
     from backpatch.calibrate.sweep import Scorer
 
     _, data, model, processor = setup
     clock = FakeClock()
     monkeypatch.setattr(time_module, "perf_counter", clock)
-    real_score, real_answers, real_evaluate = Scorer.score, run.answer_items, run.evaluate
-    real_prepare = run.prepare_batches
+    real_score, real_answers, real_evaluate = Scorer.score, verify.answer_items, verify.evaluate
+    real_prepare = run_search.prepare_batches
     verified = []
 
     def score(self, candidate, batches):
@@ -357,9 +358,9 @@ def test_budget_is_a_hard_bound_with_verification_and_names_what_it_cut(setup, t
         return real_prepare(*args, **kwargs)
 
     monkeypatch.setattr(Scorer, "score", score)
-    monkeypatch.setattr(run, "answer_items", answers)
-    monkeypatch.setattr(run, "evaluate", evaluate)
-    monkeypatch.setattr(run, "prepare_batches", prepare)
+    monkeypatch.setattr(verify, "answer_items", answers)
+    monkeypatch.setattr(verify, "evaluate", evaluate)
+    monkeypatch.setattr(run_search, "prepare_batches", prepare)
     started = clock.now
     summary = calibrate(model, processor, data, tmp_path / "b.yaml", grid={"alphas": [1.0]}, batch_size=4,
                         verify_top=3, max_new_tokens=2, budget_minutes=budget_minutes, progress=False)

@@ -2,7 +2,11 @@
 
 One room per job (STYLE item 8): :mod:`.grid` (what is searched), :mod:`.sweep` (scoring machinery shared with
 ``backpatch diagnose``), :mod:`.search` (the staged coarse-to-fine search and the no-harm rule), :mod:`.run`
-(``calibrate()``), :mod:`.writing` (the preset it writes), :mod:`.plots` (heatmap and band figure).
+(``calibrate()``: the steps in order), :mod:`.data` (the calibration items and the warnings about them),
+:mod:`.run_search` (captures and scoring of the chosen search on the model), :mod:`.resume` (reusing an earlier
+run's scores), :mod:`.budget` (the time budget), :mod:`.verify` (the ``generate()`` verification of the
+finalists), :mod:`.report` (the sweep rows and what was searched), :mod:`.writing` (the preset it writes),
+:mod:`.plots` (heatmap and band figure).
 """
 
 from .grid import Candidate, Setting, _settings, band_grid, default_grid, refinements
