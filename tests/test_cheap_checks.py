@@ -24,7 +24,7 @@ def no_model(monkeypatch):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr("backpatch.loading.load_model_and_processor", fail)
-    monkeypatch.setattr("backpatch.cli._processor_alone", fail, raising=False)
+    monkeypatch.setattr("backpatch.preflight.processor_alone", fail, raising=False)
 
 
 @pytest.fixture(scope="module")
