@@ -81,6 +81,8 @@ class Method:
     #: order of installation within one call (lower first): a method that changes the batch installs before the
     #: methods that read it (contrastive decoding appends the null-audio rows that the patches must skip)
     order: int = 100
+    #: the session class the default :meth:`open` builds with ``(call, config)`` and installs (None: installs nothing)
+    session_cls: type | None = None
     #: this method appends the null-audio rows to the batch (contrastive decoding): it is installed whenever any
     #: method of the call needs them, even where its own setting does not act
     provides_null_rows: bool = False
@@ -143,8 +145,13 @@ class Method:
         """Install this method's hooks for one call and return its session (an object with ``remove()``, also what
         tests and benchmarks read counts from), or None when it installs nothing. ``call`` is the engine's per-call
         context (:class:`backpatch.engine.Call`): the model facts, the hooks this call owns, the other methods'
-        settings and sessions. ``config`` is the resolved setting."""
-        return None
+        settings and sessions. ``config`` is the resolved setting. By default: ``session_cls(call, config)``, then its
+        ``install()``."""
+        if self.session_cls is None:
+            return None
+        session = self.session_cls(call, config)
+        session.install()
+        return session
 
     # ----------------------------------------------------------------------------------------- describing
     def label(self, config: Any) -> str | None:

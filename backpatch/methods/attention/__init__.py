@@ -19,6 +19,7 @@ class AttentionToAudio(Method):
     key = "attention"
     title = "attention to audio"
     section_order = 2
+    session_cls = AttentionSession
     config_cls = Attention
     order = 20  # after the contrastive rows are appended (it biases them as the model sees them), before patches
 
@@ -30,11 +31,6 @@ class AttentionToAudio(Method):
 
     def resolve(self, config: Any, space: LayerSpace) -> Attention:
         return dataclasses.replace(config, layers=list(space.span(config.layers, "attention.layers")))
-
-    def open(self, call: Any, config: Any) -> AttentionSession:
-        session = AttentionSession(call, config)
-        session.install()
-        return session
 
     def label(self, config: Any) -> str:
         return f"attention a={config.alpha:g}"

@@ -22,6 +22,7 @@ class BackPatching(Method):
     key = "patches"
     title = "back-patching"
     section_order = 0
+    session_cls = PatchSession
     config_cls = Patch
     many = True
     order = 30  # after contrastive decoding (it must see the doubled batch) and attention (capture passes biased)
@@ -41,11 +42,6 @@ class BackPatching(Method):
             resolved.append(ResolvedPatch(source, target, patch.scale, patch.mode, patch.positions,
                                           patch.match_norm))
         return tuple(resolved)
-
-    def open(self, call: Any, config: Any) -> PatchSession:
-        session = PatchSession(call, config)
-        session.install()
-        return session
 
     def label(self, config: Any) -> str:
         first = config[0]

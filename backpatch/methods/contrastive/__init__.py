@@ -20,6 +20,7 @@ class ContrastiveDecoding(Method):
     key = "contrastive"
     title = "contrastive decoding"
     section_order = 1
+    session_cls = ContrastiveSession
     config_cls = Contrastive
     order = 10  # first: it doubles the batch, and every other method must see the doubled rows
     provides_null_rows = True
@@ -39,11 +40,6 @@ class ContrastiveDecoding(Method):
             raise PresetError(f"{where}contrastive.null_audio: silence needs the processor to compute silent "
                               "features; pass wrap(model, preset, processor=processor), or use null_audio: zeros")
         return silence_frame(processor)
-
-    def open(self, call: Any, config: Any) -> ContrastiveSession:
-        session = ContrastiveSession(call, config)
-        session.install()
-        return session
 
     def label(self, config: Any) -> str:
         return f"contrastive a={config.alpha:g}"

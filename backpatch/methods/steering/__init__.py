@@ -19,6 +19,7 @@ class AudioSilenceSteering(Method):
     key = "steering"
     title = "audio-silence steering"
     section_order = 3
+    session_cls = SteeringSession
     config_cls = Steering
     order = 40  # last: it reads the answer's pass, after patches, and skips a patch's capture pass
 
@@ -39,11 +40,6 @@ class AudioSilenceSteering(Method):
 
     def resolve(self, config: Any, space: LayerSpace) -> Steering:
         return dataclasses.replace(config, layers=list(space.span(config.layers, "steering.layers")))
-
-    def open(self, call: Any, config: Any) -> SteeringSession:
-        session = SteeringSession(call, config)
-        session.install()
-        return session
 
     def label(self, config: Any) -> str:
         return f"steering b={config.beta:g}"
