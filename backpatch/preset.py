@@ -17,7 +17,7 @@ import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -35,6 +35,9 @@ from .validation import (
     section_from_dict,
     type_name,
 )
+
+if TYPE_CHECKING:  # the built-in methods' configs live above the schema (backpatch/methods/); names only
+    from .methods import Attention, Contrastive, Gate, Patch, Steering
 
 __all__ = [
     "AudioSpan",
@@ -187,16 +190,16 @@ class Preset:
     """A named set of interventions (patches and method blocks) plus the facts needed to apply them to one model
     family. Which sections exist is read from the method registry (:mod:`backpatch.registry`)."""
 
-    patches: list = field(default_factory=list)
+    patches: list[Patch] = field(default_factory=list)
     name: str = "custom"
     description: str | None = None
     match: Match | None = None
     model: ModelFacts | None = None
     audio_span: AudioSpan | None = None
-    contrastive: Any = None
-    attention: Any = None
-    steering: Any = None
-    gate: Any = None
+    contrastive: Contrastive | None = None
+    attention: Attention | None = None
+    steering: Steering | None = None
+    gate: Gate | None = None
     calibration: Calibration | None = None
     #: sections of methods registered from outside the package (``{key: config}``), read and written like the rest
     extensions: dict[str, Any] = field(default_factory=dict)
