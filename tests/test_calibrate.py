@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from backpatch._architectures import resolve
-from backpatch._engine import patch_session
 from tiny import tiny_checkpoint, tiny_conflict_set
 
 import backpatch
 from backpatch.calibrate import Setting, _settings, default_grid, passes_no_harm, prepare_batches
 from backpatch.cli import main
+from backpatch.engine import generation_session, resolve
 from backpatch.evaluate import load_conflict_set
 from backpatch.loading import load_model_and_processor
 
@@ -59,7 +58,7 @@ def test_reused_capture_gives_the_same_logits_as_a_fresh_capture(setup, setting)
     resolved = resolve(model, wrapped.preset, processor)
     with torch.no_grad():
         for batch in batches:
-            with patch_session(resolved, precaptured=batch.states):
+            with generation_session(resolved, precaptured=batch.states):
                 reused = model(**batch.inputs).logits[:, -1]
             fresh = wrapped(**batch.inputs).logits[:, -1]
             assert torch.equal(reused, fresh)
@@ -139,9 +138,9 @@ def test_sweep_short_path_runs_only_the_layers_after_the_target_and_equals_the_e
     resolved = resolve(model, wrapped.preset, processor)
     with torch.no_grad():
         for batch in batches:
-            with patch_session(resolved, precaptured=batch.states):
+            with generation_session(resolved, precaptured=batch.states):
                 full = model(**batch.inputs, use_cache=False).logits[:, -1]
-            assert torch.equal(short._short_logits(resolved, resolved.patches[0], batch), full)
+            assert torch.equal(short._short_logits(resolved, resolved.setting("patches")[0], batch), full)
 
 
 def test_staged_default_search_covers_the_whole_depth_and_small_scales():
@@ -207,9 +206,9 @@ def test_norm_matched_sweep_short_path_equals_the_engine(setup):
     unmatched = resolve(model, backpatch.Preset(patches=[backpatch.Patch(5, 1, 0.5, "interpolate")]), processor)
     with torch.no_grad():
         for batch in batches:
-            with patch_session(resolved, precaptured=batch.states):
+            with generation_session(resolved, precaptured=batch.states):
                 full = model(**batch.inputs, use_cache=False).logits[:, -1]
-            torch.testing.assert_close(scorer._short_logits(resolved, resolved.patches[0], batch), full)
+            torch.testing.assert_close(scorer._short_logits(resolved, resolved.setting("patches")[0], batch), full)
             torch.testing.assert_close(scorer._short_logits(unmatched, unmatched.patches[0], batch, match_norm=True),
                                        full)
 
