@@ -197,7 +197,7 @@ def test_norm_matched_sweep_short_path_equals_the_engine(setup):
     patch = backpatch.Patch(5, 1, 0.5, "interpolate", "audio", match_norm=True)
     wrapped = backpatch.wrap(model, backpatch.Preset(patches=[patch]), processor=processor)
     batches, _ = prepare_batches(wrapped, processor, items, {"sources": [5], "positions": ["audio"]}, batch_size=4,
-                          progress=False, layer_states=True)
+                                  progress=False, layer_states=True)
     from backpatch.calibrate import Scorer
     from backpatch.calibrate.writing import candidate_preset
 
@@ -209,8 +209,8 @@ def test_norm_matched_sweep_short_path_equals_the_engine(setup):
             with generation_session(resolved, precaptured=batch.states):
                 full = model(**batch.inputs, use_cache=False).logits[:, -1]
             torch.testing.assert_close(scorer._short_logits(resolved, resolved.setting("patches")[0], batch), full)
-            torch.testing.assert_close(scorer._short_logits(unmatched, unmatched.patches[0], batch, match_norm=True),
-                                       full)
+            short = scorer._short_logits(unmatched, unmatched.setting("patches")[0], batch, match_norm=True)
+            torch.testing.assert_close(short, full)
 
 
 @pytest.mark.parametrize("gate", [backpatch.Gate("audio_gap", 0.0, 0.0), backpatch.Gate("audio_gap", 0.3, 0.3),
