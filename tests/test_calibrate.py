@@ -545,3 +545,32 @@ def test_the_search_scores_the_best_blocks_on_top_of_the_best_other_methods(tmp_
         preset = candidate_preset(backpatch.Preset(patches=[backpatch.Patch(11, 0)]), candidate, "zeros")
         assert preset.contrastive is not None or candidate.steering is None
     assert not any(c.has_blocks for c in run(blocks=False))
+
+
+@pytest.mark.parametrize("name", ["gemma3n", "gemma4"])
+def test_the_short_path_is_taken_and_exact_on_gemma(name):
+    """Gemma 3n's layers carry AltUp streams that its text model combines after the last layer, and both Gemmas
+    soft-cap their logits: the short path applies both (the architecture table's final combine, the one readout),
+    so the scorer takes it and it equals the engine on the stored states."""
+    import families
+
+    from backpatch.calibrate import Candidate, Scorer
+    from backpatch.calibrate.sweep import capture_batch
+    from backpatch.calibrate.writing import candidate_preset
+
+    fam = getattr(families, name)()
+    # the last position: in these tiny Gemmas the layers after 1 reuse earlier layers' KV (shared KV), so a patch at
+    # the audio positions alone could not reach the answer
+    setting = Setting(3, 1, 0.7, "add", "last")
+    base = backpatch.Preset(patches=[setting.patch()])
+    resolved = backpatch.wrap(fam.model, base).resolved
+    batch = capture_batch(resolved, fam.batch, [3], {"last"}, layer_states=True)
+    scorer = Scorer(fam.model, None, base, "zeros", None, candidate_preset)
+    assert scorer._short_path_usable(Candidate(setting), batch)  # its own check: within SHORT_PATH_ATOL
+    with torch.no_grad():
+        short = scorer._short_logits(resolved, resolved.setting("patches")[0], batch)
+        with generation_session(resolved, precaptured=batch.states):
+            full = fam.model(**fam.batch, use_cache=False).logits[:, -1]
+        plain = fam.model(**fam.batch, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full, plain, atol=1e-4)  # the patch changes the logits: the equality says something

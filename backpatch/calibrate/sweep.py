@@ -22,7 +22,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..engine import at, final_norm, generation_session, hidden_of, position_masks, readout, resolve, select
+from ..engine import (
+    Resolved,
+    at,
+    final_norm,
+    final_states,
+    generation_session,
+    hidden_of,
+    position_masks,
+    readout,
+    resolve,
+    select,
+)
 from ..evaluate import encode_items, judge, metrics
 from ..methods.backpatching import ResolvedPatch, combine, gated
 from ..methods.contrastive import contrastive_logits, null_features
@@ -74,8 +85,49 @@ def null_inputs(inputs: Any, feature_keys: tuple[str, ...], null_audio: str, sil
 
 
 @torch.no_grad()
+def capture_batch(resolved: Resolved, inputs: Any, sources: list[int], kinds: set[str], layer_states: bool = False,
+                  items=None) -> _Batch:
+    """One unpatched forward of ``inputs``: the states of every source layer at every position kind, the plain
+    first-token logits and, with ``layer_states``, every layer's output and call arguments (the short path's)."""
+    masks = position_masks(inputs["input_ids"], inputs.get("attention_mask"), resolved.audio_token_id, kinds)
+    states: dict[tuple[int, str], torch.Tensor] = {}
+    layer_out: dict[int, torch.Tensor] = {}
+    layer_args: dict[int, tuple] = {}
+
+    def make_hook(layer):
+        def hook(_module, _args, output):
+            hidden = hidden_of(output)
+            if layer in sources:
+                for kind, mask in masks.items():
+                    states[(layer, kind)] = select(hidden, mask.to(hidden.device)).detach()
+            if layer_states:
+                layer_out[layer] = hidden.detach()
+
+        return hook
+
+    def make_pre_hook(layer):
+        def pre_hook(_module, args, kwargs):
+            layer_args[layer] = (args[1:], dict(kwargs))
+
+        return pre_hook
+
+    hooked = range(resolved.num_layers) if layer_states else sources
+    handles = [resolved.layers[i].register_forward_hook(make_hook(i)) for i in hooked]
+    if layer_states:
+        handles += [layer.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True)
+                    for i, layer in enumerate(resolved.layers)]
+    try:
+        main_logits = _first_token_logits(resolved.generator, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return _Batch(items, inputs, states, masks, layer_out if layer_states else None,
+                  layer_args if layer_states else None, main_logits)
+
+
+@torch.no_grad()
 def prepare_batches(wrapped: BackpatchedModel, processor: Any, items, grid, batch_size: int, progress: bool,
-             layer_states: bool = False, null: tuple[str, Any] | None = None):
+                    layer_states: bool = False, null: tuple[str, Any] | None = None):
     """Plain first-token answers and captured source states, one unpatched forward per batch; with ``null``
     (``(null_audio, silence)``) also the plain first-token logits of the null-audio batch."""
     resolved = wrapped.resolved
@@ -85,45 +137,12 @@ def prepare_batches(wrapped: BackpatchedModel, processor: Any, items, grid, batc
     for start in tqdm(range(0, len(items), batch_size), desc="capture", unit="batch", disable=not progress):
         chunk = items[start : start + batch_size]
         inputs = encode_items(processor, chunk).to(wrapped.device)
-        masks = position_masks(inputs["input_ids"], inputs.get("attention_mask"), resolved.audio_token_id, kinds)
-        states: dict[tuple[int, str], torch.Tensor] = {}
-        layer_out: dict[int, torch.Tensor] = {}
-        layer_args: dict[int, tuple] = {}
-
-        def make_hook(layer, masks=masks, states=states, layer_out=layer_out):
-            def hook(_module, _args, output):
-                hidden = hidden_of(output)
-                if layer in sources:
-                    for kind, mask in masks.items():
-                        states[(layer, kind)] = select(hidden, mask.to(hidden.device)).detach()
-                if layer_states:
-                    layer_out[layer] = hidden.detach()
-
-            return hook
-
-        def make_pre_hook(layer, layer_args=layer_args):
-            def pre_hook(_module, args, kwargs):
-                layer_args[layer] = (args[1:], dict(kwargs))
-
-            return pre_hook
-
-        hooked = range(resolved.num_layers) if layer_states else sources
-        handles = [resolved.layers[i].register_forward_hook(make_hook(i)) for i in hooked]
-        if layer_states:
-            handles += [layer.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True)
-                        for i, layer in enumerate(resolved.layers)]
-        try:
-            main_logits = _first_token_logits(resolved.generator, inputs)
-        finally:
-            for h in handles:
-                h.remove()
-        plain_answers += _decode(processor, main_logits)
-        null_logits = None
+        batch = capture_batch(resolved, inputs, sources, kinds, layer_states, items=chunk)
+        plain_answers += _decode(processor, batch.main_logits)
         if null is not None:
-            null_logits = _first_token_logits(resolved.generator,
-                                              null_inputs(inputs, resolved.audio_feature_keys, *null))
-        batches.append(_Batch(chunk, inputs, states, masks, layer_out if layer_states else None,
-                              layer_args if layer_states else None, main_logits, null_logits))
+            batch.null_logits = _first_token_logits(resolved.generator,
+                                                    null_inputs(inputs, resolved.audio_feature_keys, *null))
+        batches.append(batch)
     return batches, plain_answers
 
 
@@ -189,7 +208,8 @@ class Scorer:
             hidden = hidden_of(resolved.layers[i](hidden, *args, **kwargs))
         if self.count_layers:
             self.layer_calls.append(resolved.num_layers - t - 1)
-        return readout(resolved.generator, hidden[:, -1:], final_norm(resolved.text_model))[:, -1]
+        last = final_states(resolved.text_model, hidden[..., -1:, :], resolved.final_combine)
+        return readout(resolved.generator, last)[:, -1]
 
     def _short_answers(self, candidate: Candidate, batches, match_norm: bool = False) -> list[str]:
         preset = self.candidate_preset(self.base_preset, candidate, self.null_audio)

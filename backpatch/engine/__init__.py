@@ -12,7 +12,7 @@ from .architectures import ARCHITECTURES, Architecture, Resolved, architecture_f
 from .call import Call, generation_session
 from .hooks import BackpatchRuntimeError, CallHooks, current_call, model_lock, plain_call
 from .positions import audio_mask, last_prompt_mask, position_masks
-from .readout import final_norm, readout, soft_cap
+from .readout import FINAL_COMBINES, final_norm, final_states, readout, soft_cap
 from .tensors import (
     CACHE_KWARGS,
     LAYER_CACHE_KWARGS,
@@ -29,6 +29,7 @@ from .tensors import (
 
 __all__ = [
     "ARCHITECTURES",
+    "FINAL_COMBINES",
     "CACHE_KWARGS",
     "LAYER_CACHE_KWARGS",
     "Architecture",
@@ -44,6 +45,7 @@ __all__ = [
     "cache_length",
     "current_call",
     "final_norm",
+    "final_states",
     "first_rows",
     "generation_session",
     "get_attr_path",

@@ -50,6 +50,9 @@ class Architecture:
     #: text-model keywords that feed single layers inside the loop (Qwen3-Omni's deepstack visual embeddings): a
     #: call that passes one of them takes the two-pass path
     per_layer_inputs: tuple[str, ...] = ()
+    #: what the text model does between its last decoder layer and the final norm, by name in
+    #: :data:`backpatch.engine.readout.FINAL_COMBINES` (Gemma 3n: its AltUp streams become one); None: nothing
+    final_combine: str | None = None
 
 
 _LM = Architecture(layers="model.language_model.layers", short_path=True)
@@ -78,7 +81,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                                     audio_feature_keys=("audio_input_features",), short_path=True),
     "glmasr": _LM,
     # decoder layers output AltUp states [K, B, T, H] (every stream is patched); per-layer inputs, shared KV
-    "gemma3n": _LM_PER_LAYER,
+    "gemma3n": replace(_LM_PER_LAYER, final_combine="altup"),
     "gemma4": _LM_PER_LAYER,  # per-layer inputs, sliding and full layers, shared KV
 
     "qwen3_asr": _LM,
@@ -109,6 +112,8 @@ class Resolved:
     #: see :attr:`Architecture.short_path` (False when a preset moves ``model.layers`` off the table's path)
     short_path: bool = False
     per_layer_inputs: tuple[str, ...] = ()
+    #: see :attr:`Architecture.final_combine`
+    final_combine: str | None = None
 
     @property
     def num_layers(self) -> int:
@@ -219,4 +224,5 @@ def resolve(model: nn.Module, preset: Preset, processor: Any = None) -> Resolved
         audio_feature_keys=arch.audio_feature_keys if arch is not None else DEFAULT_AUDIO_FEATURE_KEYS,
         short_path=arch is not None and arch.short_path and layers_path == arch.layers,
         per_layer_inputs=arch.per_layer_inputs if arch is not None else (),
+        final_combine=arch.final_combine if arch is not None else None,
     )

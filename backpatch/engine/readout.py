@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["final_norm", "readout", "soft_cap"]
+__all__ = ["FINAL_COMBINES", "final_norm", "final_states", "readout", "soft_cap"]
 
 #: attribute names of the norm a text model applies after its last decoder layer
 _FINAL_NORM_NAMES = ("norm", "final_layernorm", "ln_f", "final_norm")
@@ -21,6 +21,35 @@ def final_norm(text_model: nn.Module) -> nn.Module | None:
         if isinstance(module, nn.Module):
             return module
     return None
+
+
+def _altup_streams(text_model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Gemma 3n: its decoder layers carry ``K`` AltUp streams ``[K, B, T, H]``; after the last layer the text model
+    projects streams 1..K-1 back, matches their magnitude to stream 0's and averages all K (as
+    ``Gemma3nTextModel.forward`` does before its norm)."""
+    first = hidden[0]
+    target = torch.mean(first**2, dim=-1, keepdim=True) ** 0.5
+    streams = [first]
+    for i in range(1, hidden.shape[0]):
+        projected = text_model.altup_unembed_projections[i - 1](hidden[i]).to(dtype=first.dtype,
+                                                                              device=target.device)
+        magnitude = torch.sqrt(torch.mean(projected**2, dim=-1, keepdim=True).clamp(min=1e-5))
+        streams.append(projected * target / magnitude)
+    return torch.mean(torch.stack(streams), dim=0)
+
+
+#: name -> what a family's text model does between its last decoder layer and its final norm (the architecture
+#: table names one per family in ``Architecture.final_combine``)
+FINAL_COMBINES = {"altup": _altup_streams}
+
+
+def final_states(text_model: nn.Module, hidden: torch.Tensor, combine: str | None = None) -> torch.Tensor:
+    """The last decoder layer's output as the head sees it: the family's combine (``combine``), then the final
+    norm: what a calibration's short path, which runs the last layers itself, must apply before :func:`readout`."""
+    if combine is not None:
+        hidden = FINAL_COMBINES[combine](text_model, hidden)
+    norm = final_norm(text_model)
+    return norm(hidden) if norm is not None else hidden
 
 
 def soft_cap(generator: nn.Module) -> float | None:
