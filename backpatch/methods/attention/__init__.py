@@ -26,9 +26,6 @@ class AttentionToAudio(Method):
     def acts(self, config: Any) -> bool:
         return config.alpha > 0
 
-    def dump(self, config: Any) -> Any:
-        return dataclasses.asdict(config)
-
     def resolve(self, config: Any, space: LayerSpace) -> Attention:
         return dataclasses.replace(config, layers=list(space.span(config.layers, "attention.layers")))
 

@@ -22,9 +22,6 @@ class GateMethod(Method):
     standalone = False
     order = 0  # installs nothing: the methods it scales read it
 
-    def dump(self, config: Any) -> Any:
-        return {"signal": config.signal, "low": config.low, "high": config.high}
-
     def check(self, preset: Any, config: Any, origin: str | None) -> None:
         if preset.attention is not None or preset.steering is not None:
             raise fail("gate", "the audio-confidence gate scales patches and contrastive decoding; it does not yet "

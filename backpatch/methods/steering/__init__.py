@@ -35,9 +35,6 @@ class AudioSilenceSteering(Method):
                        "null-audio rows of a contrastive block; add `contrastive: {alpha: 0.0}` (rows for the "
                        "steering only)", origin)
 
-    def dump(self, config: Any) -> Any:
-        return dataclasses.asdict(config)
-
     def resolve(self, config: Any, space: LayerSpace) -> Steering:
         return dataclasses.replace(config, layers=list(space.span(config.layers, "steering.layers")))
 
