@@ -153,6 +153,14 @@ class Method:
         session.install()
         return session
 
+    # ----------------------------------------------------------------------------------------- calibration
+    def calibration_grid(self, num_layers: int) -> list[Any]:
+        """The settings ``backpatch calibrate`` scores for this method as a block of its own in the refine stage
+        (alone, then the best no-harm one on top of the best other settings), for a text decoder of
+        ``num_layers`` layers; empty: not searched that way (back-patching, contrastive decoding and the gate have
+        searches of their own)."""
+        return []
+
     # ----------------------------------------------------------------------------------------- describing
     def label(self, config: Any) -> str | None:
         """A few words for a column header (``contrastive a=2``), or None to say nothing there."""

@@ -11,7 +11,7 @@ import torch
 from tiny import tiny_checkpoint, tiny_conflict_set
 
 import backpatch
-from backpatch.calibrate import Setting, _settings, default_grid, passes_no_harm, prepare_batches
+from backpatch.calibrate import Candidate, Setting, _settings, default_grid, passes_no_harm, prepare_batches
 from backpatch.cli import main
 from backpatch.engine import generation_session, resolve
 from backpatch.evaluate import load_conflict_set
@@ -574,3 +574,38 @@ def test_the_short_path_is_taken_and_exact_on_gemma(name):
         plain = fam.model(**fam.batch, use_cache=False).logits[:, -1]
     torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(full, plain, atol=1e-4)  # the patch changes the logits: the equality says something
+
+
+def test_the_block_grid_is_read_from_the_methods_calibration_grids():
+    """Each method owns its search space (Method.calibration_grid); the refine stage's block candidates are the
+    registry's, in registry order: MATA's six (form, alpha) on the middle third, steering's five betas on two ranges."""
+    from backpatch.calibrate.grid import block_grid
+
+    grid = block_grid(30)
+    attention = [c.attention for c in grid if c.attention is not None]
+    steering = [c.steering for c in grid if c.steering is not None]
+    assert len(grid) == 16 and grid[:6] == [Candidate(None, attention=a) for a in attention]
+    assert {(a.form, a.alpha) for a in attention} == {("scale", 0.1), ("scale", 0.3), ("scale", 1.0), ("add", 0.5),
+                                                      ("add", 1.0), ("add", 2.0)}
+    assert {tuple(a.layers) for a in attention} == {(10, 20)}
+    assert {(tuple(s.layers), s.beta) for s in steering} == {(layers, beta) for layers in ((10, 20), (15, 29))
+                                                             for beta in (0.5, 1.0, 2.0, 4.0, 8.0)}
+
+
+def test_a_registered_method_with_a_grid_the_search_cannot_hold_is_named_not_searched(caplog):
+    from backpatch.calibrate.grid import block_grid
+
+    class Searched(backpatch.Method):
+        key, title = "searched_block", "a searched block"
+
+        def calibration_grid(self, num_layers):
+            return [object()]
+
+    backpatch.register_method(Searched())
+    try:
+        with caplog.at_level("WARNING"):
+            grid = block_grid(30)
+    finally:
+        backpatch.unregister_method("searched_block")
+    assert len(grid) == 16
+    assert "calibrate cannot search a searched block ('searched_block') as a block yet" in caplog.text

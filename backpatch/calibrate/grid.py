@@ -14,11 +14,13 @@ Two ways to say what to search:
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
 from ..methods import Attention, Contrastive, Gate, Patch, Steering, gate_label, patch_label
-from ..registry import get_method
+from ..registry import get_method, registered_methods
 
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Setting:
@@ -67,21 +69,23 @@ class Candidate:
         return any(get_method(key).needs_null_rows(config) for key, config in sections.items() if config is not None)
 
 
-#: the peer methods' small grids: MATA's alpha (its paper's 0.1 and larger; the additive form's e^alpha boost),
-#: and steering's beta (the reimplementation's 0.5..1.5 and beyond, to 8: digits chose 4 when 4 was the edge), on
-#: MATA's intermediate layers (the middle third) and, for steering, also the second half
-ATTENTION_GRID = (("scale", 0.1), ("scale", 0.3), ("scale", 1.0), ("add", 0.5), ("add", 1.0), ("add", 2.0))
-STEERING_BETAS = (0.5, 1.0, 2.0, 4.0, 8.0)
+#: the block methods a candidate can carry today (its fields); a registered method with a calibration grid but no
+#: field here is skipped with a warning, not searched silently wrong
+BLOCK_KEYS = ("attention", "steering")
 
 
 def block_grid(num_layers: int) -> list[Candidate]:
-    """Attention-to-audio and audio-silence-steering candidates for the staged search's refine stage."""
-    third = [num_layers // 3, (2 * num_layers) // 3]
-    late = [num_layers // 2, num_layers - 1]
-    attention = [Candidate(None, attention=Attention(layers=third, alpha=a, form=f)) for f, a in ATTENTION_GRID]
-    steering = [Candidate(None, steering=Steering(layers=layers, beta=b)) for layers in (third, late)
-                for b in STEERING_BETAS]
-    return attention + steering
+    """The candidates of the staged search's refine stage that try a method as a block of its own: each registered
+    method's own calibration grid (``Method.calibration_grid``: MATA's alphas, steering's betas), in registry order."""
+    candidates = []
+    for method in registered_methods():
+        grid = method.calibration_grid(num_layers)
+        if grid and method.key not in BLOCK_KEYS:
+            logger.warning("calibrate cannot search %s (%r) as a block yet: a candidate holds only %s blocks",
+                           method.title, method.key, " and ".join(BLOCK_KEYS))
+            continue
+        candidates += [Candidate(None, **{method.key: config}) for config in grid]
+    return candidates
 
 
 #: the gate stage's steps per signal: audio_gap is a total variation distance, certainty exp(-entropy)

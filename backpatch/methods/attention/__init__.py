@@ -11,7 +11,11 @@ from ...registry import LayerSpace, Method, register_method
 from .config import ATTENTION_FORMS, Attention
 from .session import SUPPORTED_IMPLEMENTATIONS, AttentionSession, attention_module
 
-__all__ = ["ATTENTION_FORMS", "METHOD", "SUPPORTED_IMPLEMENTATIONS", "Attention", "AttentionSession",
+#: the calibration's grid (form, alpha): MATA's alpha (its paper's 0.1 and larger; the additive form's e^alpha boost),
+#: on MATA's intermediate layers (the middle third)
+ATTENTION_GRID = (("scale", 0.1), ("scale", 0.3), ("scale", 1.0), ("add", 0.5), ("add", 1.0), ("add", 2.0))
+
+__all__ = ["ATTENTION_FORMS", "ATTENTION_GRID", "METHOD", "SUPPORTED_IMPLEMENTATIONS", "Attention", "AttentionSession",
            "AttentionToAudio", "attention_module"]
 
 
@@ -28,6 +32,10 @@ class AttentionToAudio(Method):
 
     def resolve(self, config: Any, space: LayerSpace) -> Attention:
         return dataclasses.replace(config, layers=list(space.span(config.layers, "attention.layers")))
+
+    def calibration_grid(self, num_layers: int) -> list[Attention]:
+        third = [num_layers // 3, (2 * num_layers) // 3]
+        return [Attention(layers=third, alpha=alpha, form=form) for form, alpha in ATTENTION_GRID]
 
     def label(self, config: Any) -> str:
         return f"attention a={config.alpha:g}"

@@ -12,7 +12,11 @@ from ...validation import fail
 from .config import Steering
 from .session import SteeringSession
 
-__all__ = ["METHOD", "AudioSilenceSteering", "Steering", "SteeringSession"]
+#: the calibration's betas (the reimplementation's 0.5..1.5 and beyond, to 8: digits chose 4 when 4 was the edge),
+#: on the middle third of the layers and on the second half
+STEERING_BETAS = (0.5, 1.0, 2.0, 4.0, 8.0)
+
+__all__ = ["METHOD", "STEERING_BETAS", "AudioSilenceSteering", "Steering", "SteeringSession"]
 
 
 class AudioSilenceSteering(Method):
@@ -37,6 +41,11 @@ class AudioSilenceSteering(Method):
 
     def resolve(self, config: Any, space: LayerSpace) -> Steering:
         return dataclasses.replace(config, layers=list(space.span(config.layers, "steering.layers")))
+
+    def calibration_grid(self, num_layers: int) -> list[Steering]:
+        third = [num_layers // 3, (2 * num_layers) // 3]
+        late = [num_layers // 2, num_layers - 1]
+        return [Steering(layers=layers, beta=beta) for layers in (third, late) for beta in STEERING_BETAS]
 
     def label(self, config: Any) -> str:
         return f"steering b={config.beta:g}"
