@@ -240,13 +240,6 @@ class _Recorder:
                 handle.remove()
 
 
-def _module_device(module: nn.Module) -> torch.device | None:
-    for param in module.parameters():
-        if param.device.type != "meta":
-            return param.device
-    return None
-
-
 @contextmanager
 def _eager_attention(model: nn.Module) -> Iterator[bool]:
     """Attention weights exist only with the eager implementation: switch to it for the block, then restore."""

@@ -60,8 +60,17 @@ def soft_cap(generator: nn.Module) -> float | None:
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
-    parameter = next(module.parameters(), None)
-    return parameter.device if parameter is not None else None
+    """Where ``module`` computes: its first parameter that is not on the meta device (a disk-offloaded module of a
+    ``device_map`` model holds meta parameters until accelerate's hook loads them); None to leave inputs be."""
+    for parameter in module.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return None
+
+
+def _to(hidden: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    device = _device_of(module)
+    return hidden.to(device) if device is not None else hidden
 
 
 def readout(generator: nn.Module, hidden: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
@@ -69,12 +78,11 @@ def readout(generator: nn.Module, hidden: torch.Tensor, norm: nn.Module | None =
     state through the final norm), then the output embeddings, then the soft-cap. Each step runs on its module's
     device (``device_map`` models)."""
     if norm is not None:
-        device = _device_of(norm)
-        hidden = norm(hidden.to(device) if device is not None else hidden)
+        hidden = norm(_to(hidden, norm))
     head = generator.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(generator).__name__} has no output embeddings to read hidden states out with")
-    logits = head(hidden.to(head.weight.device))
+    logits = head(_to(hidden, head))
     cap = soft_cap(generator)
     if cap:
         logits = torch.tanh(logits / cap) * cap
