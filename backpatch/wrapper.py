@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from .bundled import find_matching_preset, load_preset
-from .engine import Resolved, generation_session, model_lock, plain_call, resolve
+from .engine import Resolved, generation_session, model_lock, plain_call, resolve, running_methods
 from .preset import Preset, PresetError, methods_details
 
 __all__ = ["BackpatchedModel", "apply", "backpatch_hook_count", "wrap"]
@@ -62,13 +62,12 @@ _WARNED: set[str] = set()
 def prepare_resources(preset: Preset, processor: Any) -> dict[str, Any]:
     """What each method of ``preset`` computes once per wrapped model (``Method.prepare``: e.g. the silent features
     of contrastive decoding), for the methods that run: a block whose rows nobody needs prepares nothing."""
-    needs_rows = preset.needs_null_rows()
+    running, _ = running_methods({method.key: config for method, config in preset.methods()})
     resources = {}
-    for method, config in preset.methods():
-        if method.acts(config) or (needs_rows and method.provides_null_rows):
-            resource = method.prepare(config, processor, preset.origin)
-            if resource is not None:
-                resources[method.key] = resource
+    for method, config in running:
+        resource = method.prepare(config, processor, preset.origin)
+        if resource is not None:
+            resources[method.key] = resource
     return resources
 
 

@@ -9,7 +9,7 @@
 """
 
 from .architectures import ARCHITECTURES, Architecture, Resolved, architecture_for, get_attr_path, resolve
-from .call import Call, generation_session
+from .call import Call, generation_session, running_methods
 from .hooks import BackpatchRuntimeError, CallHooks, current_call, model_lock, plain_call
 from .positions import audio_mask, last_prompt_mask, position_masks
 from .readout import FINAL_COMBINES, final_norm, final_states, readout, soft_cap
@@ -57,6 +57,7 @@ __all__ = [
     "position_masks",
     "readout",
     "resolve",
+    "running_methods",
     "select",
     "soft_cap",
     "with_hidden",

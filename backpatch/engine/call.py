@@ -17,7 +17,7 @@ from ..registry import Method, get_method
 from .architectures import Resolved
 from .hooks import BackpatchRuntimeError, CallHooks, current_call, model_lock
 
-__all__ = ["Call", "generation_session"]
+__all__ = ["Call", "generation_session", "running_methods"]
 
 
 class Call:
@@ -52,8 +52,9 @@ class Call:
         return self.sessions.get(key)
 
 
-def _running(settings: Mapping[str, Any]) -> tuple[list[tuple[Method, Any]], bool]:
-    """The methods that run in this call, in install order, and whether the null-audio rows ride along."""
+def running_methods(settings: Mapping[str, Any]) -> tuple[list[tuple[Method, Any]], bool]:
+    """The methods of ``settings`` (preset key -> setting) that run in a call, in install order, and whether the
+    null-audio rows ride along: those that act, and the one that brings the rows when any method needs them."""
     present = [(get_method(key), config) for key, config in settings.items()]
     present = [(method, config) for method, config in present if method.present(config)]
     null_rows = any(method.needs_null_rows(config) for method, config in present)
@@ -75,7 +76,7 @@ def generation_session(resolved: Resolved, settings: Mapping[str, Any] | None = 
     under the model's lock; yield the :class:`Call`. Everything is removed on exit, whatever happens, each
     session even if an earlier one fails to close."""
     settings = resolved.methods if settings is None else settings
-    running, null_rows = _running(settings)
+    running, null_rows = running_methods(settings)
     with model_lock(resolved.generator).hold(), ExitStack() as stack:
         hooks = CallHooks()
         stack.callback(hooks.close)  # last: whatever a session may have missed
