@@ -7,6 +7,7 @@ See docs/design.md for the semantics and the README for a quickstart.
 
 from . import organism
 from .bundled import list_presets, load_preset
+from .controls import Control, ControlError
 from .engine import BackpatchRuntimeError
 from .methods import Attention, Contrastive, Gate, Patch, Steering
 from .preset import AudioSpan, Calibration, Match, ModelFacts, Preset, PresetError, methods_label
@@ -22,6 +23,8 @@ __all__ = [
     "BackpatchedModel",
     "Calibration",
     "Contrastive",
+    "Control",
+    "ControlError",
     "Gate",
     "LayerSpace",
     "Match",

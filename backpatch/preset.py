@@ -218,12 +218,18 @@ class Preset:
 
     def with_section(self, key: str, config: Any) -> Preset:
         """A copy with the setting of method ``key`` replaced (None removes it)."""
-        if key in _FIELD_SECTIONS:
-            return dataclasses.replace(self, **{key: [] if config is None and key == "patches" else config})
-        extensions = {k: v for k, v in self.extensions.items() if k != key}
-        if config is not None:
-            extensions[key] = config
-        return dataclasses.replace(self, extensions=extensions)
+        return self.with_sections({key: config})
+
+    @classmethod
+    def from_sections(cls, sections: dict[str, Any], **fields: Any) -> Preset:
+        """A new preset from methods' settings by key (``{"patches": [...], "scale_audio": ...}``, None for unset)
+        and the schema's ``fields`` (name, match, ...): built-ins' sections become fields, a plugin's an extension."""
+        return cls(**_placed(sections, fields, {}))
+
+    def with_sections(self, sections: dict[str, Any], **fields: Any) -> Preset:
+        """A copy with several methods' settings (``{key: setting or None}``) and schema ``fields`` replaced at once:
+        the result is checked as a whole, so settings that need each other can change together."""
+        return dataclasses.replace(self, **_placed(sections, fields, self.extensions))
 
     def methods(self) -> list[tuple[Method, Any]]:
         """``(method, setting)`` for every registered method this preset sets, in registry order."""
@@ -346,6 +352,20 @@ class Preset:
         if path is not None:
             Path(path).write_text(text, encoding="utf-8")
         return text
+
+
+def _placed(sections: dict[str, Any], fields: dict[str, Any], extensions: dict[str, Any]) -> dict[str, Any]:
+    """``Preset`` keyword arguments for methods' settings by key: a built-in's is a field (no patches: ``[]``), a
+    plugin's an entry of ``extensions`` (None removes it)."""
+    out, extensions = dict(fields), dict(extensions)
+    for key, config in sections.items():
+        if key in _FIELD_SECTIONS:
+            out[key] = [] if config is None and key == "patches" else config
+        elif config is None:
+            extensions.pop(key, None)
+        else:
+            extensions[key] = config
+    return {**out, "extensions": extensions}
 
 
 def _blocks_phrase(methods: Any) -> str:

@@ -21,6 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .controls import Control
 from .validation import PresetError, fail, section_from_dict
 
 __all__ = [
@@ -160,6 +161,24 @@ class Method:
         ``num_layers`` layers; empty: not searched that way (back-patching, contrastive decoding and the gate have
         searches of their own)."""
         return []
+
+    # ----------------------------------------------------------------------------------------- demo controls
+    def controls(self, config: Any, num_layers: int) -> list[Control]:
+        """The demo's controls for this method, in page order (``config``: the preset's setting, None when it has
+        none; it may fill an info line). At most one ``switch``, first: it turns the method on and off. Empty (the
+        default): the demo shows no control and keeps the preset's setting as it is."""
+        return []
+
+    def control_values(self, config: Any, num_layers: int) -> dict[str, Any]:
+        """The values the controls start at for the preset's setting ``config`` (None: the method is off), one per
+        control name."""
+        return {}
+
+    def from_controls(self, values: dict[str, Any], base: Any, num_layers: int) -> Any:
+        """The setting the controls describe, or None for off. ``values`` holds one read value per control
+        (:meth:`backpatch.Control.read` has checked its type); ``base`` is the preset's setting (keep what no control
+        shows). A value no setting can hold raises :class:`backpatch.ControlError` with one sentence naming it."""
+        return base
 
     # ----------------------------------------------------------------------------------------- describing
     def label(self, config: Any) -> str | None:

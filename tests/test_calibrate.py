@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -443,37 +442,30 @@ def test_staged_search_scores_the_peer_blocks_and_their_scores_match_generate(se
     candidate's first-token answers are those of generate() with its preset; --no-blocks leaves them out."""
     from backpatch.calibrate import Candidate, Scorer, calibrate
     from backpatch.calibrate.writing import candidate_preset
-    from backpatch.inputs import decode_new_tokens
 
     _, data, model, processor = setup
     summary = calibrate(model, processor, data, tmp_path / "b.yaml", grid={"alphas": [1.0]}, batch_size=4,
                         verify_top=1, max_new_tokens=2, budget_minutes=5.0, progress=False, gates=False)
     refine = [row for row in summary["sweep"] if row["stage"] == "refine"]
-    assert any("attention" in row for row in refine) and any("steering" in row for row in refine)
+    assert any("attention" in row.get("blocks", {}) for row in refine)
+    assert any("steering" in row.get("blocks", {}) for row in refine)
     assert "attention to audio" in summary["searched"] and "audio-silence steering" in summary["searched"]
     assert all("harm" in row for row in refine)
-    combined = [row for row in refine if ("attention" in row or "steering" in row) and (row["patch"] or row["alpha"])]
+    combined = [row for row in refine if row.get("blocks") and (row["patch"] or row["alpha"])]
     assert combined and "the blocks combined with the other methods" in summary["searched"]
     items = load_conflict_set(data)
     base = backpatch.wrap(model, backpatch.Preset(patches=[backpatch.Patch(1, 0)]), processor=processor)
     batches, _ = prepare_batches(base, processor, items, {"sources": [1], "positions": ["audio"]}, batch_size=4,
                           progress=False, null=("zeros", None))
     scorer = Scorer(model, processor, base.preset, "zeros", None, candidate_preset)
-    for candidate in (Candidate(None, attention=backpatch.Attention([1, 3], 1.0, "add")),
-                      Candidate(None, steering=backpatch.Steering([1, 3], 50.0))):
+    for candidate in (Candidate.of(attention=backpatch.Attention([1, 3], 1.0, "add")),
+                      Candidate.of(steering=backpatch.Steering([1, 3], 50.0))):
         got = scorer.score(candidate, batches)["verdicts"]
-        wrapped = backpatch.wrap(model, candidate_preset(base.preset, candidate, "zeros"), processor=processor)
-        answers = []
-        for batch in batches:
-            with torch.no_grad():
-                out = wrapped.generate(**batch.inputs, max_new_tokens=1, do_sample=False)
-            answers += decode_new_tokens(processor, out, batch.inputs["input_ids"].shape[1])
-        from backpatch.evaluate import judge
-
-        assert got == [judge(a, it) for a, it in zip(answers, items, strict=True)]
+        preset = candidate_preset(base.preset, candidate, "zeros")
+        assert got == _generate_verdicts(model, processor, preset, batches, items)
     plain = calibrate(model, processor, data, tmp_path / "n.yaml", grid={"alphas": []}, batch_size=4, verify_top=1,
                       max_new_tokens=2, budget_minutes=5.0, progress=False, gates=False, blocks=False)
-    assert not any("attention" in row or "steering" in row for row in plain["sweep"])
+    assert not any(row.get("blocks") for row in plain["sweep"])
 
 
 def test_a_full_stage_cut_by_the_budget_does_not_choose_among_the_few_it_reached():
@@ -512,9 +504,10 @@ def test_the_search_scores_the_best_blocks_on_top_of_the_best_other_methods(tmp_
     from backpatch.calibrate.writing import candidate_preset
 
     def score(c: Candidate) -> dict:
-        harmful = c.steering is not None and c.steering.beta >= 8 or c.gate is not None
-        tdr = 0.8 - 0.1 * (c.setting is not None) - 0.1 * bool(c.alpha) - 0.05 * (c.attention is not None) \
-            - 0.02 * (c.steering.beta if c.steering is not None else 0) - 0.001 * (c.setting.scale if c.setting else 0)
+        attention, steering = c.block("attention"), c.block("steering")
+        harmful = steering is not None and steering.beta >= 8 or c.gate is not None
+        tdr = 0.8 - 0.1 * (c.setting is not None) - 0.1 * bool(c.alpha) - 0.05 * (attention is not None) \
+            - 0.02 * (steering.beta if steering is not None else 0) - 0.001 * (c.setting.scale if c.setting else 0)
         return {"tdr": round(tdr, 4), "audio_only_acc": 0.5 if harmful else 0.9, "consistent_acc": 1.0}
 
     plain = {"tdr": 0.8, "audio_only_acc": 0.9, "consistent_acc": 1.0}
@@ -527,23 +520,22 @@ def test_the_search_scores_the_best_blocks_on_top_of_the_best_other_methods(tmp_
 
     refine = run(blocks=True)
     alone = [c for c in refine if c.has_blocks and c.setting is None and not c.alpha]
-    combined = [c for c in refine if c.has_blocks and c not in alone
-                or c.attention is not None and c.steering is not None]
-    best_attention = min((c for c in alone if c.attention is not None), key=lambda c: score(c)["tdr"])
-    best_steering = min((c for c in alone if c.steering is not None and c.steering.beta < 8),
+    combined = [c for c in refine if c.has_blocks and c not in alone or len(c.blocks) > 1]
+    best_attention = min((c for c in alone if c.block("attention") is not None), key=lambda c: score(c)["tdr"])
+    best_steering = min((c for c in alone if c.block("steering") is not None and c.block("steering").beta < 8),
                         key=lambda c: score(c)["tdr"])
-    assert best_steering.steering.beta == 4.0  # beta 8 cuts more but harms: not the one combined
+    assert best_steering.block("steering").beta == 4.0  # beta 8 cuts more but harms: not the one combined
     plain_methods = [c for c in refine if not c.has_blocks and c.gate is None]
     best_patch = min((c for c in plain_methods if not c.alpha), key=lambda c: score(c)["tdr"])
     best_alpha = min((c for c in plain_methods if c.alpha), key=lambda c: score(c)["tdr"])
     assert best_alpha.setting is not None and best_alpha.alpha
-    expected = {dataclasses.replace(base, attention=best_attention.attention) for base in (best_patch, best_alpha)}
-    expected |= {dataclasses.replace(base, steering=best_steering.steering) for base in (best_patch, best_alpha)}
-    expected.add(Candidate(None, attention=best_attention.attention, steering=best_steering.steering))
+    expected = {base.with_blocks(attention=best_attention.block("attention")) for base in (best_patch, best_alpha)}
+    expected |= {base.with_blocks(steering=best_steering.block("steering")) for base in (best_patch, best_alpha)}
+    expected.add(Candidate.of(attention=best_attention.block("attention"), steering=best_steering.block("steering")))
     assert set(combined) == expected and len(combined) == 5
     for candidate in combined:  # each one is a preset the engine takes (steering rides the contrastive rows)
         preset = candidate_preset(backpatch.Preset(patches=[backpatch.Patch(11, 0)]), candidate, "zeros")
-        assert preset.contrastive is not None or candidate.steering is None
+        assert preset.contrastive is not None or candidate.block("steering") is None
     assert not any(c.has_blocks for c in run(blocks=False))
 
 
@@ -582,9 +574,9 @@ def test_the_block_grid_is_read_from_the_methods_calibration_grids():
     from backpatch.calibrate.grid import block_grid
 
     grid = block_grid(30)
-    attention = [c.attention for c in grid if c.attention is not None]
-    steering = [c.steering for c in grid if c.steering is not None]
-    assert len(grid) == 16 and grid[:6] == [Candidate(None, attention=a) for a in attention]
+    attention = [c.block("attention") for c in grid if c.block("attention") is not None]
+    steering = [c.block("steering") for c in grid if c.block("steering") is not None]
+    assert len(grid) == 16 and grid[:6] == [Candidate.of(attention=a) for a in attention]
     assert {(a.form, a.alpha) for a in attention} == {("scale", 0.1), ("scale", 0.3), ("scale", 1.0), ("add", 0.5),
                                                       ("add", 1.0), ("add", 2.0)}
     assert {tuple(a.layers) for a in attention} == {(10, 20)}
@@ -592,20 +584,56 @@ def test_the_block_grid_is_read_from_the_methods_calibration_grids():
                                                              for beta in (0.5, 1.0, 2.0, 4.0, 8.0)}
 
 
-def test_a_registered_method_with_a_grid_the_search_cannot_hold_is_named_not_searched(caplog):
+def test_a_registered_methods_grid_is_searched_and_its_scores_match_generate(setup):
+    """Issue 26: calibration reads a plugin's grid from the registry like the built-ins': its candidates are in the
+    refine stage's block grid, scored through the engine exactly as generate() answers with their preset, and their
+    sweep rows read back as the same candidates."""
+    from test_plugin_method import ScaleAudio, ScaleAudioMethod
+
+    from backpatch.calibrate import Candidate, Scorer
     from backpatch.calibrate.grid import block_grid
+    from backpatch.calibrate.report import _row
+    from backpatch.calibrate.resume import candidate_of_row
+    from backpatch.calibrate.writing import candidate_preset
 
-    class Searched(backpatch.Method):
-        key, title = "searched_block", "a searched block"
-
+    class Searched(ScaleAudioMethod):
         def calibration_grid(self, num_layers):
-            return [object()]
+            return [ScaleAudio(layer=num_layers - 2, factor=f) for f in (0.0, 4.0)]
 
+    _, data, model, processor = setup
     backpatch.register_method(Searched())
     try:
-        with caplog.at_level("WARNING"):
-            grid = block_grid(30)
+        grid = block_grid(30)
+        mine = [c for c in grid if c.block("scale_audio") is not None]
+        assert len(grid) == 18 and mine == [Candidate.of(scale_audio=ScaleAudio(28, f)) for f in (0.0, 4.0)]
+        items = load_conflict_set(data)
+        base = backpatch.wrap(model, backpatch.Preset(patches=[backpatch.Patch(1, 0)]), processor=processor)
+        batches, _ = prepare_batches(base, processor, items, {"sources": [1], "positions": ["audio"]}, batch_size=4,
+                                     progress=False, null=("zeros", None))
+        scorer = Scorer(model, processor, base.preset, "zeros", None, candidate_preset)
+        candidate = Candidate.of(scale_audio=ScaleAudio(layer=-2, factor=0.0))
+        preset = candidate_preset(base.preset, candidate, "zeros")
+        assert preset.patches == [] and preset.section("scale_audio") == ScaleAudio(-2, 0.0)
+        assert scorer.score(candidate, batches)["verdicts"] == _generate_verdicts(model, processor, preset, batches,
+                                                                                   items)
+        row = _row(candidate, {"tdr": 0.1, "afr": 0.0, "other_rate": 0.0, "audio_only_acc": 1.0,
+                               "consistent_acc": 1.0}, {"tdr": 0.1, "audio_only_acc": 1.0, "consistent_acc": 1.0},
+                   0.02, bounded=False)
+        assert row["blocks"] == {"scale_audio": {"layer": -2, "factor": 0.0}}
+        assert candidate_of_row(row) == candidate and "audio x0" in row["setting"]
     finally:
-        backpatch.unregister_method("searched_block")
-    assert len(grid) == 16
-    assert "calibrate cannot search a searched block ('searched_block') as a block yet" in caplog.text
+        backpatch.unregister_method("scale_audio")
+
+
+def _generate_verdicts(model, processor, preset, batches, items) -> list[str]:
+    """What generate() with ``preset`` answers first on each batch, judged: the reference a scorer must equal."""
+    from backpatch.evaluate import judge
+    from backpatch.inputs import decode_new_tokens
+
+    wrapped = backpatch.wrap(model, preset, processor=processor)
+    answers = []
+    for batch in batches:
+        with torch.no_grad():
+            out = wrapped.generate(**batch.inputs, max_new_tokens=1, do_sample=False)
+        answers += decode_new_tokens(processor, out, batch.inputs["input_ids"].shape[1])
+    return [judge(a, it) for a, it in zip(answers, items, strict=True)]

@@ -229,7 +229,7 @@ def test_attention_and_steering_controls_build_their_blocks_and_answer_like_the_
     assert same is base and same.attention is None and same.steering is None
     gated = dataclasses.replace(base, name="gated", contrastive=backpatch.Contrastive(alpha=1.0),
                                 gate=backpatch.Gate("certainty", 0.2, 0.2))
-    with pytest.raises(gr.Error, match="does not act on attention or steering yet"):
+    with pytest.raises(gr.Error, match="it does not yet act on attention or steering blocks: drop the gate"):
         demo.compare(str(clip.path), prompt, preset_name="gated", uploaded={"gated": gated}, attention_alpha=0.2)
 
 

@@ -82,6 +82,18 @@ class ScaleAudioMethod(Method):
     def label(self, config: ScaleAudio) -> str:
         return f"audio x{config.factor:g}"
 
+    # the demo's controls: one number; the layer stays the preset's (else the second-to-last)
+    def controls(self, config, num_layers: int) -> list[backpatch.Control]:
+        return [backpatch.Control("scale_audio_factor", "Audio scaling factor (1 = off)", minimum=0.0)]
+
+    def control_values(self, config, num_layers: int) -> dict:
+        return {"scale_audio_factor": config.factor if config is not None else 1.0}
+
+    def from_controls(self, values: dict, base, num_layers: int) -> ScaleAudio | None:
+        if values["scale_audio_factor"] == 1.0:
+            return None
+        return ScaleAudio(layer=base.layer if base is not None else -2, factor=values["scale_audio_factor"])
+
 
 @pytest.fixture()
 def plugin():
@@ -205,3 +217,34 @@ def test_the_plugin_composes_with_a_built_in_patch(plugin, model, batch):
     assert wrapped.last_sessions["scale_audio"].scaled == 1  # the capture pass was skipped (call.capturing)
     alone = backpatch.wrap(model, preset.with_section("scale_audio", None)).generate(**batch, **KWARGS)
     assert not torch.allclose(both.logits[0][:2], alone.logits[0][:2], atol=1e-4)
+
+
+def test_the_demo_shows_the_plugins_controls_and_runs_what_they_make(plugin, tmp_path):
+    """The demo reads its controls from the registry: the plugin's control is a widget and an API parameter, its
+    value makes the plugin's section, and the answer is the library's for that preset."""
+    pytest.importorskip("gradio")
+    from tiny import tiny_with_processor, write_tone
+
+    from backpatch.demo import build_app
+
+    model, processor = tiny_with_processor()
+    app = build_app(model, processor, Preset(name="p", patches=[Patch(source=-1, target=0)]), model_name="tiny")
+    demo = app.backpatch_demo
+    ids = {getattr(block, "elem_id", None) for block in app.blocks.values()}
+    assert {"bp-scale-audio-factor", "bp-source", "bp-alpha", "bp-gate-on"} <= ids
+    assert demo.controls(demo.preset)["scale_audio_factor"] == 1.0
+    compare = next(e for e in app.get_api_info()["named_endpoints"].values()
+                   if any(p["parameter_name"] == "scale_audio_factor" for p in e["parameters"]))
+    assert [p["parameter_name"] for p in compare["parameters"]][:10] == [
+        "audio", "prompt", "source", "target", "scale", "mode", "positions", "alpha", "patch_on", "preset"]
+    assert compare["parameters"][-1]["parameter_name"] == "scale_audio_factor"  # plugins' controls come last
+    write_tone(tmp_path / "tone.wav")
+    r = demo.compare(str(tmp_path / "tone.wav"), "What is said?", patch_on=False, scale_audio_factor=0.25)
+    assert r.preset.patches == [] and r.preset.section("scale_audio") == ScaleAudio(layer=-2, factor=0.25)
+    assert r.preset.calibration.status == "uncalibrated" and "audio x0.25" in r.verdict_html
+    with pytest.raises(Exception, match=r"The audio scaling factor must be >= 0, got -1"):
+        demo.compare(str(tmp_path / "tone.wav"), "What is said?", scale_audio_factor=-1)
+    with pytest.raises(Exception, match=r"Nothing to compare: turn on one of back-patching, .*audio scaling"):
+        demo.compare(str(tmp_path / "tone.wav"), "What is said?", patch_on=False)
+    with pytest.raises(Exception, match=r"Unknown control 'scale_audio'; the controls are: patch_on, source"):
+        demo.compare(str(tmp_path / "tone.wav"), "What is said?", scale_audio=0.5)

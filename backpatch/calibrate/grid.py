@@ -14,13 +14,12 @@ Two ways to say what to search:
 from __future__ import annotations
 
 import itertools
-import logging
 from dataclasses import dataclass
+from typing import Any
 
-from ..methods import Attention, Contrastive, Gate, Patch, Steering, gate_label, patch_label
+from ..methods import Contrastive, Gate, Patch, gate_label, patch_label
 from ..registry import get_method, registered_methods
 
-logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Setting:
@@ -39,53 +38,80 @@ class Setting:
 
 @dataclass(frozen=True)
 class Candidate:
-    """What a preset applies: an optional patch setting, an optional contrastive alpha, an optional gate, and the
-    peer methods' optional attention and steering blocks."""
+    """What a preset applies: an optional patch setting, an optional contrastive alpha and gate (the three have
+    searches of their own), and the blocks of any other registered method (``(key, setting)`` pairs in registry
+    order: attention to audio, audio-silence steering, a plugin's), searched from each method's calibration grid."""
 
     setting: Setting | None
     alpha: float = 0.0
     gate: Gate | None = None
-    attention: Attention | None = None
-    steering: Steering | None = None
+    blocks: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, setting: Setting | None = None, alpha: float = 0.0, gate: Gate | None = None,
+           **blocks: Any) -> Candidate:
+        """A candidate with blocks given by method key (``Candidate.of(attention=Attention(...))``); None leaves a
+        block out."""
+        order = {m.key: i for i, m in enumerate(registered_methods())}
+        for key in blocks:
+            get_method(key)  # a PresetError naming the registered keys
+        pairs = sorted(((k, v) for k, v in blocks.items() if v is not None), key=lambda kv: order[kv[0]])
+        return cls(setting, alpha, gate, tuple(pairs))
+
+    def block(self, key: str) -> Any:
+        """This candidate's setting of block method ``key`` (None when it has none)."""
+        return dict(self.blocks).get(key)
+
+    def with_blocks(self, **blocks: Any) -> Candidate:
+        return Candidate.of(self.setting, self.alpha, self.gate, **{**dict(self.blocks), **blocks})
+
+    def __hash__(self) -> int:  # a plugin's config need not be hashable: hash what its method writes
+        return hash((self.setting, self.alpha, self.gate,
+                     tuple((k, _frozen(get_method(k).dump(c))) for k, c in self.blocks)))
+
+    def sections(self, null_audio: str) -> dict[str, Any]:
+        """The preset sections this candidate sets, by method key (contrastive at alpha 0 where a setting reads its
+        null-audio rows; None where it sets nothing)."""
+        rows = self.null_rows
+        return {"patches": [self.setting.patch()] if self.setting else [],
+                "contrastive": Contrastive(alpha=self.alpha, null_audio=null_audio) if rows else None,
+                "gate": self.gate, **dict(self.blocks)}
 
     def label(self) -> str:
         parts = ([self.setting.label()] if self.setting else []) + ([f"contrastive a={self.alpha:g}"] if self.alpha
                                                                      else [])
-        parts += [line for key in ("attention", "steering") if getattr(self, key) is not None
-                  for line in get_method(key).details(getattr(self, key))]
+        parts += [line for key, config in self.blocks for line in get_method(key).details(config)]
         text = " + ".join(parts) or "plain"
         return f"{text} | {gate_label(self.gate)}" if self.gate is not None else text
 
     @property
     def has_blocks(self) -> bool:
-        return self.attention is not None or self.steering is not None
+        return bool(self.blocks)
 
     @property
     def null_rows(self) -> bool:
         """Whether its preset rides null-audio rows (each method's own rule: contrastive decoding, an audio_gap gate
         and steering read them)."""
         sections = {"contrastive": Contrastive(alpha=self.alpha) if self.alpha else None, "gate": self.gate,
-                    "steering": self.steering}
+                    **dict(self.blocks)}
         return any(get_method(key).needs_null_rows(config) for key, config in sections.items() if config is not None)
 
 
-#: the block methods a candidate can carry today (its fields); a registered method with a calibration grid but no
-#: field here is skipped with a warning, not searched silently wrong
-BLOCK_KEYS = ("attention", "steering")
+def _frozen(data: Any) -> Any:
+    """Plain data (a method's dump) as something hashable."""
+    if isinstance(data, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in data.items()))
+    if isinstance(data, list | tuple):
+        return tuple(_frozen(v) for v in data)
+    return data
 
 
 def block_grid(num_layers: int) -> list[Candidate]:
     """The candidates of the staged search's refine stage that try a method as a block of its own: each registered
-    method's own calibration grid (``Method.calibration_grid``: MATA's alphas, steering's betas), in registry order."""
-    candidates = []
-    for method in registered_methods():
-        grid = method.calibration_grid(num_layers)
-        if grid and method.key not in BLOCK_KEYS:
-            logger.warning("calibrate cannot search %s (%r) as a block yet: a candidate holds only %s blocks",
-                           method.title, method.key, " and ".join(BLOCK_KEYS))
-            continue
-        candidates += [Candidate(None, **{method.key: config}) for config in grid]
-    return candidates
+    method's own calibration grid (``Method.calibration_grid``: MATA's alphas, steering's betas, a plugin's), in
+    registry order."""
+    return [Candidate.of(**{method.key: config}) for method in registered_methods()
+            for config in method.calibration_grid(num_layers)]
 
 
 #: the gate stage's steps per signal: audio_gap is a total variation distance, certainty exp(-entropy)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from ..registry import get_method
 from .grid import Candidate
 from .search import passes_no_harm
 
@@ -22,7 +23,8 @@ def _row(candidate: Candidate, m: dict[str, Any], plain: dict[str, Any], max_har
     paired = m.get("paired") or {}
     return {"setting": candidate.label(), "patch": asdict(candidate.setting) if candidate.setting else None,
             "alpha": candidate.alpha, "gate": asdict(candidate.gate) if candidate.gate else None,
-            **{key: asdict(getattr(candidate, key)) for key in ("attention", "steering") if getattr(candidate, key)},
+            **({"blocks": {key: get_method(key).dump(config) for key, config in candidate.blocks}}
+               if candidate.blocks else {}),
             "no_harm": passes_no_harm(m, plain, max_harm, bounded), **extra,
             **{k: m[k] for k in METRIC_KEYS},
             "harm_upper": paired.get("harm_upper"), "tdr_reduction": paired.get("tdr_reduction"),
@@ -50,11 +52,8 @@ def _kinds(candidates: Sequence[Candidate]) -> list[str]:
         kinds.append("both")
     if any(c.gate is not None for c in candidates):
         kinds.append("audio-confidence gates")
-    if any(c.attention is not None for c in candidates):
-        kinds.append("attention to audio")
-    if any(c.steering is not None for c in candidates):
-        kinds.append("audio-silence steering")
-    if any(c.has_blocks and (c.setting is not None or c.alpha or None not in (c.attention, c.steering))
-           for c in candidates):
+    block_keys = dict.fromkeys(key for c in candidates for key, _ in c.blocks)
+    kinds += [get_method(key).title for key in block_keys]
+    if any(c.has_blocks and (c.setting is not None or c.alpha or len(c.blocks) > 1) for c in candidates):
         kinds.append("the blocks combined with the other methods")
     return kinds

@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..methods import Attention, Gate, Steering
+from ..methods import Gate
+from ..registry import get_method
 from .grid import Candidate, Setting
 from .report import METRIC_KEYS
 
@@ -20,11 +21,12 @@ logger = logging.getLogger(__name__)
 
 
 def candidate_of_row(row: dict[str, Any]) -> Candidate:
-    """The candidate a sweep row (:func:`.report._row`) describes."""
-    return Candidate(Setting(**row["patch"]) if row.get("patch") else None, float(row.get("alpha") or 0.0),
-                     Gate(**row["gate"]) if row.get("gate") else None,
-                     Attention(**row["attention"]) if row.get("attention") else None,
-                     Steering(**row["steering"]) if row.get("steering") else None)
+    """The candidate a sweep row (:func:`.report._row`) describes. Blocks are read by their methods (rows written
+    before blocks had their own map held ``attention`` and ``steering`` at the top)."""
+    blocks = row.get("blocks") or {key: row[key] for key in ("attention", "steering") if row.get(key)}
+    return Candidate.of(Setting(**row["patch"]) if row.get("patch") else None, float(row.get("alpha") or 0.0),
+                        Gate(**row["gate"]) if row.get("gate") else None,
+                        **{key: get_method(key).parse(data, key, None) for key, data in blocks.items()})
 
 
 def plain_differs(earlier: dict[str, Any] | None, plain: dict[str, Any]) -> bool:

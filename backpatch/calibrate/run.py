@@ -37,6 +37,7 @@ from ..inputs import audio_truncation, truncation_enabled
 from ..methods import Patch
 from ..methods.contrastive import silence_frame
 from ..preset import Preset
+from ..registry import registered_methods
 from ..wrapper import preset_for, wrap
 from .budget import Budget
 from .data import (
@@ -229,7 +230,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     scored_candidates = [c for r in (records if staged else [record]) for c, _ in r.results]
     planned = ["back-patching"] + (["contrastive decoding", "both"] if any(grid["alphas"]) else []) + (
         ["audio-confidence gates"] if gates else []) + (
-        ["attention to audio", "audio-silence steering"] if blocks and staged else [])
+        [m.title for m in registered_methods() if m.calibration_grid(num_layers)] if blocks and staged else [])
     skipped = budget.skipped + [f"{kind} (the budget ran out before it)" for kind in planned
                                 if kind not in _kinds(scored_candidates) and cut]
     how = f"; staged coarse-to-fine search, budget {budget_minutes:g} min" if staged else ""

@@ -37,7 +37,6 @@ share stops and says so (``truncated`` in the record). Stage 3's capture is skip
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
@@ -177,15 +176,15 @@ def combinations(record: StageRecord, max_harm: float) -> list[Candidate]:
     add to what the other methods already buy. Gates are left out (a gate does not act on the blocks, so a preset
     with both is refused). Settings already in ``record`` are not listed again."""
     passing = ranked(record, max_harm)
-    alone = {kind: next((c for c in passing if getattr(c, kind) is not None and c.setting is None and not c.alpha
-                         and (c.attention is None or c.steering is None)), None)
-             for kind in ("attention", "steering")}
+    alone: dict[str, Candidate] = {}  # per block method, its best no-harm candidate alone
+    for c in passing:
+        if c.setting is None and not c.alpha and len(c.blocks) == 1:
+            alone.setdefault(c.blocks[0][0], c)
     plain_methods = [c for c in passing if not c.has_blocks and c.gate is None]
     bases = [c for c in plain_methods if not c.alpha][:1] + [c for c in plain_methods if c.alpha][:1]
-    out = [dataclasses.replace(base, **{kind: getattr(block, kind)}) for kind, block in alone.items()
-           if block is not None for base in bases]
-    if alone["attention"] is not None and alone["steering"] is not None:
-        out.append(Candidate(None, attention=alone["attention"].attention, steering=alone["steering"].steering))
+    out = [base.with_blocks(**dict(block.blocks)) for block in alone.values() for base in bases]
+    if len(alone) > 1:  # the blocks together
+        out.append(Candidate.of(**{key: c.block(key) for key, c in alone.items()}))
     scored = {c for c, _ in record.results}
     return [c for c in dict.fromkeys(out) if c not in scored]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 from ..methods import Contrastive, Patch
@@ -10,22 +9,19 @@ from ..preset import AudioSpan, Calibration, Match, ModelFacts, Preset
 from .grid import Candidate
 
 
+def _none(preset: Preset) -> dict:
+    """Every method's section of ``preset`` unset: a candidate's preset holds its own settings and no others (a
+    gated base preset would otherwise keep a gate without the rows it reads)."""
+    return {method.key: None for method, _ in preset.methods()}
+
+
 def _with_patches(preset: Preset, patches: list[Patch], contrastive: Contrastive | None = None) -> Preset:
-    """``preset``'s facts (layers, audio span, match) with only ``patches`` and ``contrastive``: its own gate and
-    blocks are dropped (a gated base preset would otherwise keep a gate without the rows it reads)."""
-    return dataclasses.replace(preset, patches=list(patches), contrastive=contrastive, gate=None, attention=None,
-                               steering=None)
-
-
-def _contrastive_block(candidate: Candidate, null_audio: str) -> Contrastive | None:
-    """The contrastive block a candidate needs: its alpha, or alpha 0 for the null rows an audio_gap gate reads."""
-    return Contrastive(alpha=candidate.alpha, null_audio=null_audio) if candidate.null_rows else None
+    """``preset``'s facts (layers, audio span, match) with only ``patches`` and ``contrastive``."""
+    return preset.with_sections({**_none(preset), "patches": list(patches), "contrastive": contrastive})
 
 
 def candidate_preset(base: Preset, candidate: Candidate, null_audio: str) -> Preset:
-    return dataclasses.replace(base, patches=[candidate.setting.patch()] if candidate.setting else [],
-                               contrastive=_contrastive_block(candidate, null_audio), gate=candidate.gate,
-                               attention=candidate.attention, steering=candidate.steering)
+    return base.with_sections({**_none(base), **candidate.sections(null_audio)})
 
 
 def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings, seconds, null_audio,
@@ -72,17 +68,13 @@ def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings
     if not_calibrated:
         description = ("NOT CALIBRATED: " + " ".join(f"{w[0].upper()}{w[1:]}." for w in not_calibrated) + " "
                        + description)
-    return Preset(
+    return Preset.from_sections(
+        candidate.sections(null_audio),
         name=name,
         description=description,
         match=base.match or Match(model_type=config.model_type, name_or_path=glob),
         model=ModelFacts(layers=wrapped.resolved.layers_path, num_layers=wrapped.resolved.num_layers),
         audio_span=base.audio_span or AudioSpan(token_id=wrapped.resolved.audio_token_id),
-        patches=[candidate.setting.patch()] if candidate.setting else [],
-        contrastive=_contrastive_block(candidate, null_audio),
-        attention=candidate.attention,
-        steering=candidate.steering,
-        gate=candidate.gate,
         calibration=Calibration(status="uncalibrated" if not_calibrated else "calibrated", data=str(data),
                                 metrics=metric_values),
     )

@@ -116,29 +116,17 @@ class Demo(ClipsMixin, PresetsMixin, ControlsMixin):
             out[label] = round(float(p), 4)
         return out
 
-    def compare(self, audio: Any, prompt: Any, source: Any = None, target: Any = None, scale: Any = None,
-                mode: Any = None, positions: Any = None, alpha: Any = None, patch_on: Any = None,
-                preset_name: str | None = None, uploaded: dict | None = None, attention_alpha: Any = None,
-                steering_beta: Any = None, gate_on: Any = None, gate_signal: Any = None, gate_low: Any = None,
-                gate_high: Any = None) -> CompareResult:
-        """Plain and preset answers for one clip and prompt, from the same inputs; controls default to the
-        preset's values."""
+    def compare(self, audio: Any, prompt: Any, preset_name: str | None = None, uploaded: dict | None = None,
+                **controls: Any) -> CompareResult:
+        """Plain and preset answers for one clip and prompt, from the same inputs. ``controls`` are the registered
+        methods' control values by name (``source=20, alpha=1.0, gate_on=False``; :meth:`controls` lists them); those
+        left out keep the preset's values."""
         base = self.base_preset(preset_name, uploaded)
-        defaults = self.controls(base)
-        given = {"source": source, "target": target, "scale": scale, "mode": mode, "positions": positions,
-                 "alpha": alpha, "gate_signal": gate_signal, "gate_low": gate_low, "gate_high": gate_high}
-        values = {k: defaults[k] if v is None else v for k, v in given.items()}
-        if patch_on is None:  # a preset without patches (contrastive alone) stays without one, unless a patch
-            patch_on = defaults["patch_on"] or any(  # control is set
-                given[k] is not None for k in ("source", "target", "scale", "mode", "positions"))
-        if gate_on is None:  # likewise: a preset without a gate gets one only when a gate control is set
-            gate_on = defaults["gate_on"] or any(given[k] is not None for k in ("gate_signal", "gate_low", "gate_high"))
         prompt = "" if prompt is None else str(prompt)
         if not prompt.strip():
             raise _fail("The prompt is empty: type a question about the audio.")
         wave = self.load_clip(audio)
-        preset = self.preset_from_controls(base.name, patch_on=patch_on, uploaded=uploaded, gate_on=gate_on,
-                                           attention_alpha=attention_alpha, steering_beta=steering_beta, **values)
+        preset = self.preset_from_controls(base.name, uploaded=uploaded, **controls)
         wrapped = self.fit(preset)
         try:
             inputs = self._inputs([wave], [prompt])

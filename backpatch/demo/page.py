@@ -4,13 +4,13 @@ API's), and the labels that follow the preset the controls make."""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from ..methods.backpatching import MODES, POSITIONS
-from ..methods.gate import GATE_SIGNALS
+from ..controls import Control
 from ..preset import Preset, methods_label
 from .compare import TOP_K, Demo
 from .text import _extra_patches_note, _intro, methods_status
@@ -23,6 +23,56 @@ def _view(demo: Demo, preset: Preset) -> tuple[Any, ...]:
             gr.update(label=f"{label}: top-5 first-token probabilities"))
 
 
+#: the controls the demo API took first, by position, when it was released (back-patching's first patch, contrastive
+#: alpha, the back-patching switch); every other control follows the preset and uploads arguments
+_API_HEAD = ("source", "target", "scale", "mode", "positions", "alpha", "patch_on")
+
+
+def _signature(*names: str) -> inspect.Signature:
+    """A handler's signature with the API's parameter names (gradio reads them from the signature)."""
+    return inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
+
+
+def _widget(control: Control, value: Any, num_layers: int, live: bool) -> Any:
+    """The gradio component for one declared control; ``elem_id`` is ``bp-`` and its name (``bp-gate-low``)."""
+    common = {"label": control.label, "value": value, "elem_id": "bp-" + control.name.replace("_", "-"),
+              "interactive": live}
+    if control.info:
+        common["info"] = control.info
+    if control.kind == "switch":
+        return gr.Checkbox(**{**common, "interactive": True})
+    if control.kind == "layer":
+        return gr.Slider(-num_layers, num_layers - 1, step=1, **common)
+    if control.kind == "choice":
+        return gr.Dropdown(choices=list(control.choices), **common)
+    return gr.Number(minimum=control.minimum, **common)
+
+
+def _control_widgets(demo: Demo, start: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[Any, list[Any]]]]:
+    """Every registered method's controls, a method's switch on its own line and the rest in a row, greyed out while
+    the switch is off: ``({name: component}, [(switch, its method's other components)])``."""
+    widgets: dict[str, Any] = {}
+    switches: list[tuple[Any, list[Any]]] = []
+    for _method, controls in demo.control_specs(demo.preset):
+        switch = controls[0] if controls and controls[0].kind == "switch" else None
+        live = bool(start[switch.name]) if switch is not None else True
+        if switch is not None:
+            widgets[switch.name] = _widget(switch, start[switch.name], demo.num_layers, True)
+        rest = controls[1:] if switch is not None else controls
+        if rest:
+            with gr.Row():
+                for control in rest:
+                    widgets[control.name] = _widget(control, start[control.name], demo.num_layers, live)
+        if switch is not None:
+            switches.append((widgets[switch.name], [widgets[c.name] for c in rest]))
+    return widgets, switches
+
+
+def _greying(count: int) -> Any:
+    """A switch's handler: its method's ``count`` other controls live while it is on, greyed out while off."""
+    return lambda on: [gr.update(interactive=bool(on))] * count
+
+
 def build_app(model: Any, processor: Any, preset: Preset | str | Path | None = None,
               model_name: str | None = None) -> gr.Blocks:
     """The Gradio Blocks app over one model instance (queued, one request at a time)."""
@@ -32,7 +82,6 @@ def build_app(model: Any, processor: Any, preset: Preset | str | Path | None = N
 
 def _blocks(demo: Demo) -> gr.Blocks:
     start = demo.controls(demo.preset)
-    n = demo.num_layers
     showcase = demo.showcase() if demo.clips else None
     first_clip, first_prompt = showcase if showcase else ((demo.clips[0], demo.clips[0].conflict_prompts[0])
                                                           if demo.clips else (None, ""))
@@ -61,46 +110,7 @@ def _blocks(demo: Demo) -> gr.Blocks:
                 preset_dd = gr.Dropdown(choices=list(demo.presets), value=demo.preset.name,
                                         label="Preset (bundled presets matching this model)", elem_id="bp-preset")
                 status = gr.Markdown(methods_status(demo.preset), elem_id="bp-methods")
-                patch_on = gr.Checkbox(value=start["patch_on"], label="Back-patching on (first patch below)",
-                                       info="off: the patch controls below are greyed out and not applied",
-                                       elem_id="bp-patch-on")
-                live = start["patch_on"]  # patch controls look live only while back-patching is on
-                with gr.Row():
-                    source = gr.Slider(-n, n - 1, value=start["source"], step=1, label="Source layer",
-                                       info=f"{n} layers; negative counts from the end", interactive=live,
-                                       elem_id="bp-source")
-                    target = gr.Slider(-n, n - 1, value=start["target"], step=1, label="Target layer",
-                                       interactive=live, elem_id="bp-target")
-                with gr.Row():
-                    scale = gr.Number(value=start["scale"], label="Scale", interactive=live, elem_id="bp-scale")
-                    mode = gr.Dropdown(choices=list(MODES), value=start["mode"], label="Mode", interactive=live,
-                                       elem_id="bp-mode")
-                    positions = gr.Dropdown(choices=list(POSITIONS), value=start["positions"], label="Positions",
-                                            interactive=live, elem_id="bp-positions")
-                alpha = gr.Number(value=start["alpha"], minimum=0, label="Contrastive alpha (0 = off)",
-                                  elem_id="bp-alpha")
-                spans = demo.block_layers(demo.preset)
-                with gr.Row():
-                    attention_alpha = gr.Number(
-                        value=start["attention_alpha"], minimum=0, label="Attention to audio alpha (MATA; 0 = off)",
-                        info="layers {}..{} (the preset's, else the middle third)".format(*spans["attention"]),
-                        elem_id="bp-attention-alpha")
-                    steering_beta = gr.Number(
-                        value=start["steering_beta"], label="Audio-silence steering beta (0 = off)",
-                        info="layers {}..{} (the preset's, else the middle third)".format(*spans["steering"]),
-                        elem_id="bp-steering-beta")
-                gate_on = gr.Checkbox(value=start["gate_on"], label="Audio-confidence gate on",
-                                      info="scales the patches and contrastive alpha by how much the audio supports "
-                                      "the answer: none below low, full from high on (a step when low = high)",
-                                      elem_id="bp-gate-on")
-                with gr.Row():
-                    gate_signal = gr.Dropdown(choices=list(GATE_SIGNALS), value=start["gate_signal"],
-                                              label="Gate signal", interactive=start["gate_on"],
-                                              elem_id="bp-gate-signal")
-                    gate_low = gr.Number(value=start["gate_low"], label="Gate low (0 to 1)",
-                                         interactive=start["gate_on"], elem_id="bp-gate-low")
-                    gate_high = gr.Number(value=start["gate_high"], label="Gate high (0 to 1)",
-                                          interactive=start["gate_on"], elem_id="bp-gate-high")
+                widgets, switches = _control_widgets(demo, start)
                 extra = gr.Markdown(_extra_patches_note(demo.preset))
                 with gr.Accordion("Save or load a preset", open=False):
                     save_name = gr.Textbox(value=f"{demo.preset.name}-custom", label="Name of the saved preset",
@@ -120,24 +130,32 @@ def _blocks(demo: Demo) -> gr.Blocks:
                 patched_top = gr.Label(num_top_classes=TOP_K, label=f"{label}: top-5 first-token probabilities",
                                        show_heading=False, elem_id="bp-patched-top")
 
-        controls = [source, target, scale, mode, positions, alpha, patch_on]
-        blocks = [attention_alpha, steering_beta]
-        gates = [gate_on, gate_signal, gate_low, gate_high]
+        # The API's parameters: audio, prompt, the first released controls in their released order, preset,
+        # uploaded, then every other control in registry order (plugins' last), so callers that pass the first
+        # arguments by position keep working. Parameter names become the API's (gradio_client's view_api).
+        head = [n for n in _API_HEAD if n in widgets]
+        tail = [n for n in widgets if n not in head]
+        names = [*head, *tail]
+        controls = [widgets[n] for n in names]
         view = [intro, status, patched_text, patched_top]
 
-        # Parameter names become the API's argument names (gradio_client's view_api shows them).
-        # attention_alpha, steering_beta and then the gate controls come last, so API callers that pass the first
-        # arguments by position keep working
-        def on_compare(audio, prompt, source, target, scale, mode, positions, alpha, patch_on, preset, uploaded,
-                       attention_alpha, steering_beta, gate_on, gate_signal, gate_low, gate_high):
-            r = demo.compare(audio, prompt, source, target, scale, mode, positions, alpha, patch_on, preset, uploaded,
-                             attention_alpha, steering_beta, gate_on, gate_signal, gate_low, gate_high)
+        def split(args: tuple) -> tuple[dict[str, Any], Any, Any]:
+            """``(*head, preset, uploaded, *tail)`` as control values by name, the preset's name and the uploads."""
+            k = len(head)
+            return ({**dict(zip(head, args[:k], strict=True)), **dict(zip(tail, args[k + 2:], strict=True))},
+                    args[k], args[k + 1])
+
+        def on_compare(audio, prompt, *args):
+            values, preset, up = split(args)
+            r = demo.compare(audio, prompt, preset_name=preset, uploaded=up, **values)
             return r.plain, r.patched, r.plain_top, r.patched_top, r.verdict_html
 
-        compare_btn.click(on_compare, inputs=[audio, prompt, *controls, preset_dd, uploaded, *blocks, *gates],
+        on_compare.__signature__ = _signature("audio", "prompt", *head, "preset", "uploaded", *tail)
+        api_inputs = [*(widgets[n] for n in head), preset_dd, uploaded, *(widgets[n] for n in tail)]
+        compare_btn.click(on_compare, inputs=[audio, prompt, *api_inputs],
                           outputs=[plain_text, patched_text, plain_top, patched_top, verdict],
                           api_name="compare", concurrency_limit=1, concurrency_id="model")
-        prompt.submit(on_compare, inputs=[audio, prompt, *controls, preset_dd, uploaded, *blocks, *gates],
+        prompt.submit(on_compare, inputs=[audio, prompt, *api_inputs],
                       outputs=[plain_text, patched_text, plain_top, patched_top, verdict],
                       api_visibility="private", concurrency_limit=1, concurrency_id="model")
 
@@ -145,11 +163,9 @@ def _blocks(demo: Demo) -> gr.Blocks:
             base = demo.base_preset(name, up)
             demo.fit(base)
             c = demo.controls(base)
-            return (c["source"], c["target"], c["scale"], c["mode"], c["positions"], c["alpha"], c["patch_on"],
-                    c["attention_alpha"], c["steering_beta"], c["gate_on"], c["gate_signal"], c["gate_low"],
-                    c["gate_high"], _extra_patches_note(base), f"{base.name}-custom", *_view(demo, base))
+            return (*(c[n] for n in names), _extra_patches_note(base), f"{base.name}-custom", *_view(demo, base))
 
-        preset_outputs = [*controls, *blocks, *gates, extra, save_name, *view]
+        preset_outputs = [*controls, extra, save_name, *view]
         preset_dd.input(on_preset, inputs=[preset_dd, uploaded], outputs=preset_outputs, api_visibility="private")
 
         def on_upload(path, up):
@@ -163,38 +179,28 @@ def _blocks(demo: Demo) -> gr.Blocks:
         upload.upload(on_upload, inputs=[upload, uploaded], outputs=[preset_dd, uploaded, *preset_outputs],
                       api_visibility="private")
 
-        def from_controls(preset, up, source, target, scale, mode, positions, alpha, patch_on, attention_alpha,
-                          steering_beta, gate_on, gate_signal, gate_low, gate_high):
-            return demo.preset_from_controls(preset, source, target, scale, mode, positions, alpha, patch_on, up,
-                                             attention_alpha=attention_alpha, steering_beta=steering_beta,
-                                             gate_on=gate_on, gate_signal=gate_signal, gate_low=gate_low,
-                                             gate_high=gate_high)
+        def on_save(*args):  # (*head, preset, uploaded, name, *tail): the released order
+            values, preset, up = split((*args[:len(head) + 2], *args[len(head) + 3:]))
+            made = demo.preset_from_controls(preset, uploaded=up, **values)
+            return str(demo.save_preset(made, args[len(head) + 2]))
 
-        def on_save(source, target, scale, mode, positions, alpha, patch_on, preset, uploaded, name, attention_alpha,
-                    steering_beta, gate_on, gate_signal, gate_low, gate_high):
-            made = from_controls(preset, uploaded, source, target, scale, mode, positions, alpha, patch_on,
-                                 attention_alpha, steering_beta, gate_on, gate_signal, gate_low, gate_high)
-            return str(demo.save_preset(made, name))
+        on_save.__signature__ = _signature(*head, "preset", "uploaded", "name", *tail)
+        save_btn.click(on_save, inputs=[*(widgets[n] for n in head), preset_dd, uploaded, save_name,
+                                        *(widgets[n] for n in tail)], outputs=saved, api_name="save_preset")
 
-        save_btn.click(on_save, inputs=[*controls, preset_dd, uploaded, save_name, *blocks, *gates], outputs=saved,
-                       api_name="save_preset")
+        # a switch greys out the controls of its method, and the page names what the controls now run
+        for switch, others in switches:
+            switch.change(_greying(len(others)), inputs=switch, outputs=others, api_visibility="private", queue=False)
 
-        # switches grey out the controls they turn off, and the page names what the controls now run
-        patch_on.change(lambda on: [gr.update(interactive=bool(on))] * 5, inputs=patch_on,
-                        outputs=[source, target, scale, mode, positions], api_visibility="private", queue=False)
-        gate_on.change(lambda on: [gr.update(interactive=bool(on))] * 3, inputs=gate_on,
-                       outputs=[gate_signal, gate_low, gate_high], api_visibility="private", queue=False)
-
-        def on_controls(preset, up, *values):  # values: the controls, blocks and gates, in that order
+        def on_controls(preset, up, *values):
             try:
-                made = from_controls(preset, up, *values)
+                made = demo.preset_from_controls(preset, uploaded=up, **dict(zip(names, values, strict=True)))
             except gr.Error as exc:
                 return gr.skip(), f"The controls do not make a preset that can run: {exc.message}", gr.skip(), gr.skip()
             return _view(demo, made)
 
-        gr.on([c.change for c in [*controls, *blocks, *gates]], on_controls,
-              inputs=[preset_dd, uploaded, *controls, *blocks, *gates], outputs=view, api_visibility="private",
-              queue=False, show_progress="hidden")
+        gr.on([c.change for c in controls], on_controls, inputs=[preset_dd, uploaded, *controls], outputs=view,
+              api_visibility="private", queue=False, show_progress="hidden")
 
         if demo.clips:
             def on_example(key):

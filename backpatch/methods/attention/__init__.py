@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ...controls import Control
 from ...registry import LayerSpace, Method, register_method
+from ..blocks import block_layers, middle_third
 from .config import ATTENTION_FORMS, Attention
 from .session import SUPPORTED_IMPLEMENTATIONS, AttentionSession, attention_module
 
@@ -33,8 +35,23 @@ class AttentionToAudio(Method):
     def resolve(self, config: Any, space: LayerSpace) -> Attention:
         return dataclasses.replace(config, layers=list(space.span(config.layers, "attention.layers")))
 
+    def controls(self, config: Any, num_layers: int) -> list[Control]:
+        layers = block_layers(config, num_layers)
+        return [Control("attention_alpha", "Attention to audio alpha (MATA; 0 = off)", minimum=0.0,
+                        info=f"layers {layers[0]}..{layers[1]} (the preset's, else the middle third)")]
+
+    def control_values(self, config: Any, num_layers: int) -> dict[str, Any]:
+        return {"attention_alpha": config.alpha if config is not None else 0.0}
+
+    def from_controls(self, values: dict[str, Any], base: Any, num_layers: int) -> Attention | None:
+        """The preset's layers and form are kept (else MATA's middle third, scaled)."""
+        if values["attention_alpha"] == 0:
+            return None
+        return Attention(layers=block_layers(base, num_layers), alpha=values["attention_alpha"],
+                         form=base.form if base is not None else "scale")
+
     def calibration_grid(self, num_layers: int) -> list[Attention]:
-        third = [num_layers // 3, (2 * num_layers) // 3]
+        third = middle_third(num_layers)
         return [Attention(layers=third, alpha=alpha, form=form) for form, alpha in ATTENTION_GRID]
 
     def label(self, config: Any) -> str:

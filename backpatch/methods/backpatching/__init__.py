@@ -7,8 +7,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ...controls import Control, ControlError
 from ...registry import LayerSpace, Method, register_method
-from ...validation import fail
+from ...validation import PresetError, fail
 from .config import MODES, POSITIONS, Patch, patch_label
 from .math import ResolvedPatch, combine, gated
 from .rules import UNCALIBRATED_RULE, uncalibrated_patch
@@ -42,6 +43,33 @@ class BackPatching(Method):
             resolved.append(ResolvedPatch(source, target, patch.scale, patch.mode, patch.positions,
                                           patch.match_norm))
         return tuple(resolved)
+
+    def controls(self, config: Any, num_layers: int) -> list[Control]:
+        return [Control("patch_on", "Back-patching on (first patch below)", "switch",
+                        info="off: the patch controls below are greyed out and not applied"),
+                Control("source", "Source layer", "layer", info=f"{num_layers} layers; negative counts from the end"),
+                Control("target", "Target layer", "layer"),
+                Control("scale", "Scale"),
+                Control("mode", "Mode", "choice", MODES),
+                Control("positions", "Positions", "choice", POSITIONS)]
+
+    def control_values(self, config: Any, num_layers: int) -> dict[str, Any]:
+        """The first patch (the one rule's default when the preset has none)."""
+        first = config[0] if config else uncalibrated_patch(num_layers)
+        return {"patch_on": bool(config), "source": first.source, "target": first.target, "scale": first.scale,
+                "mode": first.mode, "positions": first.positions}
+
+    def from_controls(self, values: dict[str, Any], base: Any, num_layers: int) -> list[Patch]:
+        """The controls replace the first patch; the preset's further patches are kept. They have no norm-matching
+        switch: the first patch keeps the preset's choice."""
+        if not values["patch_on"]:
+            return []
+        try:
+            first = Patch(source=values["source"], target=values["target"], scale=values["scale"], mode=values["mode"],
+                          positions=values["positions"], match_norm=bool(base) and base[0].match_norm)
+        except PresetError as exc:
+            raise ControlError(f"These controls do not make a valid patch: {exc}") from None
+        return [first, *(base or [])[1:]]
 
     def label(self, config: Any) -> str:
         first = config[0]

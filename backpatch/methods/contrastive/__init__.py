@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...controls import Control
 from ...registry import Method, register_method
 from ...validation import PresetError
 from .config import NULL_AUDIO, Contrastive
@@ -40,6 +41,17 @@ class ContrastiveDecoding(Method):
             raise PresetError(f"{where}contrastive.null_audio: silence needs the processor to compute silent "
                               "features; pass wrap(model, preset, processor=processor), or use null_audio: zeros")
         return silence_frame(processor)
+
+    def controls(self, config: Any, num_layers: int) -> list[Control]:
+        return [Control("alpha", "Contrastive alpha (0 = off)", minimum=0.0)]
+
+    def control_values(self, config: Any, num_layers: int) -> dict[str, Any]:
+        return {"alpha": config.alpha if config is not None else 0.0}
+
+    def from_controls(self, values: dict[str, Any], base: Any, num_layers: int) -> Contrastive:
+        """Alpha 0 still makes a block: it stays only where another method reads its null-audio rows."""
+        template = base or Contrastive()
+        return Contrastive(alpha=values["alpha"], null_audio=template.null_audio, plausibility=template.plausibility)
 
     def label(self, config: Any) -> str:
         return f"contrastive a={config.alpha:g}"

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...controls import Control, ControlError
 from ...registry import Method, register_method
-from ...validation import fail
+from ...validation import PresetError, fail
 from .config import GATE_SIGNALS, Gate, gate_label
 from .math import gate_signal, gate_strength
 
@@ -33,6 +34,28 @@ class GateMethod(Method):
 
     def needs_null_rows(self, config: Any) -> bool:
         return config.signal == "audio_gap"
+
+    def controls(self, config: Any, num_layers: int) -> list[Control]:
+        return [Control("gate_on", "Audio-confidence gate on", "switch",
+                        info="scales the patches and contrastive alpha by how much the audio supports the answer: "
+                        "none below low, full from high on (a step when low = high)"),
+                Control("gate_signal", "Gate signal", "choice", GATE_SIGNALS),
+                Control("gate_low", "Gate low (0 to 1)"),
+                Control("gate_high", "Gate high (0 to 1)")]
+
+    def control_values(self, config: Any, num_layers: int) -> dict[str, Any]:
+        """The preset's gate, else the schema's default thresholds, switched off."""
+        gate = config or Gate()
+        return {"gate_on": config is not None, "gate_signal": gate.signal, "gate_low": gate.low,
+                "gate_high": gate.high}
+
+    def from_controls(self, values: dict[str, Any], base: Any, num_layers: int) -> Gate | None:
+        if not values["gate_on"]:
+            return None
+        try:
+            return Gate(signal=values["gate_signal"], low=values["gate_low"], high=values["gate_high"])
+        except PresetError as exc:
+            raise ControlError(f"These gate controls do not make a valid gate: {exc}") from None
 
     def label(self, config: Any) -> str:
         return "gate"

@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ...controls import Control
 from ...registry import LayerSpace, Method, register_method
 from ...validation import fail
+from ..blocks import block_layers, middle_third
 from .config import Steering
 from .session import SteeringSession
 
@@ -42,8 +44,21 @@ class AudioSilenceSteering(Method):
     def resolve(self, config: Any, space: LayerSpace) -> Steering:
         return dataclasses.replace(config, layers=list(space.span(config.layers, "steering.layers")))
 
+    def controls(self, config: Any, num_layers: int) -> list[Control]:
+        layers = block_layers(config, num_layers)
+        return [Control("steering_beta", "Audio-silence steering beta (0 = off)",
+                        info=f"layers {layers[0]}..{layers[1]} (the preset's, else the middle third)")]
+
+    def control_values(self, config: Any, num_layers: int) -> dict[str, Any]:
+        return {"steering_beta": config.beta if config is not None else 0.0}
+
+    def from_controls(self, values: dict[str, Any], base: Any, num_layers: int) -> Steering | None:
+        if values["steering_beta"] == 0:
+            return None
+        return Steering(layers=block_layers(base, num_layers), beta=values["steering_beta"])
+
     def calibration_grid(self, num_layers: int) -> list[Steering]:
-        third = [num_layers // 3, (2 * num_layers) // 3]
+        third = middle_third(num_layers)
         late = [num_layers // 2, num_layers - 1]
         return [Steering(layers=layers, beta=beta) for layers in (third, late) for beta in STEERING_BETAS]
 
