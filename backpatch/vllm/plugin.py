@@ -1,0 +1,109 @@
+"""The ``vllm.general_plugins`` entry point: vLLM calls :func:`register` in every process it starts (front end,
+engine core, workers).
+
+It registers backpatch's Qwen2-Audio class, makes engines run patched prefills exactly (eager layers, whole
+prefills), checks each request's ``backpatch`` value in the front end (a bad one is a ``VLLMValidationError``: an
+exception offline, a 400 over HTTP, naming the key) and salts patched requests' prefix cache, and lets the worker's
+hooks see each step's requests. ``BACKPATCH_VLLM=0`` turns all of it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Any
+
+from .settings import KEY, EngineSettings, SettingError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MODEL_CLASS", "register"]
+
+#: the architecture name backpatch's class serves, and its dotted path (loaded lazily by vLLM's registry)
+MODEL_CLASS = ("Qwen2AudioForConditionalGeneration", "backpatch.vllm.model:BackpatchQwen2Audio")
+_DONE: list[bool] = []
+
+
+def register() -> None:
+    """Idempotent: vLLM may call it more than once per process."""
+    if _DONE or os.environ.get("BACKPATCH_VLLM", "1") == "0":
+        return
+    _DONE.append(True)
+    from vllm import ModelRegistry
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from .worker import wrap_execute_model
+
+    ModelRegistry.register_model(*MODEL_CLASS)
+    EngineArgs.create_engine_config = _exact_engine(EngineArgs.create_engine_config)
+    GPUModelRunner.execute_model = wrap_execute_model(GPUModelRunner.execute_model)
+    InputProcessor.process_inputs = _checked_requests(InputProcessor.process_inputs)
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the hooks read V1's per-request state
+
+
+def _exact_engine(original: Any) -> Any:
+    """Engine arguments under which a patched prefill is exact: layers run eagerly (hooks do not run inside CUDA
+    graphs or torch.compile) and a prompt is never split across steps (the capture needs all of it)."""
+
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.enforce_eager:
+            logger.info("backpatch: enforce_eager=True (patched prefills run eagerly; set BACKPATCH_VLLM=0 to serve "
+                        "without backpatch)")
+            self.enforce_eager = True
+        if self.enable_chunked_prefill is not False:
+            self.enable_chunked_prefill = False
+            logger.info("backpatch: chunked prefill off (a patched prompt is prefilled whole in one step)")
+        if self.max_num_batched_tokens is None and self.max_model_len is not None:
+            self.max_num_batched_tokens = max(int(self.max_model_len), 2048)
+        return original(self, *args, **kwargs)
+
+    return create_engine_config
+
+
+def _settings_of(processor: Any) -> EngineSettings | None:
+    """The engine's request rules, built once per front end (None for a model backpatch does not serve)."""
+    cached = getattr(processor, "_backpatch_settings", False)
+    if cached is not False:
+        return cached
+    model_config = processor.vllm_config.model_config
+    config = model_config.hf_config
+    settings = None
+    if getattr(config, "model_type", None) == "qwen2_audio":
+        settings = EngineSettings(config.model_type, model_config.model, config,
+                                  config.text_config.num_hidden_layers)
+        if settings.default_note:
+            logger.warning("backpatch: %s", settings.default_note)
+        else:
+            logger.info("backpatch: requests without a %r key run preset %r", KEY, settings.default.name)
+    processor._backpatch_settings = settings
+    return settings
+
+
+def _checked_requests(original: Any) -> Any:
+    """``process_inputs`` with each request's setting checked and written in canonical form for the workers; a
+    patched request gets a prefix-cache salt of its own, so its KV is never read by another request."""
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+
+    from .runtime import CANONICAL_KEY
+
+    def process_inputs(self: Any, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
+        settings = _settings_of(self)
+        if settings is None or not isinstance(params, SamplingParams):
+            return original(self, request_id, prompt, params, *args, **kwargs)
+        try:
+            setting = settings.for_request(params.extra_args)
+        except SettingError as exc:
+            raise VLLMValidationError(str(exc), parameter=exc.parameter,
+                                      value=(params.extra_args or {}).get(KEY)) from None
+        params = params.clone()
+        params.extra_args = {**(params.extra_args or {}), CANONICAL_KEY: setting.canonical()}
+        request = original(self, request_id, prompt, params, *args, **kwargs)
+        if setting.patched:
+            request.cache_salt = f"{request.cache_salt or ''}|backpatch:{uuid.uuid4().hex}"
+        return request
+
+    return process_inputs
