@@ -53,7 +53,7 @@ def llm(hf):
 
     model, _ = hf
     return LLM(str(model.config._name_or_path), dtype="float32", max_model_len=512, max_num_seqs=8, seed=0,
-               limit_mm_per_prompt={"audio": 1}, enable_prefix_caching=True)
+               limit_mm_per_prompt={"audio": 1}, enable_prefix_caching=True, gpu_memory_utilization=0.25)
 
 
 def hf_answers(hf, items, preset: Preset | None) -> list[tuple[list[int], float]]:

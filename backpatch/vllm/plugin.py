@@ -40,8 +40,58 @@ def register() -> None:
     ModelRegistry.register_model(*MODEL_CLASS)
     EngineArgs.create_engine_config = _exact_engine(EngineArgs.create_engine_config)
     GPUModelRunner.execute_model = wrap_execute_model(GPUModelRunner.execute_model)
+    InputProcessor.__init__ = _front_end(InputProcessor.__init__)
     InputProcessor.process_inputs = _checked_requests(InputProcessor.process_inputs)
+    _check_http_requests()
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the hooks read V1's per-request state
+
+
+#: the request rules of this process's front end (set when vLLM builds its InputProcessor; None: not our model)
+_FRONT_END: list[EngineSettings | None] = []
+
+
+def _front_end(original: Any) -> Any:
+    """The front end's ``__init__``, building the request rules at start (so the default is logged before the first
+    request) and keeping them for the HTTP layer's check."""
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        _FRONT_END.append(_settings_of(self))
+
+    return __init__
+
+
+def _refusal(settings: EngineSettings, extra_args: dict[str, Any] | None) -> Any:
+    """The request's setting, or vLLM's validation error (a 400 over HTTP) naming the key."""
+    from vllm.exceptions import VLLMValidationError
+
+    try:
+        return settings.for_request(extra_args)
+    except SettingError as exc:
+        raise VLLMValidationError(str(exc), parameter=exc.parameter, value=(extra_args or {}).get(KEY)) from None
+
+
+def _check_http_requests() -> None:
+    """Check ``vllm_xargs.backpatch`` when the OpenAI layer builds a request's sampling parameters, before its
+    generator exists: a bad value is a 400 for streaming requests too (checked later, it would arrive as an error
+    event after a 200)."""
+    try:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    except ImportError:  # a vLLM without the OpenAI server's modules: offline checks only
+        return
+    for cls in (ChatCompletionRequest, CompletionRequest):
+        cls.to_sampling_params = _checked_sampling_params(cls.to_sampling_params)
+
+
+def _checked_sampling_params(original: Any) -> Any:
+    def to_sampling_params(self: Any, *args: Any, **kwargs: Any) -> Any:
+        params = original(self, *args, **kwargs)
+        if _FRONT_END and _FRONT_END[-1] is not None:
+            _refusal(_FRONT_END[-1], getattr(params, "extra_args", None))
+        return params
+
+    return to_sampling_params
 
 
 def _exact_engine(original: Any) -> Any:
@@ -85,7 +135,6 @@ def _settings_of(processor: Any) -> EngineSettings | None:
 def _checked_requests(original: Any) -> Any:
     """``process_inputs`` with each request's setting checked and written in canonical form for the workers; a
     patched request gets a prefix-cache salt of its own, so its KV is never read by another request."""
-    from vllm.exceptions import VLLMValidationError
     from vllm.sampling_params import SamplingParams
 
     from .runtime import CANONICAL_KEY
@@ -94,11 +143,7 @@ def _checked_requests(original: Any) -> Any:
         settings = _settings_of(self)
         if settings is None or not isinstance(params, SamplingParams):
             return original(self, request_id, prompt, params, *args, **kwargs)
-        try:
-            setting = settings.for_request(params.extra_args)
-        except SettingError as exc:
-            raise VLLMValidationError(str(exc), parameter=exc.parameter,
-                                      value=(params.extra_args or {}).get(KEY)) from None
+        setting = _refusal(settings, params.extra_args)
         params = params.clone()
         params.extra_args = {**(params.extra_args or {}), CANONICAL_KEY: setting.canonical()}
         request = original(self, request_id, prompt, params, *args, **kwargs)
