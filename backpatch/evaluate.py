@@ -205,6 +205,17 @@ def answer_items(
         raise ValueError(f"plain_answers has {len(plain_answers)} answers for {len(items)} items")
     for batch in tqdm(_batches(items, batch_size), desc="evaluate", unit="batch", disable=not progress):
         waves = item_waves(processor, batch, truncate)  # loaded once: a framed second column reuses them
+        if getattr(wrapped, "takes_waveforms", False):  # another engine (vLLM): waveforms and prompts, not tensors
+            known = plain_answers[len(plain) : len(plain) + len(batch)] if plain_answers is not None else None
+            plain += known or wrapped.answer(processor, waves, [it.prompt for it in batch], None, max_new_tokens,
+                                             mitigate=False)
+            if backpatched:
+                framings = [framed(it.prompt, instruction, instruction_role) for it in batch]
+                patched += wrapped.answer(processor, waves, [p for p, _ in framings], framings[0][1], max_new_tokens,
+                                          mitigate=mitigate)
+                if gates is not None:
+                    gates += [None] * len(batch)
+            continue
         inputs = encode_items(processor, batch, truncate=truncate, waves=waves).to(wrapped.device)
         length = inputs["input_ids"].shape[1]
         if plain_answers is not None:

@@ -37,6 +37,10 @@ def side_by_side(wrapped: Any, processor: Any, wave: np.ndarray, rate: int, prom
     limit = audio_window_seconds(processor)
     wave, cut = fit_to_window(wave, rate, limit, truncate, what)
     wave = resample(wave, rate, sampling_rate_of(processor))
+    if getattr(wrapped, "takes_waveforms", False):  # another engine (vLLM): the waveform and the prompt
+        plain, mitigated = (wrapped.answer(processor, [wave], [prompt], None, max_new_tokens, mitigate=m)[0]
+                            for m in (False, True))
+        return SideBySide(plain=plain, mitigated=mitigated, truncated=cut, window_s=limit)
     inputs = build_inputs(processor, [wave], [prompt], truncate=truncate).to(wrapped.device)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False)
     with torch.no_grad():

