@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from .inputs import (
     truncation_enabled,
 )
 from .items import ANNOTATIONS, ConflictItem, ConflictSetError, judge, load_conflict_set, normalize
-from .paired import paired_report, wilson
+from .paired import family_of, paired_report, wilson
 from .preset import Preset, PresetError, methods_label
 
 __all__ = [
@@ -93,12 +93,13 @@ def metrics(items: Sequence[ConflictItem], verdicts: Sequence[str]) -> dict[str,
 
 
 def breakdown(items: Sequence[ConflictItem], plain: Sequence[str], patched: Sequence[str],
-              key: str) -> dict[str, dict[str, Any]] | None:
-    """Metrics per value of an item annotation (``framing``, ``label``): ``{value: {"plain": ..., "backpatched":
-    ...}}`` in first-seen order, over the items that carry it; ``None`` when no item does."""
+              key: str | Callable[[ConflictItem], str | None]) -> dict[str, dict[str, Any]] | None:
+    """Metrics per value of an item annotation (``framing``, ``label``) or of a function of the item (its
+    perturbation family): ``{value: {"plain": ..., "backpatched": ...}}`` in first-seen order, over the items that
+    carry one; ``None`` when no item does."""
     groups: dict[str, list[int]] = {}
     for i, item in enumerate(items):
-        value = getattr(item, key)
+        value = key(item) if callable(key) else getattr(item, key)
         if value is not None:
             groups.setdefault(value, []).append(i)
     if not groups:
@@ -349,6 +350,13 @@ def evaluate(
         parts = breakdown(items, plain_verdicts, patched_verdicts, key)
         if parts is not None:
             report[f"by_{key}"] = parts
+    families = report["paired"].get("harm_by_family")
+    if families:  # each perturbation family (and the clean items) with its own paired harm bound (issue 28)
+        parts = breakdown(items, plain_verdicts, patched_verdicts, family_of)
+        for family, part in parts.items():
+            uppers = [b["upper"] for b in families.get(family, {}).values() if b["upper"] is not None]
+            part["harm_upper"] = max(uppers) if uppers else None
+        report["by_perturbation_family"] = parts
     return report
 
 
@@ -417,6 +425,9 @@ def format_table(report: dict[str, Any]) -> str:
     for key in BREAKDOWNS:
         if f"by_{key}" in report:
             lines += ["", *_breakdown_table(report[f"by_{key}"], key)]
+    if "by_perturbation_family" in report:
+        limit = report.get("max_harm", 0.02)
+        lines += ["", *_breakdown_table(report["by_perturbation_family"], "perturbation family", limit)]
     return "\n".join(lines)
 
 
@@ -440,7 +451,8 @@ def _cell(m: dict[str, Any], name: str) -> str:
     return "n/a" if value is None else f"{value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
-def _breakdown_table(parts: dict[str, dict[str, Any]], key: str) -> list[str]:
+def _breakdown_table(parts: dict[str, dict[str, Any]], key: str, limit: float | None = None) -> list[str]:
+    """One row per value; with ``limit``, ``!`` marks a row whose paired harm bound (``harm_upper``) exceeds it."""
     width = max(len(key), *(len(v) for v in list(parts)[:TABLE_ROWS])) + 2
     # the second column is named over the main table; here it is "mitigated", whatever its methods
     lines = [f"{key:<{width}}{'conflicts':>10}{'TDR plain':>24}{'TDR mitigated':>24}{'AFR plain':>11}"
@@ -450,8 +462,14 @@ def _breakdown_table(parts: dict[str, dict[str, Any]], key: str) -> list[str]:
         short = {name: ["n/a" if x[name] is None else f"{x[name]:.3f}" for x in (p, b)]
                  for name in ("afr", "audio_only_acc", "consistent_acc")}
         controls = "".join(f"{short[n][0] + ' > ' + short[n][1]:>16}" for n in ("audio_only_acc", "consistent_acc"))
+        upper = m.get("harm_upper")
+        flag = f"  ! harm bound {upper:.3f}" if limit is not None and upper is not None and upper > limit + 1e-9 \
+            else ""
         lines.append(f"{value:<{width}}{p['n_conflict']:>10}{_cell(p, 'tdr'):>24}{_cell(b, 'tdr'):>24}"
-                     f"{short['afr'][0]:>11}{short['afr'][1]:>15}{controls}")
+                     f"{short['afr'][0]:>11}{short['afr'][1]:>15}{controls}{flag}")
     if len(parts) > TABLE_ROWS:
-        lines.append(f"... {len(parts) - TABLE_ROWS} more {key}s in the JSON report (by_{key})")
+        lines.append(f"... {len(parts) - TABLE_ROWS} more {key}s in the JSON report (by_{key.replace(' ', '_')})")
+    if limit is not None and any((m.get("harm_upper") or 0) > limit + 1e-9 for m in parts.values()):
+        lines.append(f"! a family's paired 95% upper bound on a control accuracy loss exceeds {limit:g}: the preset "
+                     "harms that kind of speech")
     return lines

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import beta
 
-__all__ = ["CONTROL_KINDS", "wilson", "harm_bound", "paired_report", "split_of", "tdr_reduction_bound"]
+__all__ = ["CONTROL_KINDS", "PERTURBATION_FAMILIES", "family_of", "harm_bound", "harm_by_group", "paired_report",
+           "perturbation_family", "split_of", "tdr_reduction_bound", "wilson"]
 
 #: the item kinds whose accuracy a mitigation must not lower
 CONTROL_KINDS = ("audio_only", "consistent")
@@ -86,20 +87,53 @@ def split_of(item: Any) -> str:
     return "perturbed" if getattr(item, "perturbation", None) else "clean"
 
 
+#: effect names in a perturbation's name -> its family (a name with effects of two families is ``combined``)
+PERTURBATION_FAMILIES = {"pitch": "pitch", "tempo": "tempo", "speed": "tempo", "snr": "noise", "noise": "noise",
+                         "reverb": "reverb", "telephone": "band", "lowpass": "band", "highpass": "band",
+                         "band": "band", "gain": "gain"}
+
+
+def perturbation_family(name: str | None) -> str | None:
+    """The family of a perturbation named like ``snr10``, ``pitch+200`` or ``pitch+400+reverb90+snr5``: what a
+    no-harm rule checks one at a time (issue 28). A name that names no known effect is a family of its own (another
+    synthesizer, a user's recording condition)."""
+    if not name:
+        return None
+    lowered = name.lower()
+    families = {family for effect, family in PERTURBATION_FAMILIES.items() if effect in lowered}
+    if len(families) > 1:
+        return "combined"
+    return families.pop() if families else name
+
+
+def family_of(item: Any) -> str:
+    """``clean``, or the perturbation family of an item that carries a ``perturbation`` annotation."""
+    return perturbation_family(getattr(item, "perturbation", None)) or "clean"
+
+
+def harm_by_group(items: Sequence[Any], plain: Sequence[str], mitigated: Sequence[str],
+                  group: Any = family_of) -> dict[str, dict[str, Any]]:
+    """Paired harm bounds per group of items (by default the perturbation family) and control kind."""
+    harm: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(group(it) for it in items):
+        for kind in CONTROL_KINDS:
+            rows = [i for i, it in enumerate(items) if group(it) == name and it.kind == kind]
+            if rows:
+                harm.setdefault(name, {})[kind] = harm_bound([plain[i] == "audio" for i in rows],
+                                                             [mitigated[i] == "audio" for i in rows])
+    return harm
+
+
 def paired_report(items: Sequence[Any], plain: Sequence[str], mitigated: Sequence[str], seed: int = 0) -> dict:
     """Harm bounds per split and control kind, their worst upper bound, and the TDR reduction with its bound.
 
     ``plain``/``mitigated``: verdicts (``audio``/``text``/``other``) for ``items`` in order. An item is correct when
     it follows the audio."""
-    harm: dict[str, dict[str, Any]] = {}
-    for split in dict.fromkeys(split_of(it) for it in items):
-        for kind in CONTROL_KINDS:
-            rows = [i for i, it in enumerate(items) if split_of(it) == split and it.kind == kind]
-            if rows:
-                harm.setdefault(split, {})[kind] = harm_bound([plain[i] == "audio" for i in rows],
-                                                              [mitigated[i] == "audio" for i in rows])
+    harm = harm_by_group(items, plain, mitigated, split_of)
     uppers = [bound["upper"] for kinds in harm.values() for bound in kinds.values()]
     conflicts = [i for i, it in enumerate(items) if it.kind == "conflict"]
     reduction = tdr_reduction_bound([plain[i] for i in conflicts], [mitigated[i] for i in conflicts], seed)
+    perturbed = any(getattr(it, "perturbation", None) for it in items)
     return {"harm": harm, "harm_upper": max(uppers) if uppers else None,
+            **({"harm_by_family": harm_by_group(items, plain, mitigated)} if perturbed else {}),
             "tdr_reduction": reduction["reduction"], "tdr_reduction_lower": reduction["lower"]}

@@ -155,19 +155,26 @@ class AudioSpan:
 
 @dataclass
 class Calibration:
-    """Provenance of the patch settings; ``backpatch calibrate`` fills it. Never claim unmeasured numbers."""
+    """Provenance of the patch settings; ``backpatch calibrate`` fills it. Never claim unmeasured numbers.
+
+    ``data`` names the calibration data portably (relative to where calibration ran, or its last path parts, never
+    one machine's absolute path), ``data_sha256`` identifies it anywhere, ``command`` is the command that made the
+    preset (paths made portable the same way)."""
 
     status: str = "uncalibrated"
     data: str | None = None
     metrics: dict[str, float | int] = field(default_factory=dict)
+    data_sha256: str | None = None
+    command: str | None = None
 
     def __post_init__(self) -> None:
         self._validate("calibration", None)
 
     def _validate(self, where: str, origin: str | None) -> None:
         check_choice(self.status, CALIBRATION_STATUSES, join(where, "status"), origin)
-        if self.data is not None:
-            check_str(self.data, join(where, "data"), origin)
+        for key in ("data", "data_sha256", "command"):
+            if getattr(self, key) is not None:
+                check_str(getattr(self, key), join(where, key), origin)
         if not isinstance(self.metrics, Mapping):
             raise fail(join(where, "metrics"), f"expected a mapping of name: number, got {type_name(self.metrics)}",
                         origin)

@@ -131,3 +131,26 @@ def test_diagnose_suggestion_sweep_tries_the_gentle_rule_and_the_early_targets()
     rule = uncalibrated_patch(30)
     assert any((s.source, s.target, s.scale, s.mode) == (rule.source, rule.target, 0.05, "add") for s in settings)
     assert "29->0 replace x1 @last" in labels  # the digits organism's kind stays in
+
+
+def test_calibrated_bundled_presets_carry_provenance_that_travels():
+    """Issue 28 point 4: the data by a portable name (no absolute path of the machine it was made on), counts as
+    integers in the file, and the command that made the preset."""
+    import yaml
+
+    for name in backpatch.list_presets():
+        preset = backpatch.load_preset(name)
+        cal = preset.calibration
+        if cal is None or cal.status != "calibrated":
+            continue
+        raw = yaml.safe_load((backpatch_presets_dir() / f"{name}.yaml").read_text())["calibration"]
+        assert cal.data and not cal.data.startswith(("/", "~")), name
+        assert cal.command and cal.command.startswith("backpatch ") and " /" not in cal.command, name
+        counts = {k: v for k, v in raw["metrics"].items() if k.startswith("n_")}
+        assert counts and all(type(v) is int for v in counts.values()), (name, counts)
+
+
+def backpatch_presets_dir():
+    from backpatch.bundled import bundled_preset_dir
+
+    return bundled_preset_dir()

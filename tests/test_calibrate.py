@@ -85,6 +85,15 @@ def test_calibrate_cli_writes_valid_preset_heatmap_and_sweep(setup, capsys):
             "afr_before", "afr_after"} <= set(preset.calibration.metrics)
     assert preset.calibration.metrics["n_conflict"] == 6
     assert preset.model.num_layers == 6 and preset.match.model_type == "qwen2_audio"
+    # issue 28 point 4: provenance that means something on another machine (no absolute path of this one)
+    import hashlib
+
+    cal = preset.calibration
+    assert cal.data == "/".join(Path(data).parts[-3:]) and not cal.data.startswith("/")
+    assert cal.data_sha256 == hashlib.sha256(Path(data).read_bytes()).hexdigest()
+    assert cal.command.startswith("backpatch calibrate --model ") and str(root) not in cal.command
+    assert f"--data {cal.data} " in cal.command and "--alphas 1,3" in cal.command
+    assert isinstance(cal.metrics["n_conflict"], int) and "n_conflict: 6\n" in out.read_text()
     png = out.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     sweep = json.loads(out.with_suffix(".sweep.json").read_text())
@@ -637,3 +646,16 @@ def _generate_verdicts(model, processor, preset, batches, items) -> list[str]:
             out = wrapped.generate(**batch.inputs, max_new_tokens=1, do_sample=False)
         answers += decode_new_tokens(processor, out, batch.inputs["input_ids"].shape[1])
     return [judge(a, it) for a, it in zip(answers, items, strict=True)]
+
+
+def test_portable_names_keep_paths_under_the_working_directory_relative_and_others_by_their_tail(tmp_path):
+    from backpatch.calibrate.provenance import portable_command, portable_name
+
+    inside = tmp_path / "work" / "data" / "val.jsonl"
+    inside.parent.mkdir(parents=True)
+    inside.write_text("{}\n")
+    assert portable_name(inside, cwd=tmp_path / "work") == "data/val.jsonl"
+    assert portable_name(inside, cwd=tmp_path / "elsewhere") == "work/data/val.jsonl"
+    command = portable_command(["backpatch", "calibrate", "--data", str(inside), f"--out={inside}", "--seed", "3",
+                                "/no/such/file"], cwd=tmp_path / "work")
+    assert command == "backpatch calibrate --data data/val.jsonl --out=data/val.jsonl --seed 3 no/such/file"

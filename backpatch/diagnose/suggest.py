@@ -16,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibrate.grid import Candidate, Setting
+from ..calibrate.provenance import portable_name, sha256_of
 from ..calibrate.search import passes_no_harm
 from ..calibrate.sweep import Scorer, prepare_batches
 from ..calibrate.writing import candidate_preset
@@ -115,7 +116,8 @@ def _suggest(rows: list[dict], plain: dict, base: Preset, resolved: Resolved, mo
         match=base.match or Match(model_type=config.model_type),
         model=ModelFacts(layers=resolved.layers_path, num_layers=resolved.num_layers),
         audio_span=base.audio_span or AudioSpan(token_id=resolved.audio_token_id),
-        calibration=Calibration(status="uncalibrated", data=str(data), metrics=values),
+        calibration=Calibration(status="uncalibrated", data=portable_name(data), data_sha256=sha256_of(data),
+                                metrics=values),
     )
 
 
