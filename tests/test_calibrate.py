@@ -223,9 +223,9 @@ def test_norm_matched_sweep_short_path_equals_the_engine(setup):
 
 @pytest.mark.parametrize("gate", [backpatch.Gate("audio_gap", 0.0, 0.0), backpatch.Gate("audio_gap", 0.3, 0.3),
                                   backpatch.Gate("certainty", 0.0, 1.0), None])
-@pytest.mark.parametrize("alpha", [0.0, 1.5])
+@pytest.mark.parametrize("alpha,plausibility", [(0.0, None), (1.5, None), (1.5, 0.3)])
 @pytest.mark.parametrize("short_path", [True, False])
-def test_gated_and_contrastive_scoring_equals_generate(setup, gate, alpha, short_path):
+def test_gated_and_contrastive_scoring_equals_generate(setup, gate, alpha, plausibility, short_path):
     """What calibration scores for a candidate (stored plain and null-audio logits, cached patched logits, the
     gate per row) is what generate() with that candidate's preset gives as first-token logits."""
     from backpatch.calibrate import Candidate, Scorer
@@ -242,8 +242,9 @@ def test_gated_and_contrastive_scoring_equals_generate(setup, gate, alpha, short
         gaps = torch.cat([0.5 * (b.main_logits.softmax(-1) - b.null_logits.softmax(-1)).abs().sum(-1)
                           for b in batches])
         gate = backpatch.Gate("audio_gap", float(gaps.median()), float(gaps.median()))
-    candidate = Candidate(setting, alpha, gate)
+    candidate = Candidate.of(setting, alpha, gate, plausibility)
     preset = candidate_preset(base.preset, candidate, "zeros")
+    assert preset.contrastive is None or preset.contrastive.plausibility == plausibility
     wrapped = backpatch.wrap(model, preset, processor=processor)
     for index, batch in enumerate(batches):
         with torch.no_grad():
@@ -528,6 +529,12 @@ def test_the_search_scores_the_best_blocks_on_top_of_the_best_other_methods(tmp_
         return [c for c, _ in records[1].results]
 
     refine = run(blocks=True)
+    # issue 28 point 1: every contrastive candidate is also tried under each plausibility guard, gated or not
+    from backpatch.calibrate.grid import PLAUSIBILITY_GRID
+
+    guarded = {(c.setting, c.alpha, c.plausibility) for c in refine if c.alpha and c.gate is None}
+    assert all((s, a, p) in guarded for s, a, _ in guarded for p in PLAUSIBILITY_GRID)
+    assert any(c.plausibility is not None and c.gate is not None for c in refine)
     alone = [c for c in refine if c.has_blocks and c.setting is None and not c.alpha]
     combined = [c for c in refine if c.has_blocks and c not in alone or len(c.blocks) > 1]
     best_attention = min((c for c in alone if c.block("attention") is not None), key=lambda c: score(c)["tdr"])
@@ -659,3 +666,69 @@ def test_portable_names_keep_paths_under_the_working_directory_relative_and_othe
     command = portable_command(["backpatch", "calibrate", "--data", str(inside), f"--out={inside}", "--seed", "3",
                                 "/no/such/file"], cwd=tmp_path / "work")
     assert command == "backpatch calibrate --data data/val.jsonl --out=data/val.jsonl --seed 3 no/such/file"
+
+
+def test_leave_one_family_out_says_whether_the_rule_predicts_harm_on_a_family_it_did_not_check():
+    """Issue 28 point 2: per family F, choose with the per-family rule on everything but F, then measure on F.
+    Built so that the strongest setting harms only the pitch family: chosen without pitch, it harms pitch; chosen
+    without noise, the rule still sees pitch and picks the harmless one."""
+    from backpatch.calibrate.holdout import leave_one_family_out
+    from backpatch.calibrate.search import StageRecord
+    from backpatch.evaluate import metrics
+    from backpatch.items import ConflictItem
+
+    items, plain = [], []
+    for family in ("snr10", "pitch+200", None):
+        for k in range(40):
+            kind = ("conflict", "consistent", "audio_only")[k % 3]
+            items.append(ConflictItem(f"{family}-{k}", None, "p", "seven", None if kind == "audio_only" else "three",
+                                      kind, perturbation=family))
+            plain.append("text" if kind == "conflict" else "audio")
+
+    def verdicts(cut: float, harms_pitch: bool) -> list[str]:
+        out = []
+        for i, (it, p) in enumerate(zip(items, plain, strict=True)):
+            if it.kind == "conflict":
+                out.append("audio" if (i * 37 % 100) / 100 < cut else "text")  # a fixed share of conflicts flips
+            elif harms_pitch and it.perturbation == "pitch+200":
+                out.append("other")
+            else:
+                out.append(p)
+        return out
+
+    strong, gentle = Candidate(Setting(5, 1, 1.0, "add", "audio")), Candidate(Setting(4, 1, 0.5, "add", "audio"))
+    rows = [(strong, verdicts(0.8, True)), (gentle, verdicts(0.3, False))]
+    record = StageRecord("full", len(items), {**metrics(items, plain), "verdicts": plain},
+                         results=[(c, {**metrics(items, v), "verdicts": v}) for c, v in rows], items=items,
+                         bounded=True)
+    report = leave_one_family_out(record, max_harm=0.02)
+    assert report["n_families"] == 2 and set(report["families"]) == {"noise", "pitch"}
+    pitch, noise = report["families"]["pitch"], report["families"]["noise"]
+    assert pitch["chosen"] == strong.label() and pitch["chosen_harmed"] and pitch["chosen_harm_upper"] > 0.5
+    assert pitch["passed_without_it"] == 2 and pitch["of_those_harmful_on_it"] == 1
+    assert noise["chosen"] == gentle.label() and not noise["chosen_harmed"] and noise["passed_without_it"] == 1
+    assert report["chosen_harmed_held_out"] == 1 and report["passing_harmful_rate"] == round(1 / 3, 4)
+    # the per-family rule itself: a family's bound fails a setting whose pooled splits pass
+    from backpatch.calibrate.search import passes_no_harm
+
+    fine = {"upper": 0.0, "loss": 0.0}
+    pooled = {"harm": {"clean": {"consistent": fine}, "perturbed": {"consistent": fine}}}
+    assert passes_no_harm({"paired": pooled}, record.plain, 0.02, bounded=True)
+    one_family = {**pooled, "harm_by_family": {"noise": {"consistent": fine},
+                                               "pitch": {"consistent": {"upper": 0.3, "loss": 0.1}}}}
+    assert not passes_no_harm({"paired": one_family}, record.plain, 0.02, bounded=True)
+
+
+def test_a_guarded_candidate_reads_back_from_its_sweep_row_and_writes_its_guard():
+    from backpatch.calibrate.report import _row
+    from backpatch.calibrate.resume import candidate_of_row
+    from backpatch.calibrate.writing import candidate_preset
+
+    candidate = Candidate.of(Setting(5, 1, 1.0, "add", "audio"), 2.0, backpatch.Gate("audio_gap", 0.1, 0.3), 0.3)
+    m = {"tdr": 0.1, "afr": 0.0, "other_rate": 0.0, "audio_only_acc": 1.0, "consistent_acc": 1.0}
+    row = _row(candidate, m, m, 0.02, bounded=False)
+    assert row["plausibility"] == 0.3 and "contrastive a=2 plausibility 0.3" in row["setting"]
+    assert candidate_of_row(json.loads(json.dumps(row))) == candidate
+    preset = candidate_preset(backpatch.Preset(patches=[backpatch.Patch(5, 1)]), candidate, "silence")
+    assert preset.contrastive == backpatch.Contrastive(alpha=2.0, null_audio="silence", plausibility=0.3)
+    assert "plausibility 0.3" in backpatch.preset.methods_details(preset)

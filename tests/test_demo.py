@@ -117,6 +117,12 @@ def test_controls_start_from_the_preset_and_change_what_runs(demo):
     # contrastive alone (no patch) is a valid setting too
     r = demo.compare(str(clip.path), prompt, alpha=1.0, patch_on=False)
     assert r.preset.patches == [] and r.preset.contrastive.alpha == 1.0
+    # issue 28 point 1: the plausibility guard has a control of its own (0: off), shown in the preset's details
+    assert controls["plausibility"] == ((preset.contrastive.plausibility or 0.0) if preset.contrastive else 0.0)
+    r = demo.compare(str(clip.path), prompt, alpha=1.0, patch_on=False, plausibility=0.3)
+    assert r.preset.contrastive.plausibility == 0.3 and "plausibility 0.3" in r.verdict_html
+    with pytest.raises(gr.Error, match=r"The plausibility guard must be in \[0, 1\]"):
+        demo.compare(str(clip.path), prompt, alpha=1.0, plausibility=2)
 
 
 def test_compare_shows_what_the_audio_confidence_gate_did(demo):

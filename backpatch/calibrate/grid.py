@@ -46,27 +46,29 @@ class Candidate:
     alpha: float = 0.0
     gate: Gate | None = None
     blocks: tuple[tuple[str, Any], ...] = ()
+    #: contrastive decoding's plausibility guard (VCD/AAD): only tokens with p(y | audio) >= this x max p may win
+    plausibility: float | None = None
 
     @classmethod
     def of(cls, setting: Setting | None = None, alpha: float = 0.0, gate: Gate | None = None,
-           **blocks: Any) -> Candidate:
+           plausibility: float | None = None, **blocks: Any) -> Candidate:
         """A candidate with blocks given by method key (``Candidate.of(attention=Attention(...))``); None leaves a
         block out."""
         order = {m.key: i for i, m in enumerate(registered_methods())}
         for key in blocks:
             get_method(key)  # a PresetError naming the registered keys
         pairs = sorted(((k, v) for k, v in blocks.items() if v is not None), key=lambda kv: order[kv[0]])
-        return cls(setting, alpha, gate, tuple(pairs))
+        return cls(setting, alpha, gate, tuple(pairs), plausibility)
 
     def block(self, key: str) -> Any:
         """This candidate's setting of block method ``key`` (None when it has none)."""
         return dict(self.blocks).get(key)
 
     def with_blocks(self, **blocks: Any) -> Candidate:
-        return Candidate.of(self.setting, self.alpha, self.gate, **{**dict(self.blocks), **blocks})
+        return Candidate.of(self.setting, self.alpha, self.gate, self.plausibility, **{**dict(self.blocks), **blocks})
 
     def __hash__(self) -> int:  # a plugin's config need not be hashable: hash what its method writes
-        return hash((self.setting, self.alpha, self.gate,
+        return hash((self.setting, self.alpha, self.gate, self.plausibility,
                      tuple((k, _frozen(get_method(k).dump(c))) for k, c in self.blocks)))
 
     def sections(self, null_audio: str) -> dict[str, Any]:
@@ -74,12 +76,14 @@ class Candidate:
         null-audio rows; None where it sets nothing)."""
         rows = self.null_rows
         return {"patches": [self.setting.patch()] if self.setting else [],
-                "contrastive": Contrastive(alpha=self.alpha, null_audio=null_audio) if rows else None,
+                "contrastive": Contrastive(alpha=self.alpha, null_audio=null_audio,
+                                           plausibility=self.plausibility if self.alpha else None) if rows else None,
                 "gate": self.gate, **dict(self.blocks)}
 
     def label(self) -> str:
-        parts = ([self.setting.label()] if self.setting else []) + ([f"contrastive a={self.alpha:g}"] if self.alpha
-                                                                     else [])
+        guard = f" plausibility {self.plausibility:g}" if self.plausibility is not None else ""
+        parts = ([self.setting.label()] if self.setting else []) + ([f"contrastive a={self.alpha:g}{guard}"]
+                                                                     if self.alpha else [])
         parts += [line for key, config in self.blocks for line in get_method(key).details(config)]
         text = " + ".join(parts) or "plain"
         return f"{text} | {gate_label(self.gate)}" if self.gate is not None else text
@@ -112,6 +116,10 @@ def block_grid(num_layers: int) -> list[Candidate]:
     registry order."""
     return [Candidate.of(**{method.key: config}) for method in registered_methods()
             for config in method.calibration_grid(num_layers)]
+
+
+#: plausibility guards the refine stage tries on every contrastive candidate (VCD's 0.1 and stricter ones)
+PLAUSIBILITY_GRID = (0.1, 0.3, 0.5)
 
 
 #: the gate stage's steps per signal: audio_gap is a total variation distance, certainty exp(-entropy)

@@ -48,6 +48,7 @@ from .data import (
     tdr_standard_error,
 )
 from .grid import default_grid
+from .holdout import leave_one_family_out
 from .plots import _plot_band, _plot_heatmap
 from .provenance import portable_name
 from .report import METRIC_KEYS, _kinds, _public, _row, _searched
@@ -204,6 +205,8 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         patch_results = [(c.setting, m) for c, m in results if c.alpha == 0]
         heat_plain = plain
     sweep_seconds = time.perf_counter() - started
+    # does the rule predict harm on a kind of speech it did not check? (perturbed data with 2+ families only)
+    holdout = leave_one_family_out(chosen_stage if staged else record, max_harm)
     for r in records if staged else [record]:
         if r.truncated:
             budget.skip(f"{r.truncated} of {len(r.results) - r.reused + r.truncated} settings of the {r.name} stage")
@@ -238,6 +241,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         _plot_band(patch_results, num_layers, band, heat_plain, max_harm)
     scored_candidates = [c for r in (records if staged else [record]) for c, _ in r.results]
     planned = ["back-patching"] + (["contrastive decoding", "both"] if any(grid["alphas"]) else []) + (
+        ["plausibility guards"] if any(grid["alphas"]) and staged else []) + (
         ["audio-confidence gates"] if gates else []) + (
         [m.title for m in registered_methods() if m.calibration_grid(num_layers)] if blocks and staged else [])
     skipped = budget.skipped + [f"{kind} (the budget ran out before it)" for kind in planned
@@ -262,7 +266,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         "status": preset.calibration.status, "warnings": not_calibrated,
         "stress_data": str(stress_data) if stress_data is not None else None, "max_harm": max_harm,
         "searched": _searched(scored_candidates), "skipped": skipped, "budget": budget.summary(),
-        "chosen_paired": best_paired,
+        "chosen_paired": best_paired, "leave_one_family_out": holdout,
         "short_path": scorer.short_path_ok,
         "n_conflict": n_conflict, "tdr_standard_error": round(tdr_standard_error(n_conflict), 4),
         "data_warning": data_warning,

@@ -47,7 +47,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..paired import paired_report
-from .grid import Candidate, Setting, band_grid, block_grid, gate_grid, refinements
+from .grid import PLAUSIBILITY_GRID, Candidate, Setting, band_grid, block_grid, gate_grid, refinements
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,15 @@ def passes_no_harm(candidate: dict[str, Any], plain: dict[str, Any], max_harm: f
                    bounded: bool = False) -> bool:
     """Audio-only and consistent accuracy each within ``max_harm`` of plain (missing kinds do not count).
 
-    With a paired report (``candidate["paired"]``): per split and kind, the paired point loss, or with ``bounded``
+    With a paired report (``candidate["paired"]``): per split and kind, and on perturbed data per perturbation family
+    and kind (the worst family must pass, not the pooled set: issue 28), the paired point loss, or with ``bounded``
     its 95% upper bound. Without one (metrics of unpaired runs): the difference of the two accuracies."""
     paired = candidate.get("paired")
     if paired is not None:
         field = "upper" if bounded else "loss"
+        groups = [*paired["harm"].values(), *(paired.get("harm_by_family") or {}).values()]
         return all(bound[field] is None or bound[field] <= max_harm + 1e-9
-                   for kinds in paired["harm"].values() for bound in kinds.values())
+                   for kinds in groups for bound in kinds.values())
     for key in ("audio_only_acc", "consistent_acc"):
         if plain[key] is not None and candidate[key] is not None and candidate[key] < plain[key] - max_harm - 1e-9:
             return False
@@ -229,12 +231,12 @@ def staged_search(
     neighbours = [Candidate(s) for s in refinements(settings[: keep[1]], num_layers)]
     top_patches = [c.setting for c in best1[:2]]
     strongest = [c.setting for c in ranked(records[0], None)[:2]]  # harmful or not: a gate may make them harmless
-    contrastive = [Candidate(s, float(a)) for a in alphas if a > 0
-                   for s in dict.fromkeys((None, *top_patches, *strongest))]
+    contrastive = [Candidate.of(s, float(a), plausibility=p) for a in alphas if a > 0
+                   for s in dict.fromkeys((None, *top_patches, *strongest)) for p in (None, *PLAUSIBILITY_GRID)]
     refine = list(dict.fromkeys([*contrastive, *best1, *(Candidate(s) for s in strongest), *neighbours]))
     if gates:
         gated = [c for c in refine if c.setting in (*top_patches[:1], *strongest) or (c.setting is None)]
-        refine += [Candidate(c.setting, c.alpha, g) for c in gated for g in gate_grid()]
+        refine += [Candidate.of(c.setting, c.alpha, g, c.plausibility) for c in gated for g in gate_grid()]
     if blocks:  # the peer methods' small grids (a full forward each: no stored states serve them)
         refine += block_grid(num_layers)
     refine = by_priority(refine)

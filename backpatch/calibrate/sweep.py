@@ -289,7 +289,7 @@ class Scorer:
         if not candidate.alpha:
             return patched
         strength = gate_strength(gate, patched, null) if gate is not None else None
-        return contrastive_logits(patched, null, candidate.alpha, strength)
+        return contrastive_logits(patched, null, candidate.alpha, strength, candidate.plausibility)
 
     # -------------------------------------------------------------------------------- entry
     @torch.no_grad()

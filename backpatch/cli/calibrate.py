@@ -56,6 +56,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             p, b = row["perturbed"]["plain"], row["perturbed"]["backpatched"]
             print(f"  {'(perturbed)':>41} TDR {p['tdr']} -> {b['tdr']}   audio-only {p['audio_only_acc']} -> "
                   f"{b['audio_only_acc']}   consistent {p['consistent_acc']} -> {b['consistent_acc']}")
+    holdout = summary.get("leave_one_family_out")
+    if holdout:
+        print(f"leave one perturbation family out: the setting chosen without a family harmed it in "
+              f"{holdout['chosen_harmed_held_out']} of {holdout['n_families']} families; of the settings that passed "
+              f"without it, {holdout['passing_harmful_rate']} harmed it (bound > {holdout['max_harm']:g})")
     print(f"searched: {summary['searched']} (budget {args.budget_minutes:g} min)")
     for what in summary["skipped"]:
         print(f"  skipped for the budget: {what}")

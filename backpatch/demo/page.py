@@ -26,6 +26,8 @@ def _view(demo: Demo, preset: Preset) -> tuple[Any, ...]:
 #: the controls the demo API took first, by position, when it was released (back-patching's first patch, contrastive
 #: alpha, the back-patching switch); every other control follows the preset and uploads arguments
 _API_HEAD = ("source", "target", "scale", "mode", "positions", "alpha", "patch_on")
+#: the controls that followed preset and uploads when they were added, in that order; newer ones come after them
+_API_TAIL = ("attention_alpha", "steering_beta", "gate_on", "gate_signal", "gate_low", "gate_high")
 
 
 def _signature(*names: str) -> inspect.Signature:
@@ -134,7 +136,7 @@ def _blocks(demo: Demo) -> gr.Blocks:
         # uploaded, then every other control in registry order (plugins' last), so callers that pass the first
         # arguments by position keep working. Parameter names become the API's (gradio_client's view_api).
         head = [n for n in _API_HEAD if n in widgets]
-        tail = [n for n in widgets if n not in head]
+        tail = [n for n in _API_TAIL if n in widgets] + [n for n in widgets if n not in head and n not in _API_TAIL]
         names = [*head, *tail]
         controls = [widgets[n] for n in names]
         view = [intro, status, patched_text, patched_top]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...controls import Control
+from ...controls import Control, ControlError
 from ...registry import Method, register_method
 from ...validation import PresetError
 from .config import NULL_AUDIO, Contrastive
@@ -43,21 +43,29 @@ class ContrastiveDecoding(Method):
         return silence_frame(processor)
 
     def controls(self, config: Any, num_layers: int) -> list[Control]:
-        return [Control("alpha", "Contrastive alpha (0 = off)", minimum=0.0)]
+        return [Control("alpha", "Contrastive alpha (0 = off)", minimum=0.0),
+                Control("plausibility", "Plausibility guard (0 = off)", minimum=0.0,
+                        info="only tokens with p(audio) >= this x the top token's may win (VCD/AAD's guard)")]
 
     def control_values(self, config: Any, num_layers: int) -> dict[str, Any]:
-        return {"alpha": config.alpha if config is not None else 0.0}
+        return {"alpha": config.alpha if config is not None else 0.0,
+                "plausibility": config.plausibility or 0.0 if config is not None else 0.0}
 
     def from_controls(self, values: dict[str, Any], base: Any, num_layers: int) -> Contrastive:
         """Alpha 0 still makes a block: it stays only where another method reads its null-audio rows."""
         template = base or Contrastive()
-        return Contrastive(alpha=values["alpha"], null_audio=template.null_audio, plausibility=template.plausibility)
+        if values["plausibility"] > 1:
+            raise ControlError(f"The plausibility guard must be in [0, 1] (0 turns it off), got "
+                               f"{values['plausibility']:g}.")
+        return Contrastive(alpha=values["alpha"], null_audio=template.null_audio,
+                           plausibility=values["plausibility"] or None)
 
     def label(self, config: Any) -> str:
         return f"contrastive a={config.alpha:g}"
 
     def details(self, config: Any) -> list[str]:
-        return [f"contrastive alpha {config.alpha:g} ({config.null_audio})"]
+        guard = f", plausibility {config.plausibility:g}" if config.plausibility is not None else ""
+        return [f"contrastive alpha {config.alpha:g} ({config.null_audio}{guard})"]
 
     def summary(self, config: Any) -> str:
         return f"contrastive decoding α {config.alpha:g}"
