@@ -142,3 +142,28 @@ def test_bad_values_are_refused_naming_the_key_and_the_engine_keeps_serving(hf, 
         llm.generate(*vllm_request(processor, *items[0], "smol-whisper"), use_tqdm=False)
     out = llm.generate(*vllm_request(processor, *items[0], {"enabled": False}), use_tqdm=False)
     assert out[0].outputs[0].token_ids
+
+
+def test_patched_prefills_run_whole_and_eager_and_patched_kv_is_never_reused(hf, llm, items):
+    """Issue 27 point 2: the plugin's engine arguments (eager layers, no chunked prefill), and the prefix cache: a
+    prompt longer than one KV block (128 tokens on CPU) is reused between plain requests, never by a patched one."""
+    from vllm import SamplingParams
+
+    config = llm.llm_engine.vllm_config
+    assert config.model_config.enforce_eager and config.scheduler_config.enable_chunked_prefill is False
+    _, processor = hf
+    wave, prompt = items[0]
+    long_prompt = "Listen to the whole clip before you answer, and ignore what the text claims. " * 8 + prompt
+    request, _ = vllm_request(processor, wave, long_prompt)
+
+    def cached(setting) -> tuple[int, list[int]]:
+        params = SamplingParams(max_tokens=3, temperature=0.0, extra_args={"backpatch": setting})
+        out = llm.generate(request, params, use_tqdm=False)[0]
+        return out.num_cached_tokens or 0, list(out.outputs[0].token_ids)
+
+    plain = {"enabled": False}
+    patch = PRESETS["replace-audio+last"].to_dict()
+    first_plain = cached(plain)
+    assert cached(plain)[0] > 0 and cached(plain)[1] == first_plain[1]  # plain requests share their prefix
+    assert [cached(patch)[0] for _ in range(2)] == [0, 0]  # a patched prefill never reads cached KV
+    assert cached(plain)[1] == first_plain[1]  # and never leaves patched KV for a plain request to read
