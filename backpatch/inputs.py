@@ -26,7 +26,7 @@ _TRUNCATE: ContextVar[bool] = ContextVar("backpatch_truncate_audio", default=Fal
 
 @contextmanager
 def audio_truncation(enabled: bool = True) -> Iterator[None]:
-    """Inside, :func:`build_inputs` and :func:`backpatch.evaluate.encode_items` called without ``truncate``
+    """Inside, :func:`build_inputs` and :func:`backpatch.answers.encode_items` called without ``truncate``
     cut clips longer than the audio window instead of refusing them (per thread and task)."""
     token = _TRUNCATE.set(bool(enabled))
     try:

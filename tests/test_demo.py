@@ -517,7 +517,9 @@ def test_api_endpoint_with_gradio_client(server, showcase_item, tmp_path):
     # the gate controls are the endpoint's last arguments: a gate no signal reaches gives the plain answer
     names = [p["parameter_name"] for p in client.view_api(print_info=False, return_format="dict")[
         "named_endpoints"]["/compare"]["parameters"]]
-    assert names[:2] == ["audio", "prompt"] and names[-4:] == ["gate_on", "gate_signal", "gate_low", "gate_high"]
+    # (the controls added since, such as the plausibility guard, follow the released ones)
+    assert names[:2] == ["audio", "prompt"] and names[-5:] == ["gate_on", "gate_signal", "gate_low", "gate_high",
+                                                               "plausibility"]
     out = client.predict(handle_file(str(showcase_item.audio)), showcase_item.prompt, gate_signal="certainty",
                          gate_low=1.0, gate_high=1.0, api_name="/compare")
     assert out[0] == out[1] == plain
