@@ -28,8 +28,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from openai import OpenAI
@@ -50,20 +52,30 @@ def start(model: str, threads: int) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="backpatch-serve-bench-", suffix=".log")[1])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with log.open("w") as out:
-        process = subprocess.Popen([sys.executable, "-c", SERVER, str(threads), "serve", "--model", model,
-                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    process = launch([sys.executable, "-c", SERVER, str(threads), "serve", "--model", model, "--port", str(port)],
+                     env, url, log, ready=lambda response: json.loads(response.read())["status"] == "ok")
+    return process, url, log
+
+
+def launch(command: list[str], env: dict[str, str], url: str, log: Path,
+           ready: Callable[[Any], bool] = lambda response: response.status == 200,
+           timeout: float = 600) -> subprocess.Popen:
+    """Start a server (its output to ``log``) and wait until ``url``/health answers ``ready``; its log tail if it
+    exits or never comes up."""
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"the server exited:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if json.loads(response.read())["status"] == "ok":
-                    return process, url, log
+                if ready(response):
+                    return process
         except OSError:
-            time.sleep(0.5)
+            pass
+        time.sleep(0.5)
     process.kill()
     raise SystemExit(f"the server did not come up:\n{log.read_text()[-3000:]}")
 
@@ -84,20 +96,20 @@ def requests_for(n: int) -> list[list[dict]]:
 
 
 def variants(url: str) -> dict[str, dict | None]:
-    """The ``backpatch`` object of each variant's requests (``None``: the server's preset)."""
+    """The extra body of each variant's requests: its ``backpatch`` object (``None``: the server's preset)."""
     with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
         preset = backpatch.load_preset(json.loads(response.read())["preset"]).to_dict()
-    out: dict[str, dict | None] = {"plain": {"enabled": False}, "backpatched": None}
+    out: dict[str, dict | None] = {"plain": {"backpatch": {"enabled": False}}, "backpatched": None}
     if preset.get("contrastive") is not None and preset.get("patches"):
-        out["patches-only"] = {"preset": {k: v for k, v in preset.items() if k not in ("contrastive", "calibration")}}
+        out["patches-only"] = {"backpatch": {"preset": {k: v for k, v in preset.items()
+                                                        if k not in ("contrastive", "calibration")}}}
     return out
 
 
-def one(client: OpenAI, model: str, messages: list[dict], options: dict | None, max_tokens: int,
+def one(client: OpenAI, model: str, messages: list[dict], extra: dict | None, max_tokens: int,
         stream: bool) -> tuple[float, int]:
-    """Latency of one request (to its last byte) and its completion tokens."""
+    """Latency of one request (to its last byte) and its completion tokens; ``extra``: the body's non-OpenAI keys."""
     start = time.perf_counter()
-    extra = None if options is None else {"backpatch": options}
     if stream:
         chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
                                                      temperature=0, stream=True, extra_body=extra))
@@ -109,13 +121,13 @@ def one(client: OpenAI, model: str, messages: list[dict], options: dict | None, 
     return time.perf_counter() - start, tokens
 
 
-def phase(url: str, model: str, batch: list[list[dict]], options: dict | None, clients: int, max_tokens: int,
-          stream: bool) -> tuple[float, list[float], list[int]]:
+def phase(url: str, model: str, batch: list[list[dict]], extra: dict | None, clients: int, max_tokens: int,
+          stream: bool = False) -> tuple[float, list[float], list[int]]:
     """Wall time of ``batch`` sent by ``clients`` concurrent clients, and each request's latency and tokens."""
     client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        rows = list(pool.map(lambda m: one(client, model, m, options, max_tokens, stream), batch))
+        rows = list(pool.map(lambda m: one(client, model, m, extra, max_tokens, stream), batch))
     return time.perf_counter() - start, [r[0] for r in rows], [r[1] for r in rows]
 
 

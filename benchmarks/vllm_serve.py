@@ -27,52 +27,14 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from openai import OpenAI
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import SERVER, free_port, percentile, requests_for  # noqa: E402  (benchmarks/serve.py)
+from serve import SERVER, free_port, launch, percentile, phase, requests_for  # noqa: E402  (benchmarks/serve.py)
 
 from backpatch.loading import resolve_model_id  # noqa: E402
-
-
-def start(command: list[str], env: dict[str, str], url: str, log: Path) -> subprocess.Popen:
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"{command[0]} exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                if response.status == 200:
-                    return process
-        except OSError:
-            time.sleep(1)
-    process.kill()
-    raise SystemExit(f"the server did not come up:\n{log.read_text()[-3000:]}")
-
-
-def one(client: OpenAI, model: str, messages: list[dict], extra: dict, max_tokens: int) -> tuple[float, int]:
-    started = time.perf_counter()
-    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
-                                           extra_body=extra)
-    return time.perf_counter() - started, reply.usage.completion_tokens
-
-
-def phase(url: str, model: str, batch: list, extra: dict, clients: int, max_tokens: int):
-    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
-    started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        rows = list(pool.map(lambda m: one(client, model, m, extra, max_tokens), batch))
-    return time.perf_counter() - started, [r[0] for r in rows], [r[1] for r in rows]
 
 
 def main() -> None:
@@ -116,7 +78,7 @@ def main() -> None:
     results = {}
     for name, (command, server_env, url, model, variants) in servers.items():
         log = Path(tempfile.mkstemp(prefix=f"backpatch-bench-{name}-", suffix=".log")[1])
-        process = start(command, server_env, url, log)
+        process = launch(command, server_env, url, log, timeout=900)
         try:
             for extra in variants.values():  # warm-up
                 phase(url, model, batch[: args.clients], extra, args.clients, args.max_tokens)
