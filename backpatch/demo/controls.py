@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..controls import Control, ControlError
+from ..engine import BackpatchRuntimeError, running_methods
 from ..preset import Calibration, Preset, PresetError
-from ..registry import Method, registered_methods
+from ..registry import Method, get_method, registered_methods
 from .errors import _fail
 
 
@@ -86,11 +87,13 @@ class ControlsMixin:
 
 
 def _prune(sections: dict[str, Any]) -> dict[str, Any]:
-    """Settings that change nothing (alpha 0) left out, unless their method brings the null-audio rows that another
-    setting reads (an ``audio_gap`` gate or steering keep a contrastive block at alpha 0)."""
-    methods = {m.key: m for m in registered_methods()}
-    live = {k: c for k, c in sections.items() if methods[k].present(c)}
-    rows_needed = any(methods[k].needs_null_rows(c) for k, c in live.items() if methods[k].acts(c))
-    return {k: (c if k in live and (methods[k].acts(c) or (methods[k].provides_null_rows and rows_needed))
-                else [] if methods[k].many else None)
-            for k, c in sections.items()}
+    """Only the settings that would run in a call (the engine's rule, :func:`backpatch.engine.running_methods`): one
+    that changes nothing (alpha 0) is left out unless it brings the null-audio rows another setting reads (an
+    ``audio_gap`` gate or steering keep a contrastive block at alpha 0). Settings the engine would refuse are kept as
+    they are, for the preset's own check to name what is missing."""
+    try:
+        running, _ = running_methods(sections)
+    except BackpatchRuntimeError:
+        return sections
+    kept = {method.key for method, _ in running}
+    return {key: config if key in kept else [] if get_method(key).many else None for key, config in sections.items()}
