@@ -70,7 +70,7 @@ class PatchRuntime:
         self.runner: Any = None
         self.audio_mask: torch.Tensor | None = None
         self.plan: list[StepRequest] = []
-        #: deterministic counts for tests and the benchmark: patched prefills, capture layer calls, steps
+        #: deterministic counts for tests and the benchmark: patched prefills and capture layer calls
         self.counts: Counter[str] = Counter()
         self._capturing = False
         self._settings: dict[str, RequestSetting] = {}

@@ -131,8 +131,9 @@ class EngineSettings:
         return self.setting_of(preset, f"request {KEY}")
 
     def _named(self, name: str) -> RequestSetting:
-        if name not in list_presets():
-            raise SettingError(f"{KEY}: no bundled preset is named {name!r}; bundled: {', '.join(list_presets())} "
+        bundled = list_presets()
+        if name not in bundled:
+            raise SettingError(f"{KEY}: no bundled preset is named {name!r}; bundled: {', '.join(bundled)} "
                                "(or send an inline preset)")
         return self.setting_of(load_preset(name), f"bundled preset {name!r}")
 
