@@ -115,10 +115,7 @@ def build_inputs(processor: Any, audios: Sequence[np.ndarray], prompts: Sequence
     what = "the audio clip" if len(audios) == 1 else "audio clip {i} of {n}"
     audios = [fit_to_window(a, rate, limit, cut, what.format(i=i + 1, n=len(audios)))[0]
               for i, a in enumerate(audios)]
-    texts = [
-        processor.apply_chat_template(conversation(p, system), add_generation_prompt=True, tokenize=False)
-        for p in prompts
-    ]
+    texts = chat_texts(processor, prompts, system)
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"
@@ -129,6 +126,13 @@ def build_inputs(processor: Any, audios: Sequence[np.ndarray], prompts: Sequence
         text=list(texts), audio=list(audios), sampling_rate=sampling_rate_of(processor), return_tensors="pt",
         text_kwargs={"padding": True},
     )
+
+
+def chat_texts(processor: Any, prompts: Sequence[str], system: str | None = None) -> list[str]:
+    """The prompts as the model's chat template writes them (one audio placeholder before each text): what
+    :func:`build_inputs` tokenizes, and what another engine (vLLM) is sent, so both answer the same prompt."""
+    return [processor.apply_chat_template(conversation(p, system), add_generation_prompt=True, tokenize=False)
+            for p in prompts]
 
 
 def decode_new_tokens(processor: Any, sequences: Any, prompt_length: int) -> list[str]:

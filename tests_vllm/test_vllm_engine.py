@@ -16,7 +16,7 @@ import backpatch
 from backpatch import Patch, Preset, organism
 from backpatch.audio_io import load_audio
 from backpatch.evaluate import load_conflict_set
-from backpatch.inputs import build_inputs, conversation
+from backpatch.inputs import build_inputs, chat_texts
 from backpatch.loading import load_model_and_processor
 
 #: float32 on both engines; vLLM's CPU kernels sum in another order than eager PyTorch
@@ -75,7 +75,7 @@ def hf_answers(hf, items, preset: Preset | None) -> list[tuple[list[int], float]
 def vllm_request(processor, wave, prompt, setting=None):
     from vllm import SamplingParams
 
-    text = processor.apply_chat_template(conversation(prompt), add_generation_prompt=True, tokenize=False)
+    (text,) = chat_texts(processor, [prompt])
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, logprobs=1,
                             extra_args=None if setting is None else {"backpatch": setting})
     return {"prompt": text, "multi_modal_data": {"audio": (wave.astype(np.float32), 16000)}}, params

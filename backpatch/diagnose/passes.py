@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..engine import Resolved, audio_mask, final_norm, hidden_of, last_prompt_mask, readout
 from ..evaluate import ConflictItem, encode_items
-from ..inputs import conversation
+from ..inputs import chat_texts
 from ..wrapper import BackpatchedModel
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _claim_tail_offsets(processor: Any, item: ConflictItem) -> list[tuple[int, i
     if item.kind == "audio_only" or not item.text_answer:
         return None
     tokenizer = getattr(processor, "tokenizer", processor)
-    rendered = processor.apply_chat_template(conversation(item.prompt), add_generation_prompt=True, tokenize=False)
+    (rendered,) = chat_texts(processor, [item.prompt])
     span = _claim_char_span(rendered, item.prompt, item.text_answer)
     if span is None:
         return None

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..bundled import find_matching_preset, load_preset
-from ..inputs import conversation, sampling_rate_of
+from ..inputs import chat_texts, sampling_rate_of
 from ..preset import Preset
 from .settings import DEFAULT_ENV, KEY, EngineSettings
 
@@ -64,10 +64,8 @@ class VllmEngine:
         rate = sampling_rate_of(processor)
         setting = self.preset.to_dict() if mitigate else {"enabled": False}
         params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, extra_args={KEY: setting})
-        requests = [{"prompt": processor.apply_chat_template(conversation(p, system), add_generation_prompt=True,
-                                                             tokenize=False),
-                     "multi_modal_data": {"audio": (np.asarray(w, dtype=np.float32), rate)}}
-                    for w, p in zip(waves, prompts, strict=True)]
+        requests = [{"prompt": text, "multi_modal_data": {"audio": (np.asarray(w, dtype=np.float32), rate)}}
+                    for w, text in zip(waves, chat_texts(processor, prompts, system), strict=True)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outputs]
 
