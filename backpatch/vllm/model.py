@@ -1,11 +1,14 @@
-"""vLLM's Qwen2-Audio, made to serve any checkpoint of the class and carry backpatch's hooks.
+"""vLLM's audio-LLM classes that backpatch serves, each carrying a :class:`~backpatch.vllm.runtime.PatchRuntime`.
 
-vLLM's own class hard-codes a Qwen2 text model and Whisper's 30-s window (3000 mel frames). On a checkpoint whose
-text model is another family (the ``smol-whisper`` organism's is Llama), the missing q/k/v biases load as
-uninitialised memory with no error; a 2-s window fails the feature schema. This subclass builds the text model from
-``text_config`` and checks the features' shape against the checkpoint's own window, then installs a
-:class:`~backpatch.vllm.runtime.PatchRuntime` on the decoder layers. Imported only inside vLLM (the plugin registers
-it by its dotted name).
+Every class here does two things on top of vLLM's own: it installs the runtime's hooks on the text model's decoder
+layers once the model is built, and it records each step's multimodal positions (vLLM keeps that mask nowhere the
+hooks can read). Imported only inside vLLM (the plugin registers each class by its dotted name, see
+:data:`backpatch.vllm.plugin.MODEL_CLASSES`).
+
+Qwen2-Audio needs more. vLLM's own class hard-codes a Qwen2 text model and Whisper's 30-s window (3000 mel
+frames). On a checkpoint whose text model is another family (the ``smol-whisper`` organism's is Llama), the missing
+q/k/v biases load as uninitialised memory with no error; a 2-s window fails the feature schema. Its class here
+builds the text model from ``text_config`` and checks the features' shape against the checkpoint's own window.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from vllm.model_executor.models.audioflamingo3 import AudioFlamingo3ForConditionalGeneration
 from vllm.model_executor.models.qwen2_audio import (
     Qwen2AudioEmbeddingInputs,
     Qwen2AudioEncoder,
@@ -30,7 +34,31 @@ from .worker import runtimes
 _TEXT_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
-class BackpatchQwen2Audio(Qwen2AudioForConditionalGeneration):
+class _CarriesPatches:
+    """What every served class adds: the runtime on the text model's layers, and the step's audio positions."""
+
+    backpatch: PatchRuntime
+
+    def _install_backpatch(self) -> None:
+        self.backpatch = PatchRuntime(self.language_model.model.layers)
+        runtimes.append(self.backpatch)
+
+    def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: Any = None, *,
+                        is_multimodal: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """vLLM's, recording the step's audio positions for the patch plan."""
+        self.backpatch.audio_mask = None if is_multimodal is None else is_multimodal.detach()
+        return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)
+
+
+class BackpatchAudioFlamingo3(_CarriesPatches, AudioFlamingo3ForConditionalGeneration):
+    """vLLM's Audio Flamingo 3 as it is (a Qwen2 text model, as every AF3 checkpoint has), with the hooks."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._install_backpatch()
+
+
+class BackpatchQwen2Audio(_CarriesPatches, Qwen2AudioForConditionalGeneration):
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         nn.Module.__init__(self)  # not super().__init__(): that builds a Qwen2 text model whatever the checkpoint
         config = vllm_config.model_config.hf_config
@@ -51,8 +79,7 @@ class BackpatchQwen2Audio(Qwen2AudioForConditionalGeneration):
                                                              prefix=maybe_prefix(prefix, "language_model"),
                                                              architectures=architectures)
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
-        self.backpatch = PatchRuntime(self.language_model.model.layers)
-        runtimes.append(self.backpatch)
+        self._install_backpatch()
 
     def _parse_and_validate_audio_input(self, **kwargs: object) -> Any:
         """vLLM's, but the feature frames are the checkpoint's window (2 * max_source_positions), not Whisper's 3000."""
@@ -69,9 +96,3 @@ class BackpatchQwen2Audio(Qwen2AudioForConditionalGeneration):
             raise ValueError(f"audio features have {shape[-1]} mel frames; this checkpoint's encoder takes {frames}")
         return Qwen2AudioFeatureInputs(type="audio_features", input_features=features,
                                        feature_attention_mask=mask, validate=False)
-
-    def embed_input_ids(self, input_ids: torch.Tensor, multimodal_embeddings: Any = None, *,
-                        is_multimodal: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        """vLLM's, recording the step's audio positions for the patch plan (vLLM keeps the mask nowhere else)."""
-        self.backpatch.audio_mask = None if is_multimodal is None else is_multimodal.detach()
-        return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal, **kwargs)

@@ -1,10 +1,11 @@
 """The ``vllm.general_plugins`` entry point: vLLM calls :func:`register` in every process it starts (front end,
 engine core, workers).
 
-It registers backpatch's Qwen2-Audio class, makes engines run patched prefills exactly (eager layers, whole
-prefills), checks each request's ``backpatch`` value in the front end (a bad one is a ``VLLMValidationError``: an
-exception offline, a 400 over HTTP, naming the key) and salts patched requests' prefix cache, and lets the worker's
-hooks see each step's requests. ``BACKPATCH_VLLM=0`` turns all of it off.
+It registers backpatch's classes of the families it serves (:data:`MODEL_CLASSES`), makes engines run patched
+prefills exactly (eager layers, whole prefills), checks each request's ``backpatch`` value in the front end (a bad
+one is a ``VLLMValidationError``: an exception offline, a 400 over HTTP, naming the key; on a model of another
+family, any ``backpatch`` value is refused, never ignored), salts patched requests' prefix cache, and lets the
+worker's hooks see each step's requests. ``BACKPATCH_VLLM=0`` turns all of it off.
 """
 
 from __future__ import annotations
@@ -14,14 +15,19 @@ import os
 import uuid
 from typing import Any
 
-from .settings import KEY, EngineSettings, SettingError
+from .settings import KEY, EngineSettings, SettingError, UnservedModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODEL_CLASS", "register"]
+__all__ = ["MODEL_CLASSES", "register"]
 
-#: the architecture name backpatch's class serves, and its dotted path (loaded lazily by vLLM's registry)
-MODEL_CLASS = ("Qwen2AudioForConditionalGeneration", "backpatch.vllm.model:BackpatchQwen2Audio")
+#: model_type -> (the architecture name vLLM serves it under, backpatch's class for it, loaded lazily by vLLM's
+#: registry). Each is tested equal to the Hugging Face engine in tests_vllm/; vLLM's other audio classes (Qwen2.5-Omni,
+#: Voxtral, ...) are served by vLLM as they are, and a request that asks them for backpatch is refused.
+MODEL_CLASSES = {
+    "qwen2_audio": ("Qwen2AudioForConditionalGeneration", "backpatch.vllm.model:BackpatchQwen2Audio"),
+    "audioflamingo3": ("AudioFlamingo3ForConditionalGeneration", "backpatch.vllm.model:BackpatchAudioFlamingo3"),
+}
 _DONE: list[bool] = []
 
 
@@ -37,7 +43,8 @@ def register() -> None:
 
     from .worker import wrap_execute_model
 
-    ModelRegistry.register_model(*MODEL_CLASS)
+    for architecture, dotted in MODEL_CLASSES.values():
+        ModelRegistry.register_model(architecture, dotted)
     EngineArgs.create_engine_config = _exact_engine(EngineArgs.create_engine_config)
     GPUModelRunner.execute_model = wrap_execute_model(GPUModelRunner.execute_model)
     InputProcessor.__init__ = _front_end(InputProcessor.__init__)
@@ -46,8 +53,8 @@ def register() -> None:
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")  # the hooks read V1's per-request state
 
 
-#: the request rules of this process's front end (set when vLLM builds its InputProcessor; None: not our model)
-_FRONT_END: list[EngineSettings | None] = []
+#: the request rules of this process's front end (set when vLLM builds its InputProcessor)
+_FRONT_END: list[EngineSettings | UnservedModel] = []
 
 
 def _front_end(original: Any) -> Any:
@@ -61,7 +68,7 @@ def _front_end(original: Any) -> Any:
     return __init__
 
 
-def _refusal(settings: EngineSettings, extra_args: dict[str, Any] | None) -> Any:
+def _refusal(settings: EngineSettings | UnservedModel, extra_args: dict[str, Any] | None) -> Any:
     """The request's setting, or vLLM's validation error (a 400 over HTTP) naming the key."""
     from vllm.exceptions import VLLMValidationError
 
@@ -87,7 +94,7 @@ def _check_http_requests() -> None:
 def _checked_sampling_params(original: Any) -> Any:
     def to_sampling_params(self: Any, *args: Any, **kwargs: Any) -> Any:
         params = original(self, *args, **kwargs)
-        if _FRONT_END and _FRONT_END[-1] is not None:
+        if _FRONT_END:
             _refusal(_FRONT_END[-1], getattr(params, "extra_args", None))
         return params
 
@@ -113,15 +120,16 @@ def _exact_engine(original: Any) -> Any:
     return create_engine_config
 
 
-def _settings_of(processor: Any) -> EngineSettings | None:
-    """The engine's request rules, built once per front end (None for a model backpatch does not serve)."""
-    cached = getattr(processor, "_backpatch_settings", False)
-    if cached is not False:
+def _settings_of(processor: Any) -> EngineSettings | UnservedModel:
+    """The engine's request rules, built once per front end."""
+    cached = getattr(processor, "_backpatch_settings", None)
+    if cached is not None:
         return cached
     model_config = processor.vllm_config.model_config
     config = model_config.hf_config
-    settings = None
-    if getattr(config, "model_type", None) == "qwen2_audio":
+    model_type = getattr(config, "model_type", None)
+    settings: EngineSettings | UnservedModel = UnservedModel(model_type, sorted(MODEL_CLASSES))
+    if model_type in MODEL_CLASSES:
         settings = EngineSettings(config.model_type, model_config.model, config,
                                   config.text_config.num_hidden_layers)
         if settings.default_note:
@@ -141,9 +149,11 @@ def _checked_requests(original: Any) -> Any:
 
     def process_inputs(self: Any, request_id: str, prompt: Any, params: Any, *args: Any, **kwargs: Any) -> Any:
         settings = _settings_of(self)
-        if settings is None or not isinstance(params, SamplingParams):
+        if not isinstance(params, SamplingParams):
             return original(self, request_id, prompt, params, *args, **kwargs)
         setting = _refusal(settings, params.extra_args)
+        if isinstance(settings, UnservedModel):
+            return original(self, request_id, prompt, params, *args, **kwargs)
         params = params.clone()
         params.extra_args = {**(params.extra_args or {}), CANONICAL_KEY: setting.canonical()}
         request = original(self, request_id, prompt, params, *args, **kwargs)

@@ -21,7 +21,7 @@ from ..methods.backpatching import ResolvedPatch
 from ..preset import Preset, PresetError
 from ..registry import LayerSpace, get_method
 
-__all__ = ["DEFAULT_ENV", "KEY", "EngineSettings", "RequestSetting", "SettingError"]
+__all__ = ["DEFAULT_ENV", "KEY", "EngineSettings", "RequestSetting", "SettingError", "UnservedModel"]
 
 #: the request key, in ``SamplingParams.extra_args`` and in the HTTP body's ``vllm_xargs``
 KEY = "backpatch"
@@ -149,3 +149,19 @@ class EngineSettings:
         except PresetError as exc:
             raise SettingError(str(exc)) from None
         return RequestSetting(preset.name, tuple(patches))
+
+
+@dataclass(frozen=True)
+class UnservedModel:
+    """The rules of a model of a family backpatch does not serve inside vLLM: requests without a ``backpatch`` key
+    run as vLLM runs them; one with the key is refused, never run plain behind the sender's back."""
+
+    model_type: str | None
+    served: list[str]
+
+    def for_request(self, extra_args: dict[str, Any] | None) -> RequestSetting:
+        if not extra_args or KEY not in extra_args:
+            return PLAIN
+        raise SettingError(f"{KEY}: this engine serves a {self.model_type!r} model, which backpatch's vLLM plugin does "
+                           f"not patch (it patches {', '.join(self.served)}); send no {KEY} key, or run the model "
+                           "around transformers' generate() with backpatch.wrap")
