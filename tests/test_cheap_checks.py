@@ -143,7 +143,11 @@ def test_calibrate_warns_about_few_conflicts_and_names_its_data_not_validation(t
     assert sweep["n_conflict"] == 4 and sweep["tdr_standard_error"] == 0.25
     assert sweep["data_warning"].startswith("only 4 conflict items")
     description = Preset.from_yaml(out).description
-    assert "(validation)" not in description and "(on conflicts.jsonl)" in description
+    from backpatch.calibrate.provenance import portable_name
+
+    # the data by a name that travels (not this machine's absolute path): issue 28 point 4
+    assert "(validation)" not in description and f"(on {portable_name(data)})" in description
+    assert str(Path(data).resolve()) not in description
 
 
 def test_calibrate_on_the_organisms_test_voices_is_warned_about(caplog):

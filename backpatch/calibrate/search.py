@@ -73,6 +73,31 @@ def passes_no_harm(candidate: dict[str, Any], plain: dict[str, Any], max_harm: f
     return True
 
 
+def family_losses(paired: dict[str, Any], max_harm: float = 0.02) -> list[str]:
+    """The perturbation families (with control kind and point loss) on which a verified setting loses more than
+    ``max_harm`` of accuracy, worst first, e.g. ``["reverb audio-only 0.04"]``.
+
+    Point losses, not 95% bounds: a family holds 12-65 paired control items on the shipped validation data, where no
+    bound can certify 2 points (one flip in 25 items is an upper bound near 0.2), but the point loss still catches
+    harm that the pooled perturbed set averages away (issue 28)."""
+    out = []
+    for family, kinds in (paired.get("harm_by_family") or {}).items():
+        if family == "clean":
+            continue
+        for kind, bound in kinds.items():
+            if bound.get("loss") is not None and bound["loss"] > max_harm + 1e-9:
+                out.append((bound["loss"], f"{family} {kind.replace('_', '-')} {bound['loss']:.3g}"))
+    return [text for _, text in sorted(out, reverse=True)]
+
+
+def verified_no_harm(paired: dict[str, Any], max_harm: float = 0.02) -> bool:
+    """The rule a verified finalist must meet (full generate on every item): the pooled 95% upper bound per split
+    and control kind within ``max_harm``, and no perturbation family losing more than ``max_harm``
+    (:func:`family_losses`)."""
+    return (paired["harm_upper"] is None or paired["harm_upper"] <= max_harm + 1e-9) and not family_losses(
+        paired, max_harm)
+
+
 def tdr_key(m: dict[str, Any]) -> float:
     return m["tdr"] if m["tdr"] is not None else 1.0
 

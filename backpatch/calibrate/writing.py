@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..methods import Contrastive, Patch
@@ -29,7 +30,7 @@ def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings
                        no_harm, search: str = "", searched: str = "back-patching, contrastive decoding and both",
                        stress_report: dict | None = None, harm_upper: float | None = None,
                        not_calibrated: list[str] | None = None, harm: dict | None = None,
-                       command: str | None = None) -> Preset:
+                       command: str | None = None, family_harm: Sequence[str] = ()) -> Preset:
     before, after = report["plain"], report["backpatched"]
     metric_values = {}
     for prefix, source_report in (("", report), ("perturbed_", stress_report)):
@@ -51,17 +52,20 @@ def _calibrated_preset(wrapped, model, candidate, report, data, name, n_settings
     name_or_path = getattr(config, "_name_or_path", "") or ""
     glob = f"*{Path(name_or_path).parent.name}/{Path(name_or_path).name}*" if name_or_path else None
     base = wrapped.preset
+    family_note = f" (point loss per perturbation family: {', '.join(family_harm)})" if family_harm else ""
     description = (
-        f"Calibrated by `backpatch calibrate` on {Path(data).name} ({before['n_conflict']} conflicts): "
+        f"Calibrated by `backpatch calibrate` on {portable_name(data)} ({before['n_conflict']} conflicts): "
         f"{n_settings} settings ({searched}{search}) scored by first answer token, "
         f"the best no-harm ones verified with full greedy "
         f"generate; chosen {candidate.label()}. TDR {before['tdr']} -> {after['tdr']}, audio-only "
         f"{before['audio_only_acc']} -> {after['audio_only_acc']}, consistent {before['consistent_acc']} -> "
-        f"{after['consistent_acc']} (on {Path(data).name}){'' if no_harm else '; WARNING: fails the no-harm rule'}."
+        f"{after['consistent_acc']} (on {portable_name(data)})"
+        f"{'' if no_harm else '; WARNING: fails the no-harm rule'}{family_note}."
     )
     if stress_report is not None:
         sp, sb = stress_report["plain"], stress_report["backpatched"]
-        description += (f" Perturbed validation ({Path(stress_report['data']).name}): TDR {sp['tdr']} -> {sb['tdr']}, "
+        description += (f" Perturbed validation ({portable_name(stress_report['data'])}): "
+                        f"TDR {sp['tdr']} -> {sb['tdr']}, "
                         f"audio-only {sp['audio_only_acc']} -> {sb['audio_only_acc']}, consistent "
                         f"{sp['consistent_acc']} -> {sb['consistent_acc']}.")
     if harm_upper is not None:
