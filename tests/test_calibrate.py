@@ -722,7 +722,7 @@ def test_leave_one_family_out_says_whether_the_rule_predicts_harm_on_a_family_it
 def test_a_verified_finalist_must_not_lose_more_than_the_bound_on_any_perturbation_family():
     """The verification rule (issue 28): the pooled bound is not enough; one family's point loss above max_harm
     refuses the setting, named with its kind and loss; a family's wide bound with no loss does not."""
-    from backpatch.calibrate.search import family_losses, verified_no_harm
+    from backpatch.calibrate.search import family_losses, verification_failures, verified_no_harm
 
     def bound(lost, gained, n, upper):
         return {"n": n, "lost": lost, "gained": gained, "loss": (lost - gained) / n, "upper": upper}
@@ -736,7 +736,10 @@ def test_a_verified_finalist_must_not_lose_more_than_the_bound_on_any_perturbati
     paired["harm_by_family"]["noise"] = {"consistent": bound(2, 0, 65, 0.0308)}
     assert family_losses(paired) == ["reverb audio-only 0.04", "noise consistent 0.0308"]
     assert not verified_no_harm(paired) and verified_no_harm(paired, max_harm=0.05)
-    assert not verified_no_harm({**paired, "harm_by_family": {}, "harm_upper": 0.03})
+    assert not verified_no_harm({**paired, "harm_by_family": {}, "harm_upper": 0.03,
+                                 "harm": {"perturbed": {"consistent": bound(2, 0, 240, 0.03)}}})
+    assert verification_failures({**paired, "harm": {"perturbed": {"consistent": bound(2, 0, 240, 0.03)}}}) == [
+        "perturbed consistent bound 0.03", "reverb audio-only 0.04", "noise consistent 0.0308"]
 
 
 def test_a_guarded_candidate_reads_back_from_its_sweep_row_and_writes_its_guard():

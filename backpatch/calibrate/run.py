@@ -54,7 +54,7 @@ from .provenance import portable_name
 from .report import METRIC_KEYS, _kinds, _public, _row, _searched
 from .resume import candidate_of_row, plain_differs, previous_results
 from .run_search import STAGE_FRACTIONS, _grid_sweep, _plain_metrics, _staged, selection_stage
-from .search import clip_subsets, family_losses, passes_no_harm, rank_key, tdr_key, verified_no_harm
+from .search import clip_subsets, family_losses, passes_no_harm, rank_key, tdr_key, verification_failures
 from .sweep import Scorer
 from .verify import _plain_answers_within, _verified_plain, _verify_finalists
 from .writing import _calibrated_preset, _with_patches, candidate_preset
@@ -217,12 +217,12 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     candidates = eligible[:verify_top] or sorted(results, key=lambda r: rank_key(r[1]))[:1]
     verified = _verify_finalists(model, wrapped, processor, candidates, items, paths, verify_plain, budget,
                                  grid["null_audio"], batch_size, max_new_tokens, limit, progress, truncate, max_harm)
-    good = [v for v in verified if verified_no_harm(v[4], max_harm)]
+    failures = [verification_failures(v[4], max_harm) for v in verified]
+    good = [v for v, failed in zip(verified, failures, strict=True) if not failed]
     if not good:
         logger.warning("no verified setting passes the no-harm rule; writing the best-ranked one, marked as harmful "
-                       "(%s)", "; ".join(f"{v[0].label()}: " + (", ".join(family_losses(v[4], max_harm))
-                                                                 or f"pooled bound {v[4]['harm_upper']:g}")
-                                         for v in verified))
+                       "(%s)", "; ".join(f"{v[0].label()}: {', '.join(failed)}"
+                                         for v, failed in zip(verified, failures, strict=True)))
     best, _, best_report, best_stress, best_paired = min(
         good or verified, key=lambda v: (-(v[4]["tdr_reduction_lower"] or 0.0), tdr_key(v[2]["backpatched"])))
     # Data the model does not hear, or answers that never name a label, calibrate nothing: the preset then says so
@@ -277,8 +277,8 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         **({"truncated_audio": truncated} if truncated is not None else {}),
         "verified": [{"setting": s.label(), "proxy": _public(p), "plain": r["plain"], "backpatched": r["backpatched"],
                       **({"perturbed": {"plain": st["plain"], "backpatched": st["backpatched"]}} if st else {}),
-                      "paired": pr, "no_harm": verified_no_harm(pr, max_harm),
-                      "family_losses": family_losses(pr, max_harm)} for s, p, r, st, pr in verified],
+                      "paired": pr, "no_harm": not failed, "family_losses": family_losses(pr, max_harm)}
+                     for (s, p, r, st, pr), failed in zip(verified, failures, strict=True)],
         "sweep": sweep_rows,
     }
     out.with_suffix(".sweep.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")

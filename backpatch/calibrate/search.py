@@ -90,12 +90,18 @@ def family_losses(paired: dict[str, Any], max_harm: float = 0.02) -> list[str]:
     return [text for _, text in sorted(out, reverse=True)]
 
 
+def verification_failures(paired: dict[str, Any], max_harm: float = 0.02) -> list[str]:
+    """Every way a verified finalist (full generate on every item) breaks the rule, named: a split's pooled 95% upper
+    bound above ``max_harm`` (``"perturbed consistent bound 0.03"``), then the families of :func:`family_losses`."""
+    pooled = [f"{split} {kind.replace('_', '-')} bound {bound['upper']:.3g}"
+              for split, kinds in paired["harm"].items() for kind, bound in kinds.items()
+              if bound.get("upper") is not None and bound["upper"] > max_harm + 1e-9]
+    return pooled + family_losses(paired, max_harm)
+
+
 def verified_no_harm(paired: dict[str, Any], max_harm: float = 0.02) -> bool:
-    """The rule a verified finalist must meet (full generate on every item): the pooled 95% upper bound per split
-    and control kind within ``max_harm``, and no perturbation family losing more than ``max_harm``
-    (:func:`family_losses`)."""
-    return (paired["harm_upper"] is None or paired["harm_upper"] <= max_harm + 1e-9) and not family_losses(
-        paired, max_harm)
+    """The rule a verified finalist must meet: no :func:`verification_failures`."""
+    return not verification_failures(paired, max_harm)
 
 
 def tdr_key(m: dict[str, Any]) -> float:
