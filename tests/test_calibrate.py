@@ -704,10 +704,27 @@ def test_leave_one_family_out_says_whether_the_rule_predicts_harm_on_a_family_it
     report = leave_one_family_out(record, max_harm=0.02)
     assert report["n_families"] == 2 and set(report["families"]) == {"noise", "pitch"}
     pitch, noise = report["families"]["pitch"], report["families"]["noise"]
-    assert pitch["chosen"] == strong.label() and pitch["chosen_harmed"] and pitch["chosen_harm_upper"] > 0.5
+    assert pitch["chosen"] == strong.label() and pitch["chosen_harmed"] and pitch["chosen_harm"] > 0.5
     assert pitch["passed_without_it"] == 2 and pitch["of_those_harmful_on_it"] == 1
     assert noise["chosen"] == gentle.label() and not noise["chosen_harmed"] and noise["passed_without_it"] == 1
     assert report["chosen_harmed_held_out"] == 1 and report["passing_harmful_rate"] == round(1 / 3, 4)
+    assert report["harm_statistic"] == "upper"
+    # a screening stage chose by point loss: the estimate chooses and measures by point loss too (here the strong
+    # setting harms half of the pitch controls, so its loss and its bound differ)
+    from dataclasses import replace
+
+    partial = [("other" if it.perturbation == "pitch+200" and it.kind != "conflict" and i % 2 == 0 else v)
+               for i, (it, v) in enumerate(zip(items, verdicts(0.8, False), strict=True))]
+    screening = replace(record, bounded=False, results=[(strong, {**metrics(items, partial), "verdicts": partial}),
+                                                        rows_gentle := record.results[1]])
+    by_loss, by_bound = (leave_one_family_out(replace(screening, bounded=b), max_harm=0.02) for b in (False, True))
+    assert by_loss["harm_statistic"] == "loss" and by_bound["harm_statistic"] == "upper"
+    pitch_controls = [i for i, it in enumerate(items) if it.perturbation == "pitch+200" and it.kind != "conflict"]
+    lost = max(sum(partial[i] == "other" for i in pitch_controls if items[i].kind == kind)
+               / sum(items[i].kind == kind for i in pitch_controls) for kind in ("consistent", "audio_only"))
+    assert by_loss["families"]["pitch"]["chosen"] == strong.label() != rows_gentle[0].label()
+    assert by_loss["families"]["pitch"]["chosen_harm"] == pytest.approx(lost, abs=1e-4)  # rounded to 4 places
+    assert by_bound["families"]["pitch"]["chosen_harm"] > lost
     # the per-family rule itself: a family's bound fails a setting whose pooled splits pass
     from backpatch.calibrate.search import passes_no_harm
 

@@ -60,7 +60,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if holdout:
         print(f"leave one perturbation family out: the setting chosen without a family harmed it in "
               f"{holdout['chosen_harmed_held_out']} of {holdout['n_families']} families; of the settings that passed "
-              f"without it, {holdout['passing_harmful_rate']} harmed it (bound > {holdout['max_harm']:g})")
+              f"without it, {holdout['passing_harmful_rate']} harmed it "
+              f"({'bound' if holdout.get('harm_statistic', 'upper') == 'upper' else 'point loss'} > "
+              f"{holdout['max_harm']:g})")
     print(f"searched: {summary['searched']} (budget {args.budget_minutes:g} min)")
     for what in summary["skipped"]:
         print(f"  skipped for the budget: {what}")
