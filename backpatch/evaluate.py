@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("tdr", "afr", "other_rate", "consistent_acc", "audio_only_acc")
 #: annotations the report breaks the metrics down by (``by_<key>``)
-BREAKDOWNS = ("framing", "label", "perturbation")
+BREAKDOWNS = ("task", "framing", "label", "perturbation")
 #: rows shown per breakdown in the terminal table (the JSON report has all)
 TABLE_ROWS = 30
 #: long clips named in a refusal (all are counted)
@@ -247,7 +247,7 @@ def evaluate(
             logger.warning("eval: %s", warning)
     if truncated is not None:
         report["truncated_audio"] = truncated
-    for key in BREAKDOWNS:  # TDR broken down by framing, label and perturbation, when the items say
+    for key in BREAKDOWNS:  # TDR broken down by task, framing, label and perturbation, when the items say
         parts = breakdown(items, plain_verdicts, patched_verdicts, key)
         if parts is not None:
             report[f"by_{key}"] = parts

@@ -12,7 +12,7 @@ from pathlib import Path
 __all__ = ["ANNOTATIONS", "KINDS", "ConflictItem", "ConflictSetError", "judge", "load_conflict_set", "normalize"]
 
 KINDS = ("conflict", "consistent", "audio_only")
-ANNOTATIONS = ("framing", "label", "group", "perturbation")
+ANNOTATIONS = ("framing", "label", "group", "perturbation", "task")
 
 
 class ConflictSetError(ValueError):
@@ -34,6 +34,8 @@ class ConflictItem:
     choices: tuple[str, ...] | None = None
     #: how the clip was degraded (stress sets, ``backpatch.organism.perturb``); None for clean audio
     perturbation: str | None = None
+    #: which question of a multi-task set the item asks (``smol-audio``: word, sex, rate, ...); eval reports by it
+    task: str | None = None
 
 
 def load_conflict_set(path: str | Path, limit: int | None = None) -> list[ConflictItem]:
@@ -75,7 +77,7 @@ def load_conflict_set(path: str | Path, limit: int | None = None) -> list[Confli
         items.append(ConflictItem(str(row["id"]), audio, row["prompt"], row["audio_answer"], text_answer, row["kind"],
                                   *(_optional_text(row, key) for key in ("framing", "label", "group")),
                                   tuple(choices) if choices is not None else None,
-                                  _optional_text(row, "perturbation")))
+                                  _optional_text(row, "perturbation"), _optional_text(row, "task")))
         if limit is not None and len(items) >= limit:
             break
     if not items:

@@ -258,6 +258,7 @@ def test_evaluate_reports_tdr_per_framing_and_label(setup, tmp_path):
     for n, row in enumerate(lines):
         row["label"] = row["audio_answer"]
         row["group"] = "g"
+        row["task"] = "digit" if n < len(lines) // 2 else "word"  # a multi-task set (smol-audio)
         if row["kind"] != "audio_only":
             row["framing"] = "quote" if n % 2 else "bare"
     annotated = data.parent / "annotated.jsonl"
@@ -276,6 +277,10 @@ def test_evaluate_reports_tdr_per_framing_and_label(setup, tmp_path):
         rows = [r for r in report["items"] if r.get("framing") == name and r["kind"] == "conflict"]
         assert parts["backpatched"]["followed_text"] == sum(r["backpatched_follows"] == "text" for r in rows)
     assert report["items"][0]["group"] == "g" and report["items"][0]["label"] == lines[0]["audio_answer"]
+    assert list(report["by_task"]) == ["digit", "word"] and "by_task" not in plain_report
+    assert sum(v["plain"]["n_conflict"] + v["plain"]["n_audio_only"] for v in report["by_task"].values()) == (
+        report["plain"]["n_conflict"] + report["plain"]["n_audio_only"])
+    assert any(line.startswith("task") for line in format_table(report).splitlines())
 
 
 def test_evaluate_reports_by_perturbation_and_paired_harm(setup):

