@@ -321,6 +321,7 @@ def test_wheel_ships_presets_and_load_preset_works_from_it(tmp_path):
     wheel = next((tmp_path / "dist").glob("backpatch-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "backpatch/presets/qwen2-audio-7b-instruct.yaml" in names
+    assert "backpatch/organism/smol-audio/tasks.json" in names  # smol-audio's tasks are data users build sets from
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
