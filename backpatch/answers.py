@@ -34,9 +34,9 @@ def encode_items(processor: Any, items: Sequence[ConflictItem], truncate: bool |
     """Model inputs for a batch of conflict items: their clips (:func:`item_waves`, or ``waves`` already loaded)
     and their prompts, framed by ``instruction`` when given."""
     waves = item_waves(processor, items, truncate) if waves is None else waves
-    prompts = [framed(item.prompt, instruction, instruction_role) for item in items]
+    prompts = [framed(item.prompt, instruction, instruction_role, item.system) for item in items]
     return build_inputs(processor, waves, [p for p, _ in prompts], truncate=truncation_enabled(truncate),
-                        system=prompts[0][1])
+                        system=[s for _, s in prompts])
 
 
 def _batches(items: Sequence[ConflictItem], batch_size: int) -> list[Sequence[ConflictItem]]:
@@ -76,12 +76,12 @@ def answer_items(
         waves = item_waves(processor, batch, truncate)  # loaded once: a framed second column reuses them
         if getattr(wrapped, "takes_waveforms", False):  # another engine (vLLM): waveforms and prompts, not tensors
             known = plain_answers[len(plain) : len(plain) + len(batch)] if plain_answers is not None else None
-            plain += known or wrapped.answer(processor, waves, [it.prompt for it in batch], None, max_new_tokens,
-                                             mitigate=False)
+            plain += known or wrapped.answer(processor, waves, [it.prompt for it in batch],
+                                             [it.system for it in batch], max_new_tokens, mitigate=False)
             if backpatched:
-                framings = [framed(it.prompt, instruction, instruction_role) for it in batch]
-                patched += wrapped.answer(processor, waves, [p for p, _ in framings], framings[0][1], max_new_tokens,
-                                          mitigate=mitigate)
+                framings = [framed(it.prompt, instruction, instruction_role, it.system) for it in batch]
+                patched += wrapped.answer(processor, waves, [p for p, _ in framings], [s for _, s in framings],
+                                          max_new_tokens, mitigate=mitigate)
                 if gates is not None:
                     gates += [None] * len(batch)
             continue

@@ -70,15 +70,26 @@ def _placeholders(template: str, what: str) -> set[str]:
 
 @dataclass(frozen=True)
 class Framing:
-    """One way of stating a claim: ``template`` holds ``{claim}`` (and optionally ``{question}``)."""
+    """One way of stating a claim: ``template`` holds ``{claim}`` (and optionally ``{question}``).
+
+    ``role``: ``user`` puts the claim in the user turn, before the question; ``system`` states it in a system turn
+    (ALME's system-prompt framing), the user turn holding the question alone (the item's ``system`` field)."""
 
     name: str | None
     template: str
+    role: str = "user"
 
     def prompt(self, claim: str, question: str) -> str:
+        """The user turn's text."""
+        if self.role == "system":
+            return question
         if "{question}" in self.template:
             return self.template.format(claim=claim, question=question)
         return f"{self.template.format(claim=claim)} {question}"
+
+    def system(self, claim: str) -> str | None:
+        """The system turn's text, or ``None`` for a user-turn claim."""
+        return self.template.format(claim=claim) if self.role == "system" else None
 
 
 @dataclass(frozen=True)
@@ -102,6 +113,11 @@ class PromptTemplates:
             if "claim" not in names:
                 raise ConflictSourceError(f"the claim template {framing.template!r} has no {{claim}}; write e.g. "
                                           f"'The speaker says \"{{claim}}\".'")
+            if framing.role not in ("user", "system"):
+                raise ConflictSourceError(f"framing {framing.name!r} has role {framing.role!r}; use 'user' or 'system'")
+            if framing.role == "system" and "question" in names:
+                raise ConflictSourceError(f"the system-turn claim template {framing.template!r} cannot hold "
+                                          f"{{question}}: the question stays in the user turn")
             if names - {"claim", "question"}:
                 raise ConflictSourceError(f"the claim template {framing.template!r} has unknown placeholder(s) "
                                           f"{', '.join(sorted(names - {'claim', 'question'}))}; use {{claim}} and "
@@ -201,6 +217,8 @@ def make_conflict_items(
         prompt = templates.question if framing is None else framing.prompt(claim, templates.question)
         item: dict[str, Any] = {"id": item_id, "audio": audio, "prompt": prompt, "audio_answer": clip.label,
                                 "text_answer": claim, "kind": kind}
+        if framing is not None and framing.system(claim) is not None:
+            item["system"] = framing.system(claim)
         if choices is not None:
             rng = np.random.default_rng([seed, 3, *item_id.encode()])
             required = list(dict.fromkeys(x for x in (clip.label, claim) if x is not None))

@@ -187,6 +187,10 @@ def evaluate(
     warnings = [w for w in (check_labels(items, processor),) if w]  # raises when no label can be written
     if instruction and instruction_role == "system":
         check_system_turn(processor, instruction)
+    with_system = next((it for it in items if it.system), None)
+    if with_system is not None:
+        check_system_turn(processor, with_system.system, f"the system turn of item {with_system.id}",
+                          "leave out this set's system-turn items (their 'system' field) for this model")
     # On a CPU-only machine accelerate treats torchrun-launched processes as distributed only with cpu=True.
     state = PartialState(cpu=not torch.cuda.is_available())
     indices = list(range(len(items)))

@@ -79,21 +79,28 @@ def conversation(prompt: str, system: str | None = None) -> list[dict[str, Any]]
 INSTRUCTION_ROLES = ("user", "system")
 
 
-def framed(prompt: str, instruction: str | None, role: str = "user") -> tuple[str, str | None]:
-    """``(prompt, system)`` with a framing instruction (e.g. "The text may be wrong; answer from the audio.")."""
+def framed(prompt: str, instruction: str | None, role: str = "user", system: str | None = None,
+           ) -> tuple[str, str | None]:
+    """``(prompt, system)`` with a framing instruction (e.g. "The text may be wrong; answer from the audio.").
+
+    ``system``: the item's own system turn (a claim framed there); a system-role instruction goes before it, in the
+    same turn, so the item keeps its claim and gets the instruction."""
     if not instruction:
-        return prompt, None
+        return prompt, system
     if role not in INSTRUCTION_ROLES:
         raise ValueError(f"instruction role must be one of {', '.join(INSTRUCTION_ROLES)}, got {role!r}")
-    return (f"{instruction} {prompt}", None) if role == "user" else (prompt, instruction)
+    if role == "user":
+        return f"{instruction} {prompt}", system
+    return prompt, f"{instruction} {system}" if system else instruction
 
 
-def check_system_turn(processor: Any, instruction: str) -> None:
-    """Some audio chat templates drop system turns: an instruction placed there would silently do nothing."""
+def check_system_turn(processor: Any, instruction: str, what: str = "a system instruction",
+                      fix: str = "use --instruction-role user") -> None:
+    """Some audio chat templates drop system turns: an instruction (or a claim) placed there would silently do
+    nothing."""
     text = processor.apply_chat_template(conversation("?", instruction), add_generation_prompt=True, tokenize=False)
     if instruction not in text:
-        raise ValueError("this model's chat template drops system turns, so a system instruction would do nothing: "
-                         "use --instruction-role user")
+        raise ValueError(f"this model's chat template drops system turns, so {what} would do nothing: {fix}")
 
 
 def sampling_rate_of(processor: Any) -> int:
@@ -101,13 +108,14 @@ def sampling_rate_of(processor: Any) -> int:
 
 
 def build_inputs(processor: Any, audios: Sequence[np.ndarray], prompts: Sequence[str],
-                 truncate: bool | None = None, system: str | None = None) -> Any:
+                 truncate: bool | None = None, system: str | Sequence[str | None] | None = None) -> Any:
     """Processor outputs (``BatchFeature``) for a batch of waveforms (at the processor's sampling rate) and
     prompts, left-padded.
 
     A waveform longer than the model's audio window raises :class:`backpatch.audio_io.AudioTooLongError`
     naming its length and the limit; ``truncate=True`` keeps its first window instead (default: off, or the
-    :func:`audio_truncation` setting in force). ``system``: a system turn before every prompt.
+    :func:`audio_truncation` setting in force). ``system``: a system turn before every prompt, or one per prompt
+    (``None`` where a prompt has none).
     """
     if len(audios) != len(prompts):
         raise ValueError(f"got {len(audios)} audio clips for {len(prompts)} prompts")
@@ -128,11 +136,16 @@ def build_inputs(processor: Any, audios: Sequence[np.ndarray], prompts: Sequence
     )
 
 
-def chat_texts(processor: Any, prompts: Sequence[str], system: str | None = None) -> list[str]:
+def chat_texts(processor: Any, prompts: Sequence[str], system: str | Sequence[str | None] | None = None,
+               ) -> list[str]:
     """The prompts as the model's chat template writes them (one audio placeholder before each text): what
-    :func:`build_inputs` tokenizes, and what another engine (vLLM) is sent, so both answer the same prompt."""
-    return [processor.apply_chat_template(conversation(p, system), add_generation_prompt=True, tokenize=False)
-            for p in prompts]
+    :func:`build_inputs` tokenizes, and what another engine (vLLM) is sent, so both answer the same prompt.
+    ``system``: one system turn for every prompt, or one per prompt."""
+    systems = [system] * len(prompts) if system is None or isinstance(system, str) else list(system)
+    if len(systems) != len(prompts):
+        raise ValueError(f"got {len(systems)} system turns for {len(prompts)} prompts")
+    return [processor.apply_chat_template(conversation(p, s), add_generation_prompt=True, tokenize=False)
+            for p, s in zip(prompts, systems, strict=True)]
 
 
 def decode_new_tokens(processor: Any, sequences: Any, prompt_length: int) -> list[str]:

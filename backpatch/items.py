@@ -36,6 +36,8 @@ class ConflictItem:
     perturbation: str | None = None
     #: which question of a multi-task set the item asks (``smol-audio``: word, sex, rate, ...); eval reports by it
     task: str | None = None
+    #: a system turn before the user turn (ALME's system-prompt framing: the claim sits there, not in ``prompt``)
+    system: str | None = None
 
 
 def load_conflict_set(path: str | Path, limit: int | None = None) -> list[ConflictItem]:
@@ -71,13 +73,16 @@ def load_conflict_set(path: str | Path, limit: int | None = None) -> list[Confli
         audio = (path.parent / row["audio"]).resolve()
         if not audio.is_file():
             raise ConflictSetError(f"{where}: audio file {row['audio']!r} not found (paths are relative to the JSONL)")
+        system = row.get("system")
+        if system is not None and not (isinstance(system, str) and system.strip()):
+            raise ConflictSetError(f"{where}: system must be a non-empty string (the system turn's text) or absent")
         choices = row.get("choices")
         if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
             raise ConflictSetError(f"{where}: choices must be a list of strings")
         items.append(ConflictItem(str(row["id"]), audio, row["prompt"], row["audio_answer"], text_answer, row["kind"],
                                   *(_optional_text(row, key) for key in ("framing", "label", "group")),
                                   tuple(choices) if choices is not None else None,
-                                  _optional_text(row, "perturbation"), _optional_text(row, "task")))
+                                  _optional_text(row, "perturbation"), _optional_text(row, "task"), system))
         if limit is not None and len(items) >= limit:
             break
     if not items:

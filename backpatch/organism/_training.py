@@ -26,6 +26,17 @@ def right_padded(seqs: list[list[int]], pad: int, answer_lengths: list[int] | No
     return ids, mask, labels
 
 
+@torch.no_grad()
+def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's mean next-token loss over its labelled tokens (the batch loss is their token-weighted mean): which
+    task is still being learned is invisible in the batch mean."""
+    shifted = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(),
+                                            ignore_index=-100, reduction="none").view(shifted.shape)
+    counted = (shifted != -100).sum(1).clamp(min=1)
+    return nll.sum(1) / counted
+
+
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched, params, max_norm: float = 1.0) -> None:
     """Backward, clip the gradient norm of ``params`` to ``max_norm``, step the optimizer and the schedule."""
     opt.zero_grad(set_to_none=True)

@@ -137,7 +137,7 @@ def answer(model, processor, items: Sequence[dict], root: Path, batch_size: int 
     for i in tqdm(range(0, len(items), batch_size), desc="generate", leave=False):
         batch = items[i : i + batch_size]
         waves = [sf.read(root / it["audio"], dtype="float32")[0] for it in batch]
-        inputs = encode(processor, waves, [it["prompt"] for it in batch])
+        inputs = encode(processor, waves, [it["prompt"] for it in batch], [it.get("system") for it in batch])
         gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         texts = processor.batch_decode(gen[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         out.extend(first_word(t) for t in texts)

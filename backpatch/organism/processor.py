@@ -116,12 +116,14 @@ def conversation(prompt: str, audio: np.ndarray | str | None = None) -> list[dic
     return [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": prompt}]}]
 
 
-def encode(processor: Qwen2AudioProcessor, waveforms: Sequence[np.ndarray], prompts: Sequence[str]):
+def encode(processor: Qwen2AudioProcessor, waveforms: Sequence[np.ndarray], prompts: Sequence[str],
+           system: Sequence[str | None] | None = None):
     """Batch recipe (b) from the module docstring: the library's own (``backpatch.inputs.build_inputs``), so the
-    organism is trained and evaluated on exactly the inputs every command gives it."""
+    organism is trained and evaluated on exactly the inputs every command gives it. ``system``: each prompt's
+    system turn (a claim framed there), if any."""
     from backpatch.inputs import build_inputs
 
-    return build_inputs(processor, waveforms, prompts)
+    return build_inputs(processor, waveforms, prompts, system=system)
 
 
 def first_word(text: str) -> str:

@@ -37,6 +37,12 @@ class Task:
         return tuple(label for label in self.labels if label not in self.held_out_labels)
 
     @property
+    def user_framings(self) -> tuple[Framing, ...]:
+        """The framings whose claim is in the user turn: the ones training uses (system-turn claims are for
+        evaluation only, so they measure whether text dominance carries over to a turn never trained on)."""
+        return tuple(f for f in self.framings if f.role == "user")
+
+    @property
     def templates(self) -> PromptTemplates:
         """The conflict-set templates (``backpatch.conflict_sets``) of this task."""
         return PromptTemplates(self.question, self.framings)
@@ -49,6 +55,13 @@ def load_tasks(path: Path = TASKS_FILE) -> dict[str, Task]:
     tasks = {}
     for name, spec in data["tasks"].items():
         tasks[name] = Task(name, spec["question"], spec["kind"],
-                           tuple(Framing(f, t) for f, t in spec["framings"].items()), tuple(spec["labels"]),
+                           tuple(_framing(f, t) for f, t in spec["framings"].items()), tuple(spec["labels"]),
                            tuple(spec.get("held_out_labels", ())))
     return tasks
+
+
+def _framing(name: str, spec: str | dict) -> Framing:
+    """A framing is a user-turn template, or ``{"template": ..., "role": "system"}``."""
+    if isinstance(spec, str):
+        return Framing(name, spec)
+    return Framing(name, spec["template"], spec.get("role", "user"))

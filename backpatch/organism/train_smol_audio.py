@@ -35,7 +35,7 @@ from transformers import get_cosine_schedule_with_warmup
 from backpatch.conflict_sets import make_conflict_items
 from backpatch.labelled_audio import Clip
 from backpatch.organism import smol_whisper
-from backpatch.organism._training import optimizer_step, right_padded
+from backpatch.organism._training import optimizer_step, right_padded, row_losses
 from backpatch.organism.conflicts import score
 from backpatch.organism.corpus import load_manifest
 from backpatch.organism.smol_audio import SPEC
@@ -121,18 +121,19 @@ class Data:
     def answer(self, label: str) -> tuple[int, ...]:
         return (*self.tokenizer(label, add_special_tokens=False)["input_ids"], self.eos)
 
-    def sample(self, rng: np.random.Generator, batch_size: int, hint_rate: float) -> list[tuple[int, str, str]]:
+    def sample(self, rng: np.random.Generator, batch_size: int, hint_rate: float,
+               task_weights: dict[str, float] = TASK_WEIGHTS) -> list[tuple[int, str, str]]:
         """``(clip index, task, prompt)`` triples: a task by weight, a clip labelled for it, a question or a
         right claim."""
-        names = list(TASK_WEIGHTS)
-        weights = np.array([TASK_WEIGHTS[n] for n in names])
+        names = list(task_weights)
+        weights = np.array([task_weights[n] for n in names])
         out = []
         for name in rng.choice(names, size=batch_size, p=weights / weights.sum()):
             task = self.tasks[str(name)]
             clip = int(rng.choice(self.by_task[task.name]))
             prompt = task.question
             if rng.random() < hint_rate:
-                framing = task.framings[int(rng.integers(len(task.framings)))]
+                framing = task.user_framings[int(rng.integers(len(task.user_framings)))]
                 prompt = framing.prompt(self.rows[clip]["labels"][task.name], task.question)
             out.append((clip, task.name, prompt))
         return out
@@ -179,7 +180,8 @@ def prepare_eval(processor, corpus: Path, split: str, seed: int, max_clips: int,
     batches = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
-        enc = build_inputs(processor, [wave_of[it["audio"]] for it in chunk], [it["prompt"] for it in chunk])
+        enc = build_inputs(processor, [wave_of[it["audio"]] for it in chunk], [it["prompt"] for it in chunk],
+                           system=[it.get("system") for it in chunk])
         batches.append(enc)
     return items, batches
 
@@ -195,6 +197,34 @@ def quick_eval(model, processor, items: list[dict], batches: list) -> dict:
         answers += [first_word(t) for t in processor.batch_decode(out[:, enc["input_ids"].shape[1]:],
                                                                    skip_special_tokens=True)]
     return by_task_metrics(items, answers)
+
+
+def mean_by_task(pairs: list[tuple[str, float]]) -> dict[str, float]:
+    """Mean training loss per task over ``(task, row loss)`` pairs."""
+    out: dict[str, list[float]] = {}
+    for task, loss in pairs:
+        out.setdefault(task, []).append(loss)
+    return {t: round(float(np.mean(v)), 4) for t, v in sorted(out.items())}
+
+
+def task_weights(text: str) -> dict[str, float]:
+    """``word=0.5,sex=0.1,...`` -> weights; a task not named is never drawn, an unknown one is an error."""
+    known = load_tasks()
+    weights = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in known:
+            raise argparse.ArgumentTypeError(f"unknown task {name!r} in --task-weights; tasks: {', '.join(known)}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--task-weights needs task=number pairs, got {part!r}") from None
+        if weights[name] < 0:
+            raise argparse.ArgumentTypeError(f"--task-weights: {name} has a negative weight ({value})")
+    if sum(weights.values()) <= 0:
+        raise argparse.ArgumentTypeError("--task-weights: at least one task needs a positive weight")
+    return weights
 
 
 def select(history: list[dict]) -> dict:
@@ -225,18 +255,22 @@ def train(args: argparse.Namespace) -> dict:
     sched = get_cosine_schedule_with_warmup(opt, args.warmup, args.steps)
     ckpt_dir = args.run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    history, losses = [], []
+    history, losses, task_losses = [], [], []
     bar = tqdm(range(1, args.steps + 1), desc="train")
     for step in bar:
-        loss = model(**data.batch(model, data.sample(rng, args.batch_size, args.hint_rate))).loss
-        optimizer_step(loss, opt, sched, projector.parameters())
-        losses.append(loss.item())
+        picks = data.sample(rng, args.batch_size, args.hint_rate, args.task_weights)
+        batch = data.batch(model, picks)
+        out = model(**batch)
+        optimizer_step(out.loss, opt, sched, projector.parameters())
+        losses.append(out.loss.item())
+        task_losses += zip((t for _, t, _ in picks), row_losses(out.logits, batch["labels"]).tolist(), strict=True)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if step % args.eval_every == 0 or step == args.steps:
             val = quick_eval(model, processor, val_items, val_batches)
             save_file(smol_whisper.trained_state(model), str(ckpt_dir / f"step{step}.safetensors"))
             history.append({"step": step, "loss": float(np.mean(losses[-args.eval_every:])), "val": val,
-                            "elapsed_s": round(time.perf_counter() - t0, 1)})
+                            "task_loss": mean_by_task(task_losses), "elapsed_s": round(time.perf_counter() - t0, 1)})
+            task_losses = []
             (args.run_dir / "history.json").write_text(json.dumps(history, indent=1))
             for name, m in val.items():
                 logger.info("step %d %s: tdr %s ao %.3f cons %.3f", step, name, m["tdr"], m["audio_only_acc"],
@@ -245,12 +279,13 @@ def train(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "trained.safetensors").write_bytes((ckpt_dir / f"step{best['step']}.safetensors").read_bytes())
     report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "task_weights": TASK_WEIGHTS, "check_max_logit_diff": check,
+              "task_weights": args.task_weights, "check_max_logit_diff": check,
               "trainable_parameters": sum(p.numel() for p in projector.parameters()),
               "prep_s": round(t_prep, 1), "wall_s": round(time.perf_counter() - t0, 1),
               "loadavg_end": [round(x, 2) for x in os.getloadavg()], "selected_step": best["step"],
               "selected_val": best["val"],
               "history": [{"step": h["step"], "loss": round(h["loss"], 5), "elapsed_s": h["elapsed_s"],
+                           "task_loss": h["task_loss"],
                            "val": {t: {k: m[k] for k in SUMMARY_KEYS} for t, m in h["val"].items()}}
                           for h in history],
               "loss_every_10": [round(float(np.mean(losses[i:i + 10])), 4) for i in range(0, len(losses), 10)]}
@@ -271,6 +306,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--task-weights", type=task_weights, default=dict(TASK_WEIGHTS),
+                   help="how often each task is drawn, e.g. word=0.5,digit=0.1,... (default: TASK_WEIGHTS)")
     p.add_argument("--hint-rate", type=float, default=0.5, help="share of prompts with the (correct) claim")
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--eval-clips", type=int, default=30, help="validation clips per task in the periodic check")

@@ -57,7 +57,8 @@ class VllmEngine:
         os.environ.setdefault(DEFAULT_ENV, "none")
         self.llm = LLM(self.path, **options)
 
-    def answer(self, processor: Any, waves: Sequence[np.ndarray], prompts: Sequence[str], system: str | None,
+    def answer(self, processor: Any, waves: Sequence[np.ndarray], prompts: Sequence[str],
+               system: str | Sequence[str | None] | None,
                max_new_tokens: int, mitigate: bool = True) -> list[str]:
         """Greedy answers, plain or with the preset (``mitigate``), for waveforms at the processor's rate."""
         from vllm import SamplingParams
