@@ -20,8 +20,23 @@ from pathlib import Path
 import torch
 
 from backpatch.organism import smol_whisper
-from backpatch.organism.conflicts import answer, load_items
+from backpatch.organism.conflicts import answer, load_items, score
 from backpatch.organism.train_smol_audio import NAME, SUMMARY_KEYS, WINDOW_SECONDS, by_task_metrics, in_band
+
+
+def by_framing(items: list[dict], answers: list[str]) -> dict:
+    """Per task, TDR and consistent accuracy of each claim framing (user-turn claim, leading question, system turn):
+    whether text dominance depends on where the claim is stated."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, it in enumerate(items):
+        if it.get("framing"):
+            groups.setdefault((it["task"], it["framing"]), []).append(i)
+    out: dict[str, dict] = {}
+    for (task, framing), index in sorted(groups.items()):
+        m = score([items[i] for i in index], [answers[i] for i in index])
+        out.setdefault(task, {})[framing] = {"tdr": m["tdr"], "consistent_acc": m["consistent_acc"],
+                                             "n_conflict": m["n_conflict"]}
+    return out
 
 
 def main() -> None:
@@ -48,9 +63,12 @@ def main() -> None:
     out = {"trained": str(args.trained), "data": str(args.data), "n_items": len(items),
            "tasks": {t: {k: m[k] for k in SUMMARY_KEYS} | {"n_audio_only": m["n_audio_only"], "in_band": in_band(m)}
                      for t, m in report.items()},
+           "by_framing": by_framing(items, answers),
            "most_common_audio_only_answers": common}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
+    for task, framings in out["by_framing"].items():
+        print(f"{task:16s} TDR by framing: " + ", ".join(f"{f} {m['tdr']}" for f, m in framings.items()))
     for task, m in out["tasks"].items():
         print(f"{task:16s} TDR {m['tdr']}  audio-only {m['audio_only_acc']}  consistent {m['consistent_acc']}  "
               f"{'in band' if m['in_band'] else 'MISSES the band'}  (said: {common[task][:3]})")

@@ -130,3 +130,47 @@ def test_conflict_sets_hold_every_task_every_held_out_clip_and_load_as_conflict_
     assert {it.audio_answer for it in items if it.task == "word"} >= set(held)
     assert summary["test"]["sex"]["conflict"] == 5 * len(tasks["sex"].framings)
     assert len(load_conflict_set(tmp_path / "sets" / "test" / "beeps.jsonl")) == sum(summary["test"]["beeps"].values())
+
+
+def test_task_weights_parse_and_refuse_what_would_mislead():
+    import argparse
+
+    from backpatch.organism.train_smol_audio import task_weights
+
+    assert task_weights("word=0.5, sex=0.1") == {"word": 0.5, "sex": 0.1}
+    for text, message in [("wrd=0.5", "unknown task 'wrd'.*tasks: word"), ("word=lots", "task=number pairs"),
+                          ("word=-1", "negative weight"), ("word=0", "at least one task")]:
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            task_weights(text)
+
+
+def test_row_losses_split_the_batch_loss_by_row_and_mean_by_task_groups_them():
+    import torch
+
+    from backpatch.organism._training import right_padded, row_losses
+    from backpatch.organism.train_smol_audio import mean_by_task
+
+    ids, _, labels = right_padded([[1, 2, 3, 4], [1, 2, 3, 4, 5, 6]], 0, [2, 3])
+    logits = torch.randn(2, 6, 10, generator=torch.Generator().manual_seed(0))
+    rows = row_losses(logits, labels)
+    batch = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                              ignore_index=-100)
+    # the batch loss is the token-weighted mean of the rows' losses (2 and 3 answer tokens)
+    assert torch.allclose((rows[0] * 2 + rows[1] * 3) / 5, batch)
+    assert mean_by_task([("word", 1.0), ("sex", 0.5), ("word", 3.0)]) == {"sex": 0.5, "word": 2.0}
+
+
+def test_checkpoint_selection_prefers_the_higher_mean_accuracy_over_a_band_count():
+    from backpatch.organism.train_smol_audio import select
+
+    def m(ao, cons=1.0, tdr=0.9):
+        return {"audio_only_acc": ao, "consistent_acc": cons, "tdr": tdr}
+
+    # step 1 has two tasks just in band; step 2 has one, but a much higher mean accuracy
+    lucky = {"step": 1, "val": {"a": m(0.90), "b": m(0.90), "c": m(0.10), "c/held-out": m(0.0)}}
+    better = {"step": 2, "val": {"a": m(0.89), "b": m(0.95), "c": m(0.60), "c/held-out": m(0.0)}}
+    assert select([lucky, better])["step"] == 2
+    # equal means: the band count decides, then the later step
+    assert select([{"step": 3, "val": {"a": m(0.9), "b": m(0.5)}}, {"step": 4, "val": {"a": m(0.8), "b": m(0.6)}}]
+                  )["step"] == 3
+    assert select([{"step": 5, "val": {"a": m(0.5)}}, {"step": 6, "val": {"a": m(0.5)}}])["step"] == 6
