@@ -134,17 +134,22 @@ class PromptTemplates:
 
     @classmethod
     def parse(cls, question: str, claims: Sequence[str] | None = None,
-              choices: str = DEFAULT_CHOICES_TEMPLATE) -> PromptTemplates:
-        """From CLI-style strings: each claim is ``TEMPLATE`` or ``NAME=TEMPLATE`` (default: the ALME-style
-        :data:`DEFAULT_FRAMINGS`)."""
-        framings = []
-        for text in claims or DEFAULT_FRAMINGS:
-            match = _NAME.match(text)
-            if match and "{claim}" in match.group(2):
-                framings.append(Framing(match.group(1), match.group(2)))
-            else:
-                framings.append(Framing(None, text))
+              choices: str = DEFAULT_CHOICES_TEMPLATE, system_claims: Sequence[str] | None = None,
+              ) -> PromptTemplates:
+        """From CLI-style strings: each claim is ``TEMPLATE`` or ``NAME=TEMPLATE`` (default, when neither
+        ``claims`` nor ``system_claims`` is given: the ALME-style :data:`DEFAULT_FRAMINGS`); ``system_claims`` are
+        stated in a system turn (:class:`Framing` ``role="system"``)."""
+        user = claims or ([] if system_claims else DEFAULT_FRAMINGS)
+        framings = [_parsed_framing(text, "user") for text in user]
+        framings += [_parsed_framing(text, "system") for text in system_claims or ()]
         return cls(question, tuple(framings), choices)
+
+
+def _parsed_framing(text: str, role: str) -> Framing:
+    match = _NAME.match(text)
+    if match and "{claim}" in match.group(2):
+        return Framing(match.group(1), match.group(2), role)
+    return Framing(None, text, role)
 
 
 def _chosen(clips: Sequence[Clip], share: float, seed: int, salt: int) -> set[str]:
@@ -335,6 +340,7 @@ def build_conflict_set(
     question: str,
     claims: Sequence[str] | None = None,
     *,
+    system_claims: Sequence[str] | None = None,
     labels: Sequence[str] | None = None,
     conflicts_per_clip: int = 3,
     consistent_share: float = 1.0,
@@ -357,12 +363,13 @@ def build_conflict_set(
 
     ``out`` is the JSONL path; with ``split`` (``"validation=0.5,test=0.5"``) each split goes to
     ``<stem>.<split>.jsonl`` beside it, split by whole ``group_by`` groups (e.g. speakers). ``claims``: claim
-    templates, ``[NAME=]TEMPLATE`` each (default: :data:`DEFAULT_FRAMINGS`). ``choices``: options per item
+    templates, ``[NAME=]TEMPLATE`` each (default: :data:`DEFAULT_FRAMINGS`); ``system_claims``: the same, stated in a
+    system turn (the item's ``system`` field; the user turn asks the question alone). ``choices``: options per item
     (an int or ``"all"``). ``annotate=False`` leaves out the ``label``/``framing``/``group`` keys (the organism's
     shipped sets have only the DESIGN keys). Every check runs before anything is written, and files appear
     only complete. Raises :class:`ConflictSourceError` (one sentence) for every problem with the input or options.
     """
-    templates = PromptTemplates.parse(question, claims, choices_template)
+    templates = PromptTemplates.parse(question, claims, choices_template, system_claims)
     shares = parse_split(split) if isinstance(split, str) else split
     if shares is not None:
         parse_split(",".join(f"{k}={v}" for k, v in shares.items()))  # same checks for a dict

@@ -355,3 +355,29 @@ def test_readme_calibrate_on_your_own_data(tmp_path, monkeypatch, capsys):
     exec(compile(python, "README.md", "exec"), scope)
     model_bp = scope["model_bp"]
     assert isinstance(model_bp, backpatch.BackpatchedModel) and model_bp.preset.patches == preset.patches
+
+
+def test_cli_system_claims_put_the_claim_in_a_system_turn_and_load_back(tones, tmp_path, capsys):
+    out = tmp_path / "conflicts.jsonl"
+    system = "sys=The user has told you that the speaker says {claim}."
+    assert main(["conflicts", "--from", str(tones), "--out", str(out), "--question", QUESTION,
+                 "--claim", 'transcript=The speaker says "{claim}".', "--system-claim", system]) == 0
+    rows = read(out)
+    by_framing = Counter(r.get("framing") for r in rows if r["kind"] == "conflict")
+    assert by_framing["sys"] == by_framing["transcript"] > 0
+    for r in rows:
+        if r.get("framing") == "sys":
+            assert r["prompt"] == QUESTION and r["system"].endswith(f"says {r['text_answer']}.")
+        else:
+            assert "system" not in r
+    assert {it.system for it in load_conflict_set(out) if it.kind == "conflict"} >= {
+        r["system"] for r in rows if "system" in r}
+    # only system claims: no default user-turn framings are added
+    only = tmp_path / "only.jsonl"
+    assert main(["conflicts", "--from", str(tones), "--out", str(only), "--question", QUESTION,
+                 "--system-claim", system]) == 0
+    assert {r.get("framing") for r in read(only) if r["kind"] != "audio_only"} == {"sys"}
+    # a system claim holding the question is refused in one sentence
+    assert main(["conflicts", "--from", str(tones), "--out", str(tmp_path / "bad.jsonl"), "--question", QUESTION,
+                 "--system-claim", "s={claim}? {question}"]) == 2
+    assert "cannot hold {question}" in capsys.readouterr().err

@@ -31,7 +31,8 @@ def cmd_conflicts(args: argparse.Namespace) -> int:
     from ..conflict_sets import build_conflict_set
 
     summary = build_conflict_set(
-        args.source, args.out, args.question, args.claim, labels=str_list(args.labels),
+        args.source, args.out, args.question, args.claim, system_claims=args.system_claim,
+        labels=str_list(args.labels),
         conflicts_per_clip=args.conflicts_per_clip, consistent_share=args.consistent_share,
         audio_only_share=args.audio_only_share, choices=args.choices, choices_template=args.choices_template,
         split=args.split, group_by=args.group_by, filename_pattern=args.filename_pattern,

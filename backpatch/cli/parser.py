@@ -162,7 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "spoken?' (alone: the audio-only prompt)")
     p.add_argument("--claim", action="append", metavar="[NAME=]TEMPLATE", help="claim template holding {claim}, "
                    "put before the question; repeat for several framings, each named, e.g. 'transcript=The "
-                   "speaker says \"{claim}\".' (default: transcript, caption and belief framings)")
+                   "speaker says \"{claim}\".' (default, without --system-claim: transcript, caption and belief "
+                   "framings)")
+    p.add_argument("--system-claim", action="append", metavar="[NAME=]TEMPLATE", help="claim template stated in a "
+                   "system turn (ALME's system-prompt framing; the user turn asks the question alone), e.g. "
+                   "'system=The user has told you that the speaker says \"{claim}\".'; repeatable")
     p.add_argument("--conflicts-per-clip", type=positive_int, default=3,
                    help="wrong claims per clip and framing (default 3)")
     p.add_argument("--consistent-share", type=fraction, default=1.0,
