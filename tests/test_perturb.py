@@ -76,3 +76,24 @@ def test_curve_figure_from_a_result(tmp_path):
                           "n": 3} for lv in perturb.LEVELS]}
     perturb.plot_curve(result, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_every_family_puts_every_clip_under_each_family(corpus, tmp_path):
+    root, wavs = corpus
+    rows = [{"id": str(i)} for i in range(12)]
+    for family in perturb.FAMILIES:
+        levels = perturb.assign_family_levels(rows, 0, "validation", family)
+        assert {lv.family for lv in levels} == {family}
+        within = [lv.name for lv in perturb.LEVELS if lv.family == family]
+        counts = Counter(lv.name for lv in levels)
+        assert set(counts) == set(within[:12]) and max(counts.values()) - min(counts.values()) <= 1
+    with pytest.raises(ValueError, match="unknown perturbation family 'pich'.*pitch"):
+        perturb.assign_family_levels(rows, 0, "validation", "pich")
+    paths = perturb.build(root, tmp_path / "every", seed=0, every_family=True)
+    items = load_conflict_set(paths["validation"])
+    assert len(items) == 5 * len(wavs) * len(perturb.FAMILIES)
+    family_of = {lv.name: lv.family for lv in perturb.LEVELS}
+    for family in perturb.FAMILIES:
+        clips = {it.audio.name.split("-" + it.perturbation)[0] for it in items if family_of[it.perturbation] == family}
+        assert clips == {w.stem for w in wavs}, family
+    assert json.loads((tmp_path / "every" / "perturbations.json").read_text())["every_family"] is True

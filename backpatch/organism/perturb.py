@@ -11,7 +11,8 @@ of (seed, split, clip id): noise comes from ``SeedSequence`` streams and sox run
 
 Subcommands::
 
-    build   {validation,test}/conflicts.jsonl (+ wav/) of perturbed clips under --out
+    build   {validation,test}/conflicts.jsonl (+ wav/) of perturbed clips under --out (--every-family: each clip
+            once under every family)
     curve   the plain model's audio-only accuracy per perturbation level (JSON + figure), every clip x every level
 """
 
@@ -78,6 +79,8 @@ LEVELS: tuple[Level, ...] = (
     Level("pitch+400+reverb90+snr5", "combined", 1, ("pitch", "400", "reverb", "90", "50", "100"), snr_db=5),
 )
 LEVELS_BY_NAME = {level.name: level for level in LEVELS}
+#: the families, in :data:`LEVELS` order
+FAMILIES = tuple(dict.fromkeys(level.family for level in LEVELS))
 
 
 def _sox(audio: np.ndarray, effects: Sequence[str]) -> np.ndarray:
@@ -126,16 +129,37 @@ def assign_levels(rows: Sequence[dict], seed: int, split: str) -> list[Level]:
     return levels
 
 
-def build_split(corpus: Path, out: Path, split: str, seed: int, n_conflict: int = 3) -> Path:
-    """Write ``out/split/conflicts.jsonl`` and its perturbed wavs; every item carries ``perturbation``."""
+def assign_family_levels(rows: Sequence[dict], seed: int, split: str, family: str) -> list[Level]:
+    """Every clip under one family: the family's levels cycling over the clips in a seeded order of its own."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown perturbation family {family!r}; families: {', '.join(FAMILIES)}")
+    levels = [level for level in LEVELS if level.family == family]
+    salt = 100 + FAMILIES.index(family)
+    order = np.random.default_rng(np.random.SeedSequence((seed, SPLIT_CODE[split], salt))).permutation(len(rows))
+    out: list[Level] = [levels[0]] * len(rows)
+    for rank, index in enumerate(order):
+        out[index] = levels[rank % len(levels)]
+    return out
+
+
+def build_split(corpus: Path, out: Path, split: str, seed: int, n_conflict: int = 3,
+                every_family: bool = False) -> Path:
+    """Write ``out/split/conflicts.jsonl`` and its perturbed wavs; every item carries ``perturbation``.
+
+    ``every_family``: every clip once under each family (one of its levels) instead of once in all: a no-harm
+    bound per family then rests on every clip, not on the 1/7 of them that one level per clip gives a family."""
     from backpatch.organism.conflicts import make_items
 
     rows = load_manifest(corpus, split)
-    levels = assign_levels(rows, seed, split)
+    if every_family:
+        pairs = [(row, level) for family in FAMILIES
+                 for row, level in zip(rows, assign_family_levels(rows, seed, split, family), strict=True)]
+    else:
+        pairs = list(zip(rows, assign_levels(rows, seed, split), strict=True))
     wav_dir = out / split / "wav"
     wav_dir.mkdir(parents=True, exist_ok=True)
     perturbed_rows, level_of = [], {}
-    for row, level in tqdm(list(zip(rows, levels, strict=True)), desc=f"perturb {split}", unit="clip"):
+    for row, level in tqdm(pairs, desc=f"perturb {split}", unit="clip"):
         audio, rate = sf.read(corpus / split / row["path"], dtype="float32")
         assert rate == SAMPLING_RATE
         clip_id = f"{row['id']}-{level.name}"
@@ -148,15 +172,16 @@ def build_split(corpus: Path, out: Path, split: str, seed: int, n_conflict: int 
     with open(path, "w") as f:
         for item in items:
             f.write(json.dumps({**item, "perturbation": level_of[item["audio"]]}) + "\n")
-    logger.info("%s: %d perturbed items from %d clips -> %s", split, len(items), len(rows), path)
+    logger.info("%s: %d perturbed items from %d clips -> %s", split, len(items), len(pairs), path)
     return path
 
 
-def build(corpus: Path, out: Path, seed: int, n_conflict: int = 3) -> dict[str, Path]:
+def build(corpus: Path, out: Path, seed: int, n_conflict: int = 3, every_family: bool = False) -> dict[str, Path]:
     """Both perturbed splits (validation for choices, test never used for them) and a ``perturbations.json``."""
-    paths = {split: build_split(corpus, out, split, seed, n_conflict) for split in SPLITS}
+    paths = {split: build_split(corpus, out, split, seed, n_conflict, every_family) for split in SPLITS}
     (out / "perturbations.json").write_text(json.dumps(
-        {"seed": seed, "corpus": str(corpus), "levels": [level.__dict__ for level in LEVELS]}, indent=1))
+        {"seed": seed, "corpus": str(corpus), "every_family": every_family,
+         "levels": [level.__dict__ for level in LEVELS]}, indent=1))
     return paths
 
 
@@ -243,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--out", type=Path, required=True)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--n-conflict", type=int, default=3, help="wrong claims per clip")
+    b.add_argument("--every-family", action="store_true",
+                   help="every clip once under each family (7x the clips): per-family no-harm bounds on every clip")
     c = sub.add_parser("curve", help="plain audio-only accuracy per perturbation level (JSON + PNG)")
     c.add_argument("--model", type=Path, required=True, help="checkpoint folder (e.g. backpatch.organism.path())")
     c.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
@@ -252,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "build":
-        paths = build(args.corpus, args.out, args.seed, args.n_conflict)
+        paths = build(args.corpus, args.out, args.seed, args.n_conflict, args.every_family)
         sys.stdout.write(json.dumps({k: str(v) for k, v in paths.items()}, indent=2) + "\n")
     else:
         import torch
