@@ -222,8 +222,9 @@ def make_conflict_items(
         prompt = templates.question if framing is None else framing.prompt(claim, templates.question)
         item: dict[str, Any] = {"id": item_id, "audio": audio, "prompt": prompt, "audio_answer": clip.label,
                                 "text_answer": claim, "kind": kind}
-        if framing is not None and framing.system(claim) is not None:
-            item["system"] = framing.system(claim)
+        system = None if framing is None else framing.system(claim)
+        if system is not None:
+            item["system"] = system
         if choices is not None:
             rng = np.random.default_rng([seed, 3, *item_id.encode()])
             required = list(dict.fromkeys(x for x in (clip.label, claim) if x is not None))

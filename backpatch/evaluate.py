@@ -105,6 +105,16 @@ def breakdown(items: Sequence[ConflictItem], plain: Sequence[str], patched: Sequ
             for value, rows in groups.items()}
 
 
+def check_system_turns(items: Sequence[ConflictItem], processor: Any) -> None:
+    """Items whose claim is stated in a system turn (their ``system`` field) are refused, naming the first, when the
+    model's chat template drops system turns: they would silently be answered without their claim. One check for
+    the set: whether a template keeps system turns does not depend on the text."""
+    with_system = next((it for it in items if it.system), None)
+    if with_system is not None:
+        check_system_turn(processor, with_system.system, f"the system turn of item {with_system.id}",
+                          "leave out this set's system-turn items (their 'system' field) for this model")
+
+
 def check_clip_lengths(items: Sequence[ConflictItem], processor: Any,
                        truncate: bool | None = None) -> dict[str, Any] | None:
     """The long-clip rule for a conflict set, before any model work: every item whose clip is longer than the
@@ -187,10 +197,7 @@ def evaluate(
     warnings = [w for w in (check_labels(items, processor),) if w]  # raises when no label can be written
     if instruction and instruction_role == "system":
         check_system_turn(processor, instruction)
-    with_system = next((it for it in items if it.system), None)
-    if with_system is not None:
-        check_system_turn(processor, with_system.system, f"the system turn of item {with_system.id}",
-                          "leave out this set's system-turn items (their 'system' field) for this model")
+    check_system_turns(items, processor)
     # On a CPU-only machine accelerate treats torchrun-launched processes as distributed only with cpu=True.
     state = PartialState(cpu=not torch.cuda.is_available())
     indices = list(range(len(items)))

@@ -50,12 +50,13 @@ def check_clip(wave: np.ndarray, rate: int, model: str | None, truncate: bool = 
 def check_data(data: str | Path, model: str | None, limit: int | None = None, truncate: bool = False,
                trust_remote_code: bool = False) -> None:
     """A bad conflict set, or clips longer than the model's audio window, fail here, before a model is loaded;
-    so does a set none of whose labels the model can write."""
+    so do a set none of whose labels the model can write and system-turn claims the chat template would drop."""
     from .answerability import check_labels
-    from .evaluate import check_clip_lengths, load_conflict_set
+    from .evaluate import check_clip_lengths, check_system_turns, load_conflict_set
 
     items = load_conflict_set(data, limit)
     early = processor_alone(model, trust_remote_code)
     if early is not None:
         check_clip_lengths(items, early, truncate)
+        check_system_turns(items, early)
         check_labels(items, early)  # a set none of whose labels the model can write is refused here

@@ -26,12 +26,10 @@ from backpatch.organism.train_smol_audio import NAME, WINDOW_SECONDS, by_task_me
 
 
 def audio_only_items(corpus: Path, split: str, clips: int) -> list[dict]:
+    """The audio-only items of every task (audio paths relative to the split's folder)."""
     rows = load_manifest(corpus, split)
-    items = [it for task in load_tasks().values() for it in task_items(task, rows, seed=0, max_clips=clips)
-             if it["kind"] == "audio_only"]
-    for it in items:
-        it["audio"] = str(corpus / split / it["audio"])
-    return items
+    return [it for task in load_tasks().values() for it in task_items(task, rows, seed=0, max_clips=clips)
+            if it["kind"] == "audio_only"]
 
 
 def main() -> None:
@@ -52,7 +50,7 @@ def main() -> None:
                                                      window_seconds=WINDOW_SECONDS)
         row = {}
         for split, items in splits.items():
-            answers = answer(model.eval(), processor, items, Path("/"), batch_size=48)
+            answers = answer(model.eval(), processor, items, args.corpus / split, batch_size=48)
             row[split] = {t: m["audio_only_acc"] for t, m in by_task_metrics(items, answers).items()}
         out["checkpoints"][str(trained)] = row
         for task in row["train"]:

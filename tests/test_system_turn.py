@@ -112,7 +112,13 @@ def test_eval_sends_each_items_system_turn_to_the_model(system_set):
         assert decode_new_tokens(processor, patched, inputs["input_ids"].shape[1])[0] == row["backpatched"]
 
 
-def test_eval_refuses_system_items_on_a_template_that_drops_system_turns(system_set, monkeypatch):
+def test_every_command_refuses_system_items_on_a_template_that_drops_system_turns(system_set, monkeypatch,
+                                                                                  tmp_path):
+    """eval, calibrate, diagnose and the pre-load data check: each would otherwise answer without the claim."""
+    from backpatch import preflight
+    from backpatch.calibrate import calibrate
+    from backpatch.diagnose import diagnose
+
     root, data = system_set
     model, processor = load_model_and_processor(str(root / "model"))
     template = processor.apply_chat_template
@@ -121,9 +127,18 @@ def test_eval_refuses_system_items_on_a_template_that_drops_system_turns(system_
         return template([t for t in turns if t["role"] != "system"], **kwargs)
 
     monkeypatch.setattr(processor, "apply_chat_template", drop_system)
-    with pytest.raises(ValueError, match=r"drops system turns, so the system turn of item c0-x0 would do nothing"):
-        evaluate(backpatch.wrap(model, Preset(patches=[Patch(source=-1, target=0)], name="p")), processor, data,
-                 progress=False)
+    refused = r"drops system turns, so the system turn of item c0-x0 would do nothing"
+    wrapped = backpatch.wrap(model, Preset(patches=[Patch(source=-1, target=0)], name="p"))
+    with pytest.raises(ValueError, match=refused):
+        evaluate(wrapped, processor, data, progress=False)
+    with pytest.raises(ValueError, match=refused):
+        calibrate(model, processor, data, tmp_path / "cal.yaml", progress=False)
+    with pytest.raises(ValueError, match=refused):
+        diagnose(model, processor, data, tmp_path / "diag", progress=False)
+    monkeypatch.setattr(preflight, "processor_alone", lambda *args, **kwargs: processor)
+    with pytest.raises(ValueError, match=refused):
+        preflight.check_data(data, str(root / "model"))
+    assert not (tmp_path / "cal.yaml").exists() and not (tmp_path / "diag").exists()
 
 
 def test_smol_audio_tasks_have_a_system_framing_that_training_never_uses():

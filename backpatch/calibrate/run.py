@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..answerability import chance_warning, check_labels
-from ..evaluate import check_clip_lengths
+from ..evaluate import check_clip_lengths, check_system_turns
 from ..inputs import audio_truncation, truncation_enabled
 from ..methods import Patch
 from ..methods.contrastive import silence_frame
@@ -134,6 +134,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     out = Path(out)
     items = load_calibration_items(data, stress_data, limit)
     truncated = check_clip_lengths(items, processor, truncate)
+    check_system_turns(items, processor)
     label_warning = check_labels(items, processor)  # raises when the model can write none of the labels
     if label_warning:
         logger.warning("calibration data: %s", label_warning)

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..evaluate import check_clip_lengths, load_conflict_set
+from ..evaluate import check_clip_lengths, check_system_turns, load_conflict_set
 from ..inputs import audio_truncation, truncation_enabled
 from ..methods import Patch
 from ..preset import Preset, PresetError
@@ -53,6 +53,7 @@ def diagnose(
     truncate = truncation_enabled(truncate)
     items = load_conflict_set(data, limit)
     truncated = check_clip_lengths(items, processor, truncate)
+    check_system_turns(items, processor)
     with audio_truncation(truncate):  # the suggestion sweep builds its inputs deep down: it inherits the choice
         return _diagnose(model, processor, data, out_dir, preset, limit, batch_size, progress, sweep, max_harm,
                          items, truncated)
