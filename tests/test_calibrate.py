@@ -223,9 +223,10 @@ def test_norm_matched_sweep_short_path_equals_the_engine(setup):
 
 @pytest.mark.parametrize("gate", [backpatch.Gate("audio_gap", 0.0, 0.0), backpatch.Gate("audio_gap", 0.3, 0.3),
                                   backpatch.Gate("certainty", 0.0, 1.0), None])
-@pytest.mark.parametrize("alpha,plausibility", [(0.0, None), (1.5, None), (1.5, 0.3)])
+@pytest.mark.parametrize("alpha,plausibility,agreement", [(0.0, None, None), (1.5, None, None), (1.5, 0.3, None),
+                                                          (1.5, None, "median")])
 @pytest.mark.parametrize("short_path", [True, False])
-def test_gated_and_contrastive_scoring_equals_generate(setup, gate, alpha, plausibility, short_path):
+def test_gated_and_contrastive_scoring_equals_generate(setup, gate, alpha, plausibility, agreement, short_path):
     """What calibration scores for a candidate (stored plain and null-audio logits, cached patched logits, the
     gate per row) is what generate() with that candidate's preset gives as first-token logits."""
     from backpatch.calibrate import Candidate, Scorer
@@ -242,9 +243,14 @@ def test_gated_and_contrastive_scoring_equals_generate(setup, gate, alpha, plaus
         gaps = torch.cat([0.5 * (b.main_logits.softmax(-1) - b.null_logits.softmax(-1)).abs().sum(-1)
                           for b in batches])
         gate = backpatch.Gate("audio_gap", float(gaps.median()), float(gaps.median()))
-    candidate = Candidate.of(setting, alpha, gate, plausibility)
+    if agreement == "median":  # a threshold inside the signal's range: some rows keep their answer, some do not
+        from backpatch.methods.contrastive import agreement_signal
+
+        agreement = float(torch.cat([agreement_signal(b.main_logits, b.null_logits) for b in batches]).median())
+    candidate = Candidate.of(setting, alpha, gate, plausibility, agreement)
     preset = candidate_preset(base.preset, candidate, "zeros")
     assert preset.contrastive is None or preset.contrastive.plausibility == plausibility
+    assert preset.contrastive is None or preset.contrastive.agreement == agreement
     wrapped = backpatch.wrap(model, preset, processor=processor)
     for index, batch in enumerate(batches):
         with torch.no_grad():
@@ -530,11 +536,15 @@ def test_the_search_scores_the_best_blocks_on_top_of_the_best_other_methods(tmp_
 
     refine = run(blocks=True)
     # issue 28 point 1: every contrastive candidate is also tried under each plausibility guard, gated or not
-    from backpatch.calibrate.grid import PLAUSIBILITY_GRID
+    from backpatch.calibrate.grid import AGREEMENT_GRID, PLAUSIBILITY_GRID
 
     guarded = {(c.setting, c.alpha, c.plausibility) for c in refine if c.alpha and c.gate is None}
     assert all((s, a, p) in guarded for s, a, _ in guarded for p in PLAUSIBILITY_GRID)
     assert any(c.plausibility is not None and c.gate is not None for c in refine)
+    # and under each agreement guard
+    agreeing = {(c.setting, c.alpha, c.agreement) for c in refine if c.alpha and c.gate is None}
+    assert all((s, a, g) in agreeing for s, a, _ in agreeing for g in AGREEMENT_GRID)
+    assert any(c.agreement is not None and c.gate is not None for c in refine)
     alone = [c for c in refine if c.has_blocks and c.setting is None and not c.alpha]
     combined = [c for c in refine if c.has_blocks and c not in alone or len(c.blocks) > 1]
     best_attention = min((c for c in alone if c.block("attention") is not None), key=lambda c: score(c)["tdr"])
@@ -772,3 +782,10 @@ def test_a_guarded_candidate_reads_back_from_its_sweep_row_and_writes_its_guard(
     preset = candidate_preset(backpatch.Preset(patches=[backpatch.Patch(5, 1)]), candidate, "silence")
     assert preset.contrastive == backpatch.Contrastive(alpha=2.0, null_audio="silence", plausibility=0.3)
     assert "plausibility 0.3" in backpatch.preset.methods_details(preset)
+    agreeing = Candidate.of(None, 1.0, backpatch.Gate("audio_gap", 0.2, 0.4), agreement=0.3)
+    row = _row(agreeing, m, m, 0.02, bounded=False)
+    assert row["agreement"] == 0.3 and "contrastive a=1 agreement 0.3" in row["setting"]
+    assert candidate_of_row(json.loads(json.dumps(row))) == agreeing
+    preset = candidate_preset(backpatch.Preset(patches=[backpatch.Patch(5, 1)]), agreeing, "silence")
+    assert preset.contrastive == backpatch.Contrastive(alpha=1.0, null_audio="silence", agreement=0.3)
+    assert "agreement 0.3" in backpatch.preset.methods_details(preset)

@@ -134,6 +134,26 @@ def test_plausibility_cut_keeps_only_plausible_tokens(model, batch):
     torch.testing.assert_close(got[eligible], direct(model, batch, 1.0)[eligible], rtol=1e-5, atol=1e-5)
 
 
+def test_agreement_guard_keeps_the_answers_the_audio_raised(model, batch):
+    """Rows whose top token the audio raised over null audio by >= the threshold keep the audio-conditioned logits;
+    the others get the contrastive combine (issue 28's guard)."""
+    from backpatch.methods.contrastive import agreement_signal
+
+    with torch.no_grad():
+        main = model(**batch).logits[:, -1].float()
+        null = model(**null_batch(batch)).logits[:, -1].float()
+    signal = agreement_signal(main, null)
+    threshold = float(signal.median())
+    kept = signal >= threshold
+    assert kept.any() and not kept.all()  # the median splits the rows: both branches are checked
+    preset = Preset(contrastive=Contrastive(alpha=1.0, null_audio="zeros", agreement=threshold))
+    with torch.no_grad():
+        got = backpatch.wrap(model, preset).generate(**batch, max_new_tokens=1, **GEN).logits[0]
+    torch.testing.assert_close(got[kept], main[kept], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[~kept], direct(model, batch, 1.0)[~kept], rtol=1e-5, atol=1e-5)
+    assert backpatch.backpatch_hook_count(model) == 0
+
+
 def test_sampling_beam_search_and_returned_cache(model, batch):
     wrapped = backpatch.wrap(model, Preset(contrastive=Contrastive(alpha=1.0, null_audio="zeros")))
     torch.manual_seed(0)
@@ -158,7 +178,8 @@ def test_sampling_beam_search_and_returned_cache(model, batch):
         ({"alpha": "big"}, "contrastive.alpha: expected a number"),
         ({"null_audio": "noise"}, "contrastive.null_audio: 'noise' is not allowed; use one of: silence, zeros"),
         ({"plausibility": 1.5}, "contrastive.plausibility: must be in [0, 1]"),
-        ({"alhpa": 1}, "contrastive.alhpa: unknown key; allowed keys here: alpha, null_audio, plausibility"),
+        ({"agreement": "high"}, "contrastive.agreement: expected a number"),
+        ({"alhpa": 1}, "contrastive.alhpa: unknown key; allowed keys here: alpha, null_audio, plausibility, agreement"),
     ],
 )
 def test_contrastive_block_validation(tmp_path, block, message):

@@ -123,6 +123,15 @@ def test_controls_start_from_the_preset_and_change_what_runs(demo):
     assert r.preset.contrastive.plausibility == 0.3 and "plausibility 0.3" in r.verdict_html
     with pytest.raises(gr.Error, match=r"The plausibility guard must be in \[0, 1\]"):
         demo.compare(str(clip.path), prompt, alpha=1.0, plausibility=2)
+    # the agreement guard too: "off" or a threshold in nats, the preset's own value among the choices
+    agreement = preset.contrastive.agreement if preset.contrastive else None
+    assert controls["agreement"] == ("off" if agreement is None else f"{agreement:g}")
+    r = demo.compare(str(clip.path), prompt, alpha=1.0, patch_on=False, agreement="0.2")
+    assert r.preset.contrastive.agreement == 0.2 and "agreement 0.2" in r.verdict_html
+    r = demo.compare(str(clip.path), prompt, alpha=1.0, patch_on=False, agreement="off")
+    assert r.preset.contrastive.agreement is None
+    with pytest.raises(gr.Error, match="Agreement guard 'lots' is not one of: off, 0, 0.1"):
+        demo.compare(str(clip.path), prompt, alpha=1.0, agreement="lots")
 
 
 def test_compare_shows_what_the_audio_confidence_gate_did(demo):
@@ -518,8 +527,8 @@ def test_api_endpoint_with_gradio_client(server, showcase_item, tmp_path):
     names = [p["parameter_name"] for p in client.view_api(print_info=False, return_format="dict")[
         "named_endpoints"]["/compare"]["parameters"]]
     # (the controls added since, such as the plausibility guard, follow the released ones)
-    assert names[:2] == ["audio", "prompt"] and names[-5:] == ["gate_on", "gate_signal", "gate_low", "gate_high",
-                                                               "plausibility"]
+    assert names[:2] == ["audio", "prompt"] and names[-6:] == ["gate_on", "gate_signal", "gate_low", "gate_high",
+                                                               "plausibility", "agreement"]
     out = client.predict(handle_file(str(showcase_item.audio)), showcase_item.prompt, gate_signal="certainty",
                          gate_low=1.0, gate_high=1.0, api_name="/compare")
     assert out[0] == out[1] == plain

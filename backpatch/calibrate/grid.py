@@ -48,27 +48,35 @@ class Candidate:
     blocks: tuple[tuple[str, Any], ...] = ()
     #: contrastive decoding's plausibility guard (VCD/AAD): only tokens with p(y | audio) >= this x max p may win
     plausibility: float | None = None
+    #: contrastive decoding's agreement guard: an answer the audio raised by >= this (nats) over null audio is kept
+    agreement: float | None = None
 
     @classmethod
     def of(cls, setting: Setting | None = None, alpha: float = 0.0, gate: Gate | None = None,
-           plausibility: float | None = None, **blocks: Any) -> Candidate:
+           plausibility: float | None = None, agreement: float | None = None, **blocks: Any) -> Candidate:
         """A candidate with blocks given by method key (``Candidate.of(attention=Attention(...))``); None leaves a
         block out."""
         order = {m.key: i for i, m in enumerate(registered_methods())}
         for key in blocks:
             get_method(key)  # a PresetError naming the registered keys
         pairs = sorted(((k, v) for k, v in blocks.items() if v is not None), key=lambda kv: order[kv[0]])
-        return cls(setting, alpha, gate, tuple(pairs), plausibility)
+        return cls(setting, alpha, gate, tuple(pairs), plausibility, agreement)
 
     def block(self, key: str) -> Any:
         """This candidate's setting of block method ``key`` (None when it has none)."""
         return dict(self.blocks).get(key)
 
     def with_blocks(self, **blocks: Any) -> Candidate:
-        return Candidate.of(self.setting, self.alpha, self.gate, self.plausibility, **{**dict(self.blocks), **blocks})
+        return Candidate.of(self.setting, self.alpha, self.gate, self.plausibility, self.agreement,
+                            **{**dict(self.blocks), **blocks})
+
+    def guarded(self, gate: Gate | None = None, plausibility: float | None = None,
+                agreement: float | None = None) -> Candidate:
+        """The same candidate with this gate and these guards."""
+        return Candidate.of(self.setting, self.alpha, gate, plausibility, agreement, **dict(self.blocks))
 
     def __hash__(self) -> int:  # a plugin's config need not be hashable: hash what its method writes
-        return hash((self.setting, self.alpha, self.gate, self.plausibility,
+        return hash((self.setting, self.alpha, self.gate, self.plausibility, self.agreement,
                      tuple((k, _frozen(get_method(k).dump(c))) for k, c in self.blocks)))
 
     def sections(self, null_audio: str) -> dict[str, Any]:
@@ -77,11 +85,13 @@ class Candidate:
         rows = self.null_rows
         return {"patches": [self.setting.patch()] if self.setting else [],
                 "contrastive": Contrastive(alpha=self.alpha, null_audio=null_audio,
-                                           plausibility=self.plausibility if self.alpha else None) if rows else None,
+                                           plausibility=self.plausibility if self.alpha else None,
+                                           agreement=self.agreement if self.alpha else None) if rows else None,
                 "gate": self.gate, **dict(self.blocks)}
 
     def label(self) -> str:
         guard = f" plausibility {self.plausibility:g}" if self.plausibility is not None else ""
+        guard += f" agreement {self.agreement:g}" if self.agreement is not None else ""
         parts = ([self.setting.label()] if self.setting else []) + ([f"contrastive a={self.alpha:g}{guard}"]
                                                                      if self.alpha else [])
         parts += [line for key, config in self.blocks for line in get_method(key).details(config)]
@@ -120,6 +130,9 @@ def block_grid(num_layers: int) -> list[Candidate]:
 
 #: plausibility guards the refine stage tries on every contrastive candidate (VCD's 0.1 and stricter ones)
 PLAUSIBILITY_GRID = (0.1, 0.3, 0.5)
+#: agreement guards (nats) it tries on every contrastive candidate: 0 keeps every answer the audio raised at all;
+#: on smol-whisper's every-family validation only these made the per-family rule satisfiable (issue 28)
+AGREEMENT_GRID = (0.0, 0.1, 0.2, 0.3)
 
 
 #: the gate stage's steps per signal: audio_gap is a total variation distance, certainty exp(-entropy)

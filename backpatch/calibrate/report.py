@@ -24,6 +24,7 @@ def _row(candidate: Candidate, m: dict[str, Any], plain: dict[str, Any], max_har
     return {"setting": candidate.label(), "patch": asdict(candidate.setting) if candidate.setting else None,
             "alpha": candidate.alpha, "gate": asdict(candidate.gate) if candidate.gate else None,
             **({"plausibility": candidate.plausibility} if candidate.plausibility is not None else {}),
+            **({"agreement": candidate.agreement} if candidate.agreement is not None else {}),
             **({"blocks": {key: get_method(key).dump(config) for key, config in candidate.blocks}}
                if candidate.blocks else {}),
             "no_harm": passes_no_harm(m, plain, max_harm, bounded), **extra,
@@ -53,6 +54,8 @@ def _kinds(candidates: Sequence[Candidate]) -> list[str]:
         kinds.append("both")
     if any(c.plausibility is not None for c in candidates):
         kinds.append("plausibility guards")
+    if any(c.agreement is not None for c in candidates):
+        kinds.append("agreement guards")
     if any(c.gate is not None for c in candidates):
         kinds.append("audio-confidence gates")
     block_keys = dict.fromkeys(key for c in candidates for key, _ in c.blocks)

@@ -245,7 +245,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
         _plot_band(patch_results, num_layers, band, heat_plain, max_harm)
     scored_candidates = [c for r in (records if staged else [record]) for c, _ in r.results]
     planned = ["back-patching"] + (["contrastive decoding", "both"] if any(grid["alphas"]) else []) + (
-        ["plausibility guards"] if any(grid["alphas"]) and staged else []) + (
+        ["plausibility guards", "agreement guards"] if any(grid["alphas"]) and staged else []) + (
         ["audio-confidence gates"] if gates else []) + (
         [m.title for m in registered_methods() if m.calibration_grid(num_layers)] if blocks and staged else [])
     skipped = budget.skipped + [f"{kind} (the budget ran out before it)" for kind in planned

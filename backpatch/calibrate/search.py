@@ -47,7 +47,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..paired import paired_report
-from .grid import PLAUSIBILITY_GRID, Candidate, Setting, band_grid, block_grid, gate_grid, refinements
+from .grid import AGREEMENT_GRID, PLAUSIBILITY_GRID, Candidate, Setting, band_grid, block_grid, gate_grid, refinements
 
 logger = logging.getLogger(__name__)
 
@@ -262,12 +262,13 @@ def staged_search(
     neighbours = [Candidate(s) for s in refinements(settings[: keep[1]], num_layers)]
     top_patches = [c.setting for c in best1[:2]]
     strongest = [c.setting for c in ranked(records[0], None)[:2]]  # harmful or not: a gate may make them harmless
-    contrastive = [Candidate.of(s, float(a), plausibility=p) for a in alphas if a > 0
-                   for s in dict.fromkeys((None, *top_patches, *strongest)) for p in (None, *PLAUSIBILITY_GRID)]
+    guards = [(p, None) for p in (None, *PLAUSIBILITY_GRID)] + [(None, g) for g in AGREEMENT_GRID]
+    contrastive = [Candidate.of(s, float(a), plausibility=p, agreement=g) for a in alphas if a > 0
+                   for s in dict.fromkeys((None, *top_patches, *strongest)) for p, g in guards]
     refine = list(dict.fromkeys([*contrastive, *best1, *(Candidate(s) for s in strongest), *neighbours]))
     if gates:
         gated = [c for c in refine if c.setting in (*top_patches[:1], *strongest) or (c.setting is None)]
-        refine += [Candidate.of(c.setting, c.alpha, g, c.plausibility) for c in gated for g in gate_grid()]
+        refine += [c.guarded(g, c.plausibility, c.agreement) for c in gated for g in gate_grid()]
     if blocks:  # the peer methods' small grids (a full forward each: no stored states serve them)
         refine += block_grid(num_layers)
     refine = by_priority(refine)

@@ -289,7 +289,8 @@ class Scorer:
         if not candidate.alpha:
             return patched
         strength = gate_strength(gate, patched, null) if gate is not None else None
-        return contrastive_logits(patched, null, candidate.alpha, strength, candidate.plausibility)
+        return contrastive_logits(patched, null, candidate.alpha, strength, candidate.plausibility,
+                                  candidate.agreement)
 
     # -------------------------------------------------------------------------------- entry
     @torch.no_grad()

@@ -10,11 +10,14 @@ from ...controls import Control, ControlError
 from ...registry import Method, register_method
 from ...validation import PresetError
 from .config import NULL_AUDIO, Contrastive
-from .math import contrastive_logits, null_features, silence_frame
+from .math import agreement_signal, contrastive_logits, null_features, silence_frame
 from .session import ContrastiveSession
 
-__all__ = ["METHOD", "NULL_AUDIO", "Contrastive", "ContrastiveDecoding", "ContrastiveSession", "contrastive_logits",
-           "null_features", "silence_frame"]
+__all__ = ["AGREEMENT_CHOICES", "METHOD", "NULL_AUDIO", "Contrastive", "ContrastiveDecoding", "ContrastiveSession",
+           "agreement_signal", "contrastive_logits", "null_features", "silence_frame"]
+
+#: the demo's agreement-guard thresholds (nats; a preset's own value is added to them)
+AGREEMENT_CHOICES = ("off", "0", "0.1", "0.2", "0.5")
 
 
 class ContrastiveDecoding(Method):
@@ -45,11 +48,16 @@ class ContrastiveDecoding(Method):
     def controls(self, config: Any, num_layers: int) -> list[Control]:
         return [Control("alpha", "Contrastive alpha (0 = off)", minimum=0.0),
                 Control("plausibility", "Plausibility guard (0 = off)", minimum=0.0,
-                        info="only tokens with p(audio) >= this x the top token's may win (VCD/AAD's guard)")]
+                        info="only tokens with p(audio) >= this x the top token's may win (VCD/AAD's guard)"),
+                Control("agreement", "Agreement guard (nats)", kind="choice",
+                        choices=tuple(dict.fromkeys((*AGREEMENT_CHOICES, _agreement_text(config)))),
+                        info="keep the answer wherever the audio raised its log-probability over the text-only "
+                             "stream by at least this")]
 
     def control_values(self, config: Any, num_layers: int) -> dict[str, Any]:
         return {"alpha": config.alpha if config is not None else 0.0,
-                "plausibility": config.plausibility or 0.0 if config is not None else 0.0}
+                "plausibility": config.plausibility or 0.0 if config is not None else 0.0,
+                "agreement": _agreement_text(config)}
 
     def from_controls(self, values: dict[str, Any], base: Any, num_layers: int) -> Contrastive:
         """Alpha 0 still makes a block: it stays only where another method reads its null-audio rows."""
@@ -57,18 +65,25 @@ class ContrastiveDecoding(Method):
         if values["plausibility"] > 1:
             raise ControlError(f"The plausibility guard must be in [0, 1] (0 turns it off), got "
                                f"{values['plausibility']:g}.")
+        agreement = values.get("agreement", "off")
         return Contrastive(alpha=values["alpha"], null_audio=template.null_audio,
-                           plausibility=values["plausibility"] or None)
+                           plausibility=values["plausibility"] or None,
+                           agreement=None if agreement in (None, "off") else float(agreement))
 
     def label(self, config: Any) -> str:
         return f"contrastive a={config.alpha:g}"
 
     def details(self, config: Any) -> list[str]:
         guard = f", plausibility {config.plausibility:g}" if config.plausibility is not None else ""
+        guard += f", agreement {config.agreement:g}" if config.agreement is not None else ""
         return [f"contrastive alpha {config.alpha:g} ({config.null_audio}{guard})"]
 
     def summary(self, config: Any) -> str:
         return f"contrastive decoding α {config.alpha:g}"
+
+
+def _agreement_text(config: Any) -> str:
+    return "off" if config is None or config.agreement is None else f"{config.agreement:g}"
 
 
 METHOD = register_method(ContrastiveDecoding())

@@ -16,11 +16,15 @@ class Contrastive:
     """Audio-aware contrastive decoding: ``(1 + alpha) * l(audio) - alpha * l(null audio)`` at every step.
 
     ``plausibility`` (optional) keeps only tokens with ``p(y | audio) >= plausibility * max p`` eligible.
+    ``agreement`` (optional, nats) keeps the audio-conditioned answer wherever the audio raised its log-probability
+    over the null-audio stream by at least this much: there audio and text agree, and subtracting the text-only
+    prediction would only overturn a right answer (issue 28).
     """
 
     alpha: float = 1.0
     null_audio: str = "silence"
     plausibility: float | None = None
+    agreement: float | None = None
 
     def __post_init__(self) -> None:
         self._validate("contrastive", None)
@@ -34,3 +38,5 @@ class Contrastive:
             self.plausibility = check_float(self.plausibility, join(where, "plausibility"), origin)
             if not 0.0 <= self.plausibility <= 1.0:
                 raise fail(join(where, "plausibility"), f"must be in [0, 1], got {self.plausibility}", origin)
+        if self.agreement is not None:
+            self.agreement = check_float(self.agreement, join(where, "agreement"), origin)

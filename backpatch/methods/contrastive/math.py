@@ -1,7 +1,7 @@
 """Contrastive decoding's math as pure functions of tensors, shared by every engine: the null audio (silent or zero
 features standing in for the clip) and the combine of the two streams' logits, with the gate's per-row strength and
 the plausibility constraint (VCD/AAD's guard: only tokens the audio-conditioned distribution finds plausible stay
-eligible)."""
+eligible) and the agreement guard (an answer the audio raised over the text-only stream is kept)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["contrastive_logits", "null_features", "silence_frame"]
+__all__ = ["agreement_signal", "contrastive_logits", "null_features", "silence_frame"]
 
 
 def silence_frame(processor: Any) -> tuple[torch.Tensor, int]:
@@ -46,11 +46,21 @@ def null_features(key: str, value: torch.Tensor, null_audio: str,
                      "use null_audio: zeros")
 
 
+def agreement_signal(main: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
+    """``log p(m | audio) - log p(m | null audio)`` of the audio-conditioned top token ``m``, per row (and position):
+    how far the audio raised the answer that the text alone gives. Positive where audio and text agree on it."""
+    top = main.argmax(dim=-1, keepdim=True)
+    gain = main.float().log_softmax(dim=-1).gather(-1, top) - null.float().log_softmax(dim=-1).gather(-1, top)
+    return gain.squeeze(-1)
+
+
 def contrastive_logits(main: torch.Tensor, null: torch.Tensor, alpha: float, strength: torch.Tensor | None = None,
-                       plausibility: float | None = None) -> torch.Tensor:
+                       plausibility: float | None = None, agreement: float | None = None) -> torch.Tensor:
     """``(1 + a) l(audio) - a l(null audio)``, with ``a = alpha`` or, gated, ``a = strength * alpha`` per row (and
     position: ``strength`` has the logits' shape less the vocabulary axis). ``plausibility``: tokens with
-    ``p(y | audio) < plausibility * max p`` get the lowest logit."""
+    ``p(y | audio) < plausibility * max p`` get the lowest logit. ``agreement``: rows whose
+    :func:`agreement_signal` is at least this keep the audio-conditioned logits, so the contrastive term cannot
+    overturn an answer that the audio raised over the text-only stream."""
     if strength is None:
         combined = (1.0 + alpha) * main - alpha * null
     else:
@@ -60,4 +70,7 @@ def contrastive_logits(main: torch.Tensor, null: torch.Tensor, alpha: float, str
         probs = main.float().softmax(dim=-1)
         cut = probs < plausibility * probs.amax(dim=-1, keepdim=True)
         combined = combined.masked_fill(cut, torch.finfo(combined.dtype).min)
+    if agreement is not None:
+        keep = agreement_signal(main, null) >= agreement
+        combined = torch.where(keep.unsqueeze(-1), main.to(combined.dtype), combined)
     return combined

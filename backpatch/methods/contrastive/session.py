@@ -118,7 +118,7 @@ class ContrastiveSession:
         if self.gate is not None:  # alpha per row and position: g * alpha, g measured on this step's two distributions
             strength = gate_strength(self.gate, main, null)
             self.gate_steps.append(strength[:, -1].detach().cpu())
-        combined = contrastive_logits(main, null, alpha, strength, self.config.plausibility)
+        combined = contrastive_logits(main, null, alpha, strength, self.config.plausibility, self.config.agreement)
         for field in _output_fields(output):
             value = output[field]
             if field == "logits":

@@ -1,0 +1,104 @@
+"""Issue 28: which contrastive settings keep every perturbation family within the no-harm bound, scored on first
+answer tokens from the logits that scripts/agreement_probe.py saved (validation only: clean validation and the
+every-family perturbed validation, 240 consistent + 240 audio-only items per family).
+
+The grid: alpha 1, 2, 3, 4, 6; no gate or an audio_gap ramp (0.1..0.3, 0.2..0.4); no plausibility guard or 0.05,
+0.1, 0.2, 0.3; no agreement guard or 0, 0.1, 0.2, 0.3 nats (375 settings, about 14 min on 2 cores). The rule: the
+paired 95% upper bound on the loss of consistent and of audio-only accuracy at most 0.02 on clean data and on *each*
+family. Writes every setting's worst family and TDR cuts.
+
+    python scripts/agreement_frontier.py /work/probe/logits.pt --out docs/stress/agreement-frontier.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+from collections import defaultdict
+from types import SimpleNamespace
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoProcessor
+
+from backpatch.items import judge
+from backpatch.loading import resolve_model_id
+from backpatch.methods import Gate
+from backpatch.methods.contrastive import agreement_signal
+from backpatch.methods.gate import gate_strength
+from backpatch.paired import harm_bound, tdr_reduction_bound
+
+MAX_HARM = 0.02
+GRID = list(itertools.product((1.0, 2.0, 3.0, 4.0, 6.0), (None, (0.1, 0.3), (0.2, 0.4)),
+                              (None, 0.05, 0.1, 0.2, 0.3), (None, 0.0, 0.1, 0.2, 0.3)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("logits")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    saved = torch.load(args.logits)
+    main_l, null_l, items = saved["main"].float(), saved["null"].float(), saved["items"]
+    processor = AutoProcessor.from_pretrained(resolve_model_id("organism:smol-whisper"))
+    words: dict[int, str] = {}
+
+    def verdicts(logits: torch.Tensor) -> list[str]:
+        out = []
+        for token, item in zip(logits.argmax(-1).tolist(), items, strict=True):
+            if token not in words:
+                words[token] = processor.decode([token], skip_special_tokens=True)
+            out.append(judge(words[token], SimpleNamespace(**item)))
+        return out
+
+    plain = verdicts(main_l)
+    # the same math as contrastive_logits, its expensive parts computed once for the whole grid
+    gap = main_l - null_l
+    probs = main_l.softmax(-1)
+    relative = probs / probs.amax(-1, keepdim=True)
+    del probs
+    strengths = {g: gate_strength(Gate("audio_gap", *g), main_l, null_l) if g else None
+                 for g in dict.fromkeys(gate for _, gate, _, _ in GRID)}
+    agreement = agreement_signal(main_l, null_l)
+    families = defaultdict(list)
+    for i, item in enumerate(items):
+        families[item["family"]].append(i)
+    conflicts = {split: [i for i, it in enumerate(items) if it["kind"] == "conflict"
+                         and (it["family"] == "clean") == (split == "clean")] for split in ("clean", "perturbed")}
+    rows = []
+    for alpha, gate, plausibility, threshold in tqdm(GRID, desc="settings", mininterval=30):
+        strength = strengths[gate]
+        scale = alpha if strength is None else (alpha * strength).unsqueeze(-1)
+        combined = main_l + scale * gap
+        if plausibility is not None:
+            combined = combined.masked_fill(relative < plausibility, torch.finfo(combined.dtype).min)
+        if threshold is not None:
+            combined = torch.where((agreement >= threshold).unsqueeze(-1), main_l, combined)
+        out = verdicts(combined)
+        bounds = {}
+        for family, idx in families.items():
+            for kind in ("consistent", "audio_only"):
+                ks = [i for i in idx if items[i]["kind"] == kind]
+                bounds[f"{family} {kind}"] = harm_bound([plain[i] == "audio" for i in ks],
+                                                        [out[i] == "audio" for i in ks])
+        worst = max(bounds, key=lambda k: bounds[k]["upper"])
+        cuts = {split: tdr_reduction_bound([plain[i] for i in idx], [out[i] for i in idx])
+                for split, idx in conflicts.items()}
+        rows.append({"alpha": alpha, "gate": list(gate) if gate else None, "plausibility": plausibility,
+                     "agreement": threshold, "worst_bound": bounds[worst]["upper"], "worst": worst,
+                     "worst_lost_gained": [bounds[worst]["lost"], bounds[worst]["gained"]],
+                     "passes": bounds[worst]["upper"] <= MAX_HARM + 1e-9,
+                     "clean_tdr_cut": cuts["clean"]["reduction"], "perturbed_tdr_cut": cuts["perturbed"]["reduction"]})
+    passing = sorted((r for r in rows if r["passes"]), key=lambda r: -r["clean_tdr_cut"])
+    report = {"max_harm": MAX_HARM, "n_items": len(items), "best_passing": passing[:1],
+              "passing_without_agreement": [r for r in passing if r["agreement"] is None], "settings": rows}
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    logging.getLogger(__name__).info("%d of %d settings pass; best %s", len(passing), len(rows), passing[:1])
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    main()
