@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoProcessor
 
+from backpatch.evaluate import metrics
 from backpatch.items import judge
 from backpatch.loading import resolve_model_id
 from backpatch.methods import Gate
@@ -31,8 +32,31 @@ from backpatch.methods.gate import gate_strength
 from backpatch.paired import harm_bound, tdr_reduction_bound
 
 MAX_HARM = 0.02
+METRICS = ("tdr", "audio_only_acc", "consistent_acc", "n_conflict", "n_consistent", "n_audio_only")
 GRID = list(itertools.product((1.0, 2.0, 3.0, 4.0, 6.0), (None, (0.1, 0.3), (0.2, 0.4)),
                               (None, 0.05, 0.1, 0.2, 0.3), (None, 0.0, 0.1, 0.2, 0.3)))
+
+
+def leave_one_family_out(rows: list[dict], families: list[str]) -> dict[str, dict]:
+    """For each family F: the setting the rule chooses without F (highest clean TDR cut among those within the bound
+    on clean data and every other family), its bound on F, and how many settings that passed without F harm F."""
+    def on(row: dict, family: str) -> list[float]:
+        return [b for k, b in row["bounds"].items() if k.startswith(family + " ")]
+
+    def off(row: dict, family: str) -> list[float]:
+        return [b for k, b in row["bounds"].items() if not k.startswith(family + " ")]
+
+    out = {}
+    for held in families:
+        passed = [r for r in rows if max(off(r, held)) <= MAX_HARM + 1e-9]
+        harmed = [r for r in passed if max(on(r, held)) > MAX_HARM + 1e-9]
+        chosen = max(passed, key=lambda r: r["clean_tdr_cut"], default=None)
+        out[held] = {"passed_without": len(passed), "harmed_held_out": len(harmed),
+                     "chosen": None if chosen is None else {k: chosen[k] for k in ("alpha", "gate", "plausibility",
+                                                                                  "agreement", "clean_tdr_cut")},
+                     "chosen_harms_held_out": None if chosen is None else chosen in harmed,
+                     "chosen_bound_on_held_out": None if chosen is None else max(on(chosen, held))}
+    return out
 
 
 def main() -> None:
@@ -67,6 +91,10 @@ def main() -> None:
         families[item["family"]].append(i)
     conflicts = {split: [i for i, it in enumerate(items) if it["kind"] == "conflict"
                          and (it["family"] == "clean") == (split == "clean")] for split in ("clean", "perturbed")}
+    splits = {split: [i for i, it in enumerate(items) if (it["family"] == "clean") == (split == "clean")]
+              for split in ("clean", "perturbed")}
+    plain_metrics = {split: metrics([SimpleNamespace(kind=items[i]["kind"]) for i in idx], [plain[i] for i in idx])
+                     for split, idx in splits.items()}
     rows = []
     for alpha, gate, plausibility, threshold in tqdm(GRID, desc="settings", mininterval=30):
         strength = strengths[gate]
@@ -86,13 +114,19 @@ def main() -> None:
         worst = max(bounds, key=lambda k: bounds[k]["upper"])
         cuts = {split: tdr_reduction_bound([plain[i] for i in idx], [out[i] for i in idx])
                 for split, idx in conflicts.items()}
+        split_metrics = {split: metrics([SimpleNamespace(kind=items[i]["kind"]) for i in idx], [out[i] for i in idx])
+                         for split, idx in splits.items()}
         rows.append({"alpha": alpha, "gate": list(gate) if gate else None, "plausibility": plausibility,
-                     "agreement": threshold, "worst_bound": bounds[worst]["upper"], "worst": worst,
+                     "agreement": threshold, "bounds": {k: b["upper"] for k, b in bounds.items()},
+                     "worst_bound": bounds[worst]["upper"], "worst": worst,
                      "worst_lost_gained": [bounds[worst]["lost"], bounds[worst]["gained"]],
                      "passes": bounds[worst]["upper"] <= MAX_HARM + 1e-9,
-                     "clean_tdr_cut": cuts["clean"]["reduction"], "perturbed_tdr_cut": cuts["perturbed"]["reduction"]})
+                     "clean_tdr_cut": cuts["clean"]["reduction"], "perturbed_tdr_cut": cuts["perturbed"]["reduction"],
+                     "metrics": {split: {k: m[k] for k in METRICS} for split, m in split_metrics.items()}})
     passing = sorted((r for r in rows if r["passes"]), key=lambda r: -r["clean_tdr_cut"])
     report = {"max_harm": MAX_HARM, "n_items": len(items), "best_passing": passing[:1],
+              "plain": {split: {k: m[k] for k in METRICS} for split, m in plain_metrics.items()},
+              "leave_one_family_out": leave_one_family_out(rows, [f for f in families if f != "clean"]),
               "passing_without_agreement": [r for r in passing if r["agreement"] is None], "settings": rows}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
