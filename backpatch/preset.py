@@ -181,8 +181,10 @@ class Calibration:
         for key, value in self.metrics.items():
             check_str(key, join(where, "metrics"), origin)
             number = check_float(value, join(join(where, "metrics"), str(key)), origin)
-            # counts (n_conflict, ...) stay integers; a count read back as 720.0 from an older file is one too
-            self.metrics[key] = int(number) if key.startswith("n_") and number.is_integer() else number
+            # counts (n_conflict, perturbed_n_conflict, ...) stay integers; a count read back as 720.0 from an older
+            # file is one too
+            is_count = str(key).startswith("n_") or "_n_" in str(key)
+            self.metrics[key] = int(number) if is_count and number.is_integer() else number
 
 
 #: preset keys of methods that are dataclass fields of :class:`Preset` (the built-ins; a registered plugin's section

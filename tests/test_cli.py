@@ -49,7 +49,7 @@ def test_methods_label_names_what_a_preset_does_not_back_patching_by_default():
     label = backpatch.methods_label
     contrastive = backpatch.Contrastive(alpha=2.0)
     gate = backpatch.Gate("audio_gap", 0.1, 0.3)
-    assert label(backpatch.load_preset("smol-whisper")) == "contrastive a=2 + gate"
+    assert label(backpatch.load_preset("smol-whisper")) == "contrastive a=1 + gate"
     assert label(Preset(name="c", contrastive=contrastive)) == "contrastive a=2"
     assert label(Preset(name="c0", contrastive=backpatch.Contrastive(alpha=0.0))) == "contrastive a=0"
     assert label(Preset(name="p", patches=[Patch(20, 18)])) == "back-patched 20->18"

@@ -475,7 +475,7 @@ def test_app_queues_compare_one_at_a_time_and_names_the_endpoint(server):
     assert len(compare) == 1 and compare[0].concurrency_limit == 1
     assert [c.label for c in compare[0].inputs[:2]] == ["Audio clip", "Prompt"]
     # the right answer is labelled with what the preset does: smol-whisper's does no back-patching
-    assert [c.label for c in compare[0].outputs[:2]] == ["Plain model", "With the preset: contrastive a=2 + gate"]
+    assert [c.label for c in compare[0].outputs[:2]] == ["Plain model", "With the preset: contrastive a=1 + gate"]
     # every event that runs the model shares one concurrency slot
     model_fns = [fn for fn in app.fns.values() if fn.fn is not None and fn.fn.__name__ == "on_compare"]
     assert len(model_fns) == 2 and {fn.concurrency_id for fn in model_fns} == {"model"}
@@ -499,7 +499,7 @@ def test_controls_show_the_gate_and_grey_out_the_patch_for_a_patchless_preset(se
     assert [c.value for c in gate] == [preset.gate.signal, preset.gate.low, preset.gate.high]
     assert all(c.interactive is not False for c in gate)
     intro = _component(app, "bp-intro").value
-    assert intro.startswith("# backpatch: plain vs contrastive a=2 + gate, side by side")
+    assert intro.startswith("# backpatch: plain vs contrastive a=1 + gate, side by side")
     assert "back-patched" not in intro
     assert "**Off:** back-patching" in _component(app, "bp-methods").value
 
@@ -565,7 +565,7 @@ def test_browser_compare_shows_plain_following_text_and_backpatched_following_au
             page.goto(url, wait_until="domcontentloaded")
             expect(page.locator("#bp-compare")).to_be_visible(timeout=30_000)
             # the page names what the preset does; its patch controls are greyed out, its gate is on
-            expect(page.locator("#bp-intro")).to_contain_text("plain vs contrastive a=2 + gate")
+            expect(page.locator("#bp-intro")).to_contain_text("plain vs contrastive a=1 + gate")
             expect(page.locator("#bp-source input").first).to_be_disabled()
             expect(page.locator("#bp-gate-on input[type=checkbox]")).to_be_checked()
             expect(page.locator("#bp-gate-low input")).to_be_enabled()

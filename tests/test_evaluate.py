@@ -171,7 +171,7 @@ def test_table_names_the_second_column_by_the_presets_methods():
     m = metrics([item("conflict"), item("audio_only")], ["text", "audio"])
     report = {"plain": m, "backpatched": m, "preset": backpatch.load_preset("smol-whisper").to_dict(),
               "settings": {"mitigation": "preset", "instruction": None}}
-    assert _table_header(report) == ["metric", "plain", "contrastive a=2 + gate"]
+    assert _table_header(report) == ["metric", "plain", "contrastive a=1 + gate"]
     assert "backpatched" not in format_table(report) and "back-patched" not in format_table(report)
     report["preset"] = Preset(patches=[Patch(20, 18)], name="p").to_dict()
     assert _table_header(report)[2] == "back-patched 20->18"

@@ -36,7 +36,7 @@ def test_quickstart_answers_are_what_the_text_says(capsys):
     assert plain in ("seven", "three") and patched in scope["backpatch"].organism.DIGITS
     assert scope["backpatch"].backpatch_hook_count(scope["model"]) == 0
     printed = capsys.readouterr().out
-    assert "contrastive a=2 + gate:" in printed and "back-patched" not in printed
+    assert "contrastive a=1 + gate:" in printed and "back-patched" not in printed
 
 
 def test_no_runnable_block_labels_an_answer_back_patched():

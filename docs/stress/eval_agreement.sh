@@ -8,6 +8,6 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 for split in clean perturbed; do
   data=/work/data/smol/conflicts/test/conflicts.jsonl
   [ $split = perturbed ] && data=/work/data/smol/perturbed/test/conflicts.jsonl
-  time .venv/bin/backpatch eval --model organism:smol-whisper --preset /work/data/smol/cal6/candidate.yaml \
+  time .venv/bin/backpatch eval --model organism:smol-whisper --preset presets/smol-whisper.yaml \
     --data $data --out /work/data/smol/cal6/test-$split.json --max-new-tokens 4 --batch-size 48
 done

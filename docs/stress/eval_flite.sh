@@ -5,8 +5,8 @@
 set -x
 cd /work/main
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-.venv/bin/backpatch eval --model organism:smol-whisper --preset /work/data/smol/cal6/previous.yaml \
+.venv/bin/backpatch eval --model organism:smol-whisper --preset docs/stress/smol-whisper-resumed.yaml \
   --data /work/data/flite/conflicts.jsonl --out /work/data/smol/cal6/flite-previous.json --max-new-tokens 4 --batch-size 48
-.venv/bin/backpatch eval --model organism:smol-whisper --preset /work/data/smol/cal6/candidate.yaml \
+.venv/bin/backpatch eval --model organism:smol-whisper --preset presets/smol-whisper.yaml \
   --data /work/data/flite/conflicts.jsonl --out /work/data/smol/cal6/flite-new.json --max-new-tokens 4 --batch-size 48 \
   --plain-from /work/data/smol/cal6/flite-previous.json
