@@ -218,7 +218,8 @@ def test_methods_line_names_what_is_on_and_off(demo):
     from backpatch.demo import methods_status
 
     line = methods_status(backpatch.load_preset(PRESET))
-    assert line == ("**On:** contrastive decoding α 2, audio-confidence gate audio_gap 0.1..0.3. **Off:** "
+    assert line == ("**On:** contrastive decoding α 1 (agreement guard 0.3), audio-confidence gate audio_gap 0.2..0.4. "
+                    "**Off:** "
                     "back-patching, attention to audio, audio-silence steering.")
     patched = backpatch.Preset(name="p", patches=[backpatch.Patch(20, 18)])
     assert methods_status(patched).startswith("**On:** back-patching (1 patch). **Off:** contrastive decoding")

@@ -79,7 +79,9 @@ class ContrastiveDecoding(Method):
         return [f"contrastive alpha {config.alpha:g} ({config.null_audio}{guard})"]
 
     def summary(self, config: Any) -> str:
-        return f"contrastive decoding α {config.alpha:g}"
+        guards = [f"{name} guard {value:g}" for name, value in (("plausibility", config.plausibility),
+                                                               ("agreement", config.agreement)) if value is not None]
+        return f"contrastive decoding α {config.alpha:g}" + (f" ({', '.join(guards)})" if guards else "")
 
 
 def _agreement_text(config: Any) -> str:
