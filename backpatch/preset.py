@@ -183,7 +183,7 @@ class Calibration:
             number = check_float(value, join(join(where, "metrics"), str(key)), origin)
             # counts (n_conflict, perturbed_n_conflict, ...) stay integers; a count read back as 720.0 from an older
             # file is one too
-            is_count = str(key).startswith("n_") or "_n_" in str(key)
+            is_count = key.startswith("n_") or "_n_" in key
             self.metrics[key] = int(number) if is_count and number.is_integer() else number
 
 

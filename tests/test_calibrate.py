@@ -769,23 +769,23 @@ def test_a_verified_finalist_must_not_lose_more_than_the_bound_on_any_perturbati
         "perturbed consistent bound 0.03", "reverb audio-only 0.04", "noise consistent 0.0308"]
 
 
-def test_a_guarded_candidate_reads_back_from_its_sweep_row_and_writes_its_guard():
+@pytest.mark.parametrize("candidate,key,label,contrastive", [
+    (Candidate.of(Setting(5, 1, 1.0, "add", "audio"), 2.0, backpatch.Gate("audio_gap", 0.1, 0.3), 0.3),
+     "plausibility", "contrastive a=2 plausibility 0.3",
+     backpatch.Contrastive(alpha=2.0, null_audio="silence", plausibility=0.3)),
+    (Candidate.of(None, 1.0, backpatch.Gate("audio_gap", 0.2, 0.4), agreement=0.3),
+     "agreement", "contrastive a=1 agreement 0.3",
+     backpatch.Contrastive(alpha=1.0, null_audio="silence", agreement=0.3)),
+])
+def test_a_guarded_candidate_reads_back_from_its_sweep_row_and_writes_its_guard(candidate, key, label, contrastive):
     from backpatch.calibrate.report import _row
     from backpatch.calibrate.resume import candidate_of_row
     from backpatch.calibrate.writing import candidate_preset
 
-    candidate = Candidate.of(Setting(5, 1, 1.0, "add", "audio"), 2.0, backpatch.Gate("audio_gap", 0.1, 0.3), 0.3)
     m = {"tdr": 0.1, "afr": 0.0, "other_rate": 0.0, "audio_only_acc": 1.0, "consistent_acc": 1.0}
     row = _row(candidate, m, m, 0.02, bounded=False)
-    assert row["plausibility"] == 0.3 and "contrastive a=2 plausibility 0.3" in row["setting"]
+    assert row[key] == 0.3 and label in row["setting"]
     assert candidate_of_row(json.loads(json.dumps(row))) == candidate
     preset = candidate_preset(backpatch.Preset(patches=[backpatch.Patch(5, 1)]), candidate, "silence")
-    assert preset.contrastive == backpatch.Contrastive(alpha=2.0, null_audio="silence", plausibility=0.3)
-    assert "plausibility 0.3" in backpatch.preset.methods_details(preset)
-    agreeing = Candidate.of(None, 1.0, backpatch.Gate("audio_gap", 0.2, 0.4), agreement=0.3)
-    row = _row(agreeing, m, m, 0.02, bounded=False)
-    assert row["agreement"] == 0.3 and "contrastive a=1 agreement 0.3" in row["setting"]
-    assert candidate_of_row(json.loads(json.dumps(row))) == agreeing
-    preset = candidate_preset(backpatch.Preset(patches=[backpatch.Patch(5, 1)]), agreeing, "silence")
-    assert preset.contrastive == backpatch.Contrastive(alpha=1.0, null_audio="silence", agreement=0.3)
-    assert "agreement 0.3" in backpatch.preset.methods_details(preset)
+    assert preset.contrastive == contrastive
+    assert f"{key} 0.3" in backpatch.preset.methods_details(preset)

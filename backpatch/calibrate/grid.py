@@ -70,11 +70,6 @@ class Candidate:
         return Candidate.of(self.setting, self.alpha, self.gate, self.plausibility, self.agreement,
                             **{**dict(self.blocks), **blocks})
 
-    def guarded(self, gate: Gate | None = None, plausibility: float | None = None,
-                agreement: float | None = None) -> Candidate:
-        """The same candidate with this gate and these guards."""
-        return Candidate.of(self.setting, self.alpha, gate, plausibility, agreement, **dict(self.blocks))
-
     def __hash__(self) -> int:  # a plugin's config need not be hashable: hash what its method writes
         return hash((self.setting, self.alpha, self.gate, self.plausibility, self.agreement,
                      tuple((k, _frozen(get_method(k).dump(c))) for k, c in self.blocks)))

@@ -41,7 +41,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -268,7 +268,7 @@ def staged_search(
     refine = list(dict.fromkeys([*contrastive, *best1, *(Candidate(s) for s in strongest), *neighbours]))
     if gates:
         gated = [c for c in refine if c.setting in (*top_patches[:1], *strongest) or (c.setting is None)]
-        refine += [c.guarded(g, c.plausibility, c.agreement) for c in gated for g in gate_grid()]
+        refine += [replace(c, gate=g) for c in gated for g in gate_grid()]
     if blocks:  # the peer methods' small grids (a full forward each: no stored states serve them)
         refine += block_grid(num_layers)
     refine = by_priority(refine)

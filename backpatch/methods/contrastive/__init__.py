@@ -74,14 +74,18 @@ class ContrastiveDecoding(Method):
         return f"contrastive a={config.alpha:g}"
 
     def details(self, config: Any) -> list[str]:
-        guard = f", plausibility {config.plausibility:g}" if config.plausibility is not None else ""
-        guard += f", agreement {config.agreement:g}" if config.agreement is not None else ""
+        guard = "".join(f", {name} {value:g}" for name, value in _guards(config))
         return [f"contrastive alpha {config.alpha:g} ({config.null_audio}{guard})"]
 
     def summary(self, config: Any) -> str:
-        guards = [f"{name} guard {value:g}" for name, value in (("plausibility", config.plausibility),
-                                                               ("agreement", config.agreement)) if value is not None]
-        return f"contrastive decoding α {config.alpha:g}" + (f" ({', '.join(guards)})" if guards else "")
+        guards = ", ".join(f"{name} guard {value:g}" for name, value in _guards(config))
+        return f"contrastive decoding α {config.alpha:g}" + (f" ({guards})" if guards else "")
+
+
+def _guards(config: Contrastive) -> list[tuple[str, float]]:
+    """The guards this setting turns on, by name, in the preset's key order."""
+    return [(name, value) for name, value in (("plausibility", config.plausibility), ("agreement", config.agreement))
+            if value is not None]
 
 
 def _agreement_text(config: Any) -> str:

@@ -1,0 +1,64 @@
+"""Issue 28: write the smol-whisper preset that scripts/agreement_frontier.py chose (the passing setting with the
+largest clean TDR cut), with its validation metrics and the commands that made it. The model facts (match, layers,
+audio span) come from the bundled preset it replaces.
+
+    python scripts/agreement_preset.py docs/stress/agreement-frontier.json presets/smol-whisper.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import backpatch
+from backpatch import Contrastive, Gate
+from backpatch.preset import Calibration
+
+COMMAND = ("python scripts/agreement_probe.py --data perturbed-families/validation/conflicts.jsonl --clean "
+           "conflicts/validation/conflicts.jsonl --out logits.pt && python scripts/agreement_frontier.py logits.pt "
+           "--out docs/stress/agreement-frontier.json && python scripts/agreement_preset.py "
+           "docs/stress/agreement-frontier.json presets/smol-whisper.yaml")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("frontier")
+    ap.add_argument("out")
+    args = ap.parse_args()
+    report = json.load(open(args.frontier))
+    if not report["best_passing"]:
+        raise SystemExit(f"{args.frontier}: no setting passes the per-family rule; nothing to write")
+    best, plain = report["best_passing"][0], report["plain"]
+    metrics: dict[str, float | int] = {}
+    for split, prefix in (("clean", ""), ("perturbed", "perturbed_")):
+        for key in ("tdr", "audio_only_acc", "consistent_acc"):
+            metrics[f"{prefix}{key}_before"] = round(plain[split][key], 4)
+            metrics[f"{prefix}{key}_after"] = round(best["metrics"][split][key], 4)
+        for key in ("n_conflict", "n_consistent", "n_audio_only"):
+            metrics[f"{prefix}{key}"] = int(best["metrics"][split][key])
+    metrics["harm_upper_bound"] = best["worst_bound"]
+    passing = sum(s["passes"] for s in report["settings"])
+    description = (
+        "Chosen on validation only (first answer token, clean validation + every-family perturbed validation: every "
+        "clip under each of 7 perturbation families, 240 consistent + 240 audio-only items per family) by the "
+        "per-family no-harm rule: the paired 95% upper bound on control accuracy loss <= 0.02 on clean data and on "
+        f"each family. {passing} of {len(report['settings'])} contrastive settings (alpha, audio_gap ramp, "
+        "plausibility and agreement guards) pass, all with the agreement guard; this one cuts TDR most: clean "
+        f"{metrics['tdr_before']} -> {metrics['tdr_after']}, perturbed {metrics['perturbed_tdr_before']} -> "
+        f"{metrics['perturbed_tdr_after']}, worst family bound {best['worst_bound']} ({best['worst']}). The previous "
+        "preset (alpha 2, audio_gap 0.1..0.3, no guard) cut more but exceeded the bound on 4 of 7 families.")
+    facts = backpatch.load_preset(args.out)
+    gate = Gate("audio_gap", *best["gate"]) if best["gate"] else None
+    preset = backpatch.Preset(
+        name="smol-whisper", description=description, match=facts.match, model=facts.model,
+        audio_span=facts.audio_span, gate=gate,
+        contrastive=Contrastive(alpha=best["alpha"], null_audio="silence", plausibility=best["plausibility"],
+                                agreement=best["agreement"]),
+        calibration=Calibration(
+            status="calibrated", metrics=metrics, command=COMMAND,
+            data="conflicts/validation/conflicts.jsonl + perturbed-families/validation/conflicts.jsonl"))
+    preset.to_yaml(args.out)
+
+
+if __name__ == "__main__":
+    main()
