@@ -8,6 +8,15 @@ paired 95% upper bound on the loss of consistent and of audio-only accuracy at m
 family. Writes every setting's worst family and TDR cuts.
 
     python scripts/agreement_frontier.py /work/probe/logits.pt --out docs/stress/agreement-frontier.json
+
+With ``--patched`` (the output of scripts/patch_probe.py) it scores back-patching instead: the patch at each measured
+scale, alone or with contrastive decoding (alpha 1-3, no plausibility guard or 0.1, no agreement guard or 0-0.3),
+under no gate or either audio_gap ramp (the gate scales the patch too, as in generate()), 31 settings per scale and
+gate; ``--with-rows`` pools the contrastive-only rows in, so the choice and the leave-one-family-out estimate run
+over both (about 15 min for two scales):
+
+    python scripts/agreement_frontier.py /work/probe/logits.pt --patched /work/probe/patched.pt \
+        --with-rows docs/stress/agreement-frontier.json --out docs/stress/patch-frontier.json
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from backpatch.evaluate import metrics
 from backpatch.items import judge
 from backpatch.loading import resolve_model_id
 from backpatch.methods import Gate
-from backpatch.methods.contrastive import agreement_signal
+from backpatch.methods.contrastive import agreement_signal, contrastive_logits
 from backpatch.methods.gate import gate_strength
 from backpatch.paired import harm_bound, tdr_reduction_bound
 
@@ -35,6 +44,8 @@ MAX_HARM = 0.02
 METRICS = ("tdr", "audio_only_acc", "consistent_acc", "n_conflict", "n_consistent", "n_audio_only")
 GRID = list(itertools.product((1.0, 2.0, 3.0, 4.0, 6.0), (None, (0.1, 0.3), (0.2, 0.4)),
                               (None, 0.05, 0.1, 0.2, 0.3), (None, 0.0, 0.1, 0.2, 0.3)))
+#: with a patch: no contrastive term, or alpha 1..3 with no plausibility guard or 0.1 and the agreement guards
+PATCHED_GRID = [(0.0, None, None)] + list(itertools.product((1.0, 2.0, 3.0), (None, 0.1), (None, 0.0, 0.1, 0.2, 0.3)))
 
 
 def leave_one_family_out(rows: list[dict], families: list[str]) -> dict[str, dict]:
@@ -52,17 +63,53 @@ def leave_one_family_out(rows: list[dict], families: list[str]) -> dict[str, dic
         harmed = [r for r in passed if max(on(r, held)) > MAX_HARM + 1e-9]
         chosen = max(passed, key=lambda r: r["clean_tdr_cut"], default=None)
         out[held] = {"passed_without": len(passed), "harmed_held_out": len(harmed),
-                     "chosen": None if chosen is None else {k: chosen[k] for k in ("alpha", "gate", "plausibility",
-                                                                                  "agreement", "clean_tdr_cut")},
+                     "chosen": None if chosen is None else {k: chosen.get(k) for k in ("patch", "alpha", "gate",
+                                                                                      "plausibility", "agreement",
+                                                                                      "clean_tdr_cut")},
                      "chosen_harms_held_out": None if chosen is None else chosen in harmed,
                      "chosen_bound_on_held_out": None if chosen is None else max(on(chosen, held))}
     return out
+
+
+def patched_main(probe: dict, scale: float, gate, main_l: torch.Tensor, strength) -> torch.Tensor:
+    """What the engine's first-token logits are with the probe's patch at ``scale`` under ``gate``: full strength
+    where the gate is 1 (or absent), plain where it is 0, the probe's gated forward where it is in between."""
+    measured = probe["scales"][scale]
+    full = measured["full"].float()
+    if gate is None:
+        return full
+    patched = torch.where((strength == 1).unsqueeze(-1), full, main_l)
+    part = measured["gated"][f"{gate[0]}-{gate[1]}"]
+    patched[part["rows"]] = part["logits"].float()
+    return patched
+
+
+def patched_rows(probe: dict, items: list[dict], main_l: torch.Tensor, null_l: torch.Tensor, strengths: dict,
+                 row) -> list[dict]:
+    """Back-patching alone (alpha 0) and with guarded contrastive decoding, each under no gate or an audio_gap gate;
+    the contrastive gate re-measured on the patched distribution, as ``generate()`` does."""
+    if [it["id"] for it in probe["items"]] != [it["id"] for it in items]:
+        raise ValueError("the patch probe's items differ from the logits' items")
+    rows = []
+    for scale, gate in tqdm(list(itertools.product(probe["scales"], (None, (0.1, 0.3), (0.2, 0.4)))),
+                            desc="patch settings"):
+        main = patched_main(probe, scale, gate, main_l, strengths[gate])
+        strength = gate_strength(Gate("audio_gap", *gate), main, null_l) if gate else None
+        for alpha, plausibility, threshold in PATCHED_GRID:
+            combined = main if not alpha else contrastive_logits(main, null_l, alpha, strength, plausibility,
+                                                                 threshold)
+            setting = {"patch": {**probe["patch"], "scale": scale}, "alpha": alpha,
+                       "gate": list(gate) if gate else None, "plausibility": plausibility, "agreement": threshold}
+            rows.append(row(setting, combined))
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("logits")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--patched", help="scripts/patch_probe.py's output: score back-patching with contrastive decoding")
+    ap.add_argument("--with-rows", help="with --patched: the contrastive-only frontier's JSON, pooled in")
     args = ap.parse_args()
     saved = torch.load(args.logits)
     main_l, null_l, items = saved["main"].float(), saved["null"].float(), saved["items"]
@@ -95,15 +142,8 @@ def main() -> None:
               for split in ("clean", "perturbed")}
     plain_metrics = {split: metrics([SimpleNamespace(kind=items[i]["kind"]) for i in idx], [plain[i] for i in idx])
                      for split, idx in splits.items()}
-    rows = []
-    for alpha, gate, plausibility, threshold in tqdm(GRID, desc="settings", mininterval=30):
-        strength = strengths[gate]
-        scale = alpha if strength is None else (alpha * strength).unsqueeze(-1)
-        combined = main_l + scale * gap
-        if plausibility is not None:
-            combined = combined.masked_fill(relative < plausibility, torch.finfo(combined.dtype).min)
-        if threshold is not None:
-            combined = torch.where((agreement >= threshold).unsqueeze(-1), main_l, combined)
+
+    def row(setting: dict, combined: torch.Tensor) -> dict:
         out = verdicts(combined)
         bounds = {}
         for family, idx in families.items():
@@ -116,13 +156,31 @@ def main() -> None:
                 for split, idx in conflicts.items()}
         split_metrics = {split: metrics([SimpleNamespace(kind=items[i]["kind"]) for i in idx], [out[i] for i in idx])
                          for split, idx in splits.items()}
-        rows.append({"alpha": alpha, "gate": list(gate) if gate else None, "plausibility": plausibility,
-                     "agreement": threshold, "bounds": {k: b["upper"] for k, b in bounds.items()},
-                     "worst_bound": bounds[worst]["upper"], "worst": worst,
-                     "worst_lost_gained": [bounds[worst]["lost"], bounds[worst]["gained"]],
-                     "passes": bounds[worst]["upper"] <= MAX_HARM + 1e-9,
-                     "clean_tdr_cut": cuts["clean"]["reduction"], "perturbed_tdr_cut": cuts["perturbed"]["reduction"],
-                     "metrics": {split: {k: m[k] for k in METRICS} for split, m in split_metrics.items()}})
+        return {**setting, "bounds": {k: b["upper"] for k, b in bounds.items()},
+                "worst_bound": bounds[worst]["upper"], "worst": worst,
+                "worst_lost_gained": [bounds[worst]["lost"], bounds[worst]["gained"]],
+                "passes": bounds[worst]["upper"] <= MAX_HARM + 1e-9,
+                "clean_tdr_cut": cuts["clean"]["reduction"], "perturbed_tdr_cut": cuts["perturbed"]["reduction"],
+                "metrics": {split: {k: m[k] for k in METRICS} for split, m in split_metrics.items()}}
+
+    rows = []
+    if args.patched is None:
+        for alpha, gate, plausibility, threshold in tqdm(GRID, desc="settings", mininterval=30):
+            strength = strengths[gate]
+            scale = alpha if strength is None else (alpha * strength).unsqueeze(-1)
+            combined = main_l + scale * gap
+            if plausibility is not None:
+                combined = combined.masked_fill(relative < plausibility, torch.finfo(combined.dtype).min)
+            if threshold is not None:
+                combined = torch.where((agreement >= threshold).unsqueeze(-1), main_l, combined)
+            rows.append(row({"alpha": alpha, "gate": list(gate) if gate else None, "plausibility": plausibility,
+                             "agreement": threshold}, combined))
+    else:
+        del gap, relative
+        rows = patched_rows(torch.load(args.patched), items, main_l, null_l, strengths, row)
+        if args.with_rows:  # the contrastive-only frontier on the same items: one choice and one LOFO over both
+            with open(args.with_rows) as f:
+                rows += json.load(f)["settings"]
     passing = sorted((r for r in rows if r["passes"]), key=lambda r: -r["clean_tdr_cut"])
     report = {"max_harm": MAX_HARM, "n_items": len(items), "best_passing": passing[:1],
               "plain": {split: {k: m[k] for k in METRICS} for split, m in plain_metrics.items()},

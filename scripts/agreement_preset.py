@@ -11,13 +11,22 @@ import argparse
 import json
 
 import backpatch
-from backpatch import Contrastive, Gate
+from backpatch import Contrastive, Gate, Patch
 from backpatch.preset import Calibration
 
 COMMAND = ("python scripts/agreement_probe.py --data perturbed-families/validation/conflicts.jsonl --clean "
            "conflicts/validation/conflicts.jsonl --out logits.pt && python scripts/agreement_frontier.py logits.pt "
            "--out docs/stress/agreement-frontier.json && python scripts/agreement_preset.py "
            "docs/stress/agreement-frontier.json presets/smol-whisper.yaml")
+#: the command when the frontier also scored back-patching (scripts/patch_probe.py, agreement_frontier.py --patched)
+PATCHED_COMMAND = (
+    "python scripts/agreement_probe.py --data perturbed-families/validation/conflicts.jsonl --clean "
+    "conflicts/validation/conflicts.jsonl --out logits.pt && python scripts/agreement_frontier.py logits.pt "
+    "--out docs/stress/agreement-frontier.json && python scripts/patch_probe.py logits.pt --data "
+    "perturbed-families/validation/conflicts.jsonl --clean conflicts/validation/conflicts.jsonl --out patched.pt "
+    "--scales 1.0 0.5 && python scripts/agreement_frontier.py logits.pt --patched patched.pt --with-rows "
+    "docs/stress/agreement-frontier.json --out docs/stress/patch-frontier.json && python scripts/agreement_preset.py "
+    "docs/stress/patch-frontier.json presets/smol-whisper.yaml")
 
 
 def main() -> None:
@@ -37,13 +46,21 @@ def main() -> None:
         for key in ("n_conflict", "n_consistent", "n_audio_only"):
             metrics[f"{prefix}{key}"] = int(best["metrics"][split][key])
     metrics["harm_upper_bound"] = best["worst_bound"]
-    passing = sum(s["passes"] for s in report["settings"])
+    settings = report["settings"]
+    passing = sum(s["passes"] for s in settings)
+    patched = [s for s in settings if s.get("patch")]
+    searched = ("contrastive settings (alpha, audio_gap ramp, plausibility and agreement guards)" if not patched else
+                f"settings ({len(settings) - len(patched)} contrastive: alpha, audio_gap ramp, plausibility and "
+                f"agreement guards; {len(patched)} with the back-patch {patched[0]['patch']['source']} -> "
+                f"{patched[0]['patch']['target']} add @{patched[0]['patch']['positions']} at several scales, alone "
+                "or with those guards)")
+    all_guarded = all(s["agreement"] is not None for s in settings if s["passes"])
+    guarded = ", all with the agreement guard" if all_guarded else ""
     description = (
         "Chosen on validation only (first answer token, clean validation + every-family perturbed validation: every "
         "clip under each of 7 perturbation families, 240 consistent + 240 audio-only items per family) by the "
         "per-family no-harm rule: the paired 95% upper bound on control accuracy loss <= 0.02 on clean data and on "
-        f"each family. {passing} of {len(report['settings'])} contrastive settings (alpha, audio_gap ramp, "
-        "plausibility and agreement guards) pass, all with the agreement guard; this one cuts TDR most: clean "
+        f"each family. {passing} of {len(settings)} {searched} pass{guarded}; this one cuts TDR most: clean "
         f"{metrics['tdr_before']} -> {metrics['tdr_after']}, perturbed {metrics['perturbed_tdr_before']} -> "
         f"{metrics['perturbed_tdr_after']}, worst family bound {best['worst_bound']} ({best['worst']}). The previous "
         "preset (alpha 2, audio_gap 0.1..0.3, no guard) cut more but exceeded the bound on 4 of 7 families.")
@@ -52,10 +69,11 @@ def main() -> None:
     preset = backpatch.Preset(
         name="smol-whisper", description=description, match=facts.match, model=facts.model,
         audio_span=facts.audio_span, gate=gate,
+        patches=[Patch(**best["patch"])] if best.get("patch") else [],
         contrastive=Contrastive(alpha=best["alpha"], null_audio="silence", plausibility=best["plausibility"],
-                                agreement=best["agreement"]),
+                                agreement=best["agreement"]) if best["alpha"] or gate else None,
         calibration=Calibration(
-            status="calibrated", metrics=metrics, command=COMMAND,
+            status="calibrated", metrics=metrics, command=PATCHED_COMMAND if patched else COMMAND,
             data="conflicts/validation/conflicts.jsonl + perturbed-families/validation/conflicts.jsonl"))
     preset.to_yaml(args.out)
 

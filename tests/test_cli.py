@@ -44,12 +44,12 @@ def test_method_labels_name_the_attention_and_steering_blocks():
     assert backpatch.methods_label(preset) == "attention a=0.1 + steering b=1.5"  # alpha 0 rows only feed steering
 
 
-def test_methods_label_names_what_a_preset_does_not_back_patching_by_default():
-    """Issue 25: a preset without patches is not "back-patched" in any label people read."""
+def test_methods_label_names_what_a_preset_does():
+    """Issue 25: a label names the methods a preset runs; one without patches is not "back-patched"."""
     label = backpatch.methods_label
     contrastive = backpatch.Contrastive(alpha=2.0)
     gate = backpatch.Gate("audio_gap", 0.1, 0.3)
-    assert label(backpatch.load_preset("smol-whisper")) == "contrastive a=1 + gate"
+    assert label(backpatch.load_preset("smol-whisper")) == "back-patched 20->18 + contrastive a=3 + gate"
     assert label(Preset(name="c", contrastive=contrastive)) == "contrastive a=2"
     assert label(Preset(name="c0", contrastive=backpatch.Contrastive(alpha=0.0))) == "contrastive a=0"
     assert label(Preset(name="p", patches=[Patch(20, 18)])) == "back-patched 20->18"

@@ -197,7 +197,8 @@ def test_gate_controls_start_from_the_preset_and_change_what_runs(demo):
         (True, preset.gate.signal, preset.gate.low, preset.gate.high)
     clip, prompt = _clip(demo)
     off = demo.compare(str(clip.path), prompt, gate_on=False)
-    assert off.preset.gate is None and off.preset.contrastive == preset.contrastive and off.preset.patches == []
+    assert off.preset.gate is None and off.preset.contrastive == preset.contrastive
+    assert off.preset.patches == preset.patches
     ungated = dataclasses.replace(preset, gate=None)
     assert off.preset.calibration.status == "uncalibrated" and "gate" not in off.extra
     plain, patched, _, _ = _library_answers(demo.model, demo.processor, clip.wave, prompt, preset=ungated)
@@ -218,9 +219,8 @@ def test_methods_line_names_what_is_on_and_off(demo):
     from backpatch.demo import methods_status
 
     line = methods_status(backpatch.load_preset(PRESET))
-    assert line == ("**On:** contrastive decoding α 1 (agreement guard 0.3), audio-confidence gate audio_gap 0.2..0.4. "
-                    "**Off:** "
-                    "back-patching, attention to audio, audio-silence steering.")
+    assert line == ("**On:** back-patching (1 patch), contrastive decoding α 3 (agreement guard 0), audio-confidence "
+                    "gate audio_gap 0.2..0.4. **Off:** attention to audio, audio-silence steering.")
     patched = backpatch.Preset(name="p", patches=[backpatch.Patch(20, 18)])
     assert methods_status(patched).startswith("**On:** back-patching (1 patch). **Off:** contrastive decoding")
 
@@ -475,8 +475,9 @@ def test_app_queues_compare_one_at_a_time_and_names_the_endpoint(server):
     compare = [fn for fn in app.fns.values() if fn.api_name == "compare"]
     assert len(compare) == 1 and compare[0].concurrency_limit == 1
     assert [c.label for c in compare[0].inputs[:2]] == ["Audio clip", "Prompt"]
-    # the right answer is labelled with what the preset does: smol-whisper's does no back-patching
-    assert [c.label for c in compare[0].outputs[:2]] == ["Plain model", "With the preset: contrastive a=1 + gate"]
+    # the right answer is labelled with what the preset does
+    assert [c.label for c in compare[0].outputs[:2]] == [
+        "Plain model", "With the preset: back-patched 20->18 + contrastive a=3 + gate"]
     # every event that runs the model shares one concurrency slot
     model_fns = [fn for fn in app.fns.values() if fn.fn is not None and fn.fn.__name__ == "on_compare"]
     assert len(model_fns) == 2 and {fn.concurrency_id for fn in model_fns} == {"model"}
@@ -487,22 +488,35 @@ def _component(app, elem_id):
     return next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == elem_id)
 
 
-def test_controls_show_the_gate_and_grey_out_the_patch_for_a_patchless_preset(server):
-    """Issue 25: with smol-whisper's preset (contrastive decoding behind a gate, no patch) the patch controls are
-    off and not interactive, the gate's controls show its setting, and the page names the methods."""
+def test_controls_follow_the_preset_and_grey_out_the_patch_for_a_patchless_one(server, organism_model):
+    """Issue 25: the page starts from the preset: smol-whisper's patch (on, live, its values) and gate (its setting),
+    and the title and methods line name what it runs; for a preset without patches the patch controls are off and
+    not interactive, and nothing on the page says back-patched."""
+    import dataclasses
+
     _, app = server
     preset = backpatch.load_preset(PRESET)
-    assert _component(app, "bp-patch-on").value is False
-    for elem_id in ("bp-source", "bp-target", "bp-scale", "bp-mode", "bp-positions"):
-        assert _component(app, elem_id).interactive is False, elem_id
+    (patch,) = preset.patches
+    assert _component(app, "bp-patch-on").value is True
+    for key in ("source", "target", "scale", "mode", "positions"):
+        component = _component(app, f"bp-{key}")
+        assert component.interactive is not False and component.value == getattr(patch, key), key
     assert _component(app, "bp-gate-on").value is True
     gate = [_component(app, f"bp-gate-{key}") for key in ("signal", "low", "high")]
     assert [c.value for c in gate] == [preset.gate.signal, preset.gate.low, preset.gate.high]
     assert all(c.interactive is not False for c in gate)
-    intro = _component(app, "bp-intro").value
-    assert intro.startswith("# backpatch: plain vs contrastive a=1 + gate, side by side")
+    assert _component(app, "bp-intro").value.startswith(
+        f"# backpatch: plain vs {backpatch.methods_label(preset)}, side by side")
+    assert _component(app, "bp-methods").value.startswith("**On:** back-patching (1 patch)")
+
+    patchless = build_app(*organism_model, dataclasses.replace(preset, name="patchless", patches=[]))
+    assert _component(patchless, "bp-patch-on").value is False
+    for elem_id in ("bp-source", "bp-target", "bp-scale", "bp-mode", "bp-positions"):
+        assert _component(patchless, elem_id).interactive is False, elem_id
+    intro = _component(patchless, "bp-intro").value
+    assert intro.startswith("# backpatch: plain vs contrastive a=3 + gate, side by side")
     assert "back-patched" not in intro
-    assert "**Off:** back-patching" in _component(app, "bp-methods").value
+    assert "**Off:** back-patching" in _component(patchless, "bp-methods").value
 
 
 def test_api_endpoint_with_gradio_client(server, showcase_item, tmp_path):
@@ -565,9 +579,10 @@ def test_browser_compare_shows_plain_following_text_and_backpatched_following_au
             page.route("**/*", only_local)
             page.goto(url, wait_until="domcontentloaded")
             expect(page.locator("#bp-compare")).to_be_visible(timeout=30_000)
-            # the page names what the preset does; its patch controls are greyed out, its gate is on
-            expect(page.locator("#bp-intro")).to_contain_text("plain vs contrastive a=1 + gate")
-            expect(page.locator("#bp-source input").first).to_be_disabled()
+            # the page names what the preset does; its patch controls are live, its gate is on
+            preset = backpatch.load_preset(PRESET)
+            expect(page.locator("#bp-intro")).to_contain_text(f"plain vs {backpatch.methods_label(preset)}")
+            expect(page.locator("#bp-source input").first).to_be_enabled()
             expect(page.locator("#bp-gate-on input[type=checkbox]")).to_be_checked()
             expect(page.locator("#bp-gate-low input")).to_be_enabled()
 

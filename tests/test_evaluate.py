@@ -166,12 +166,14 @@ def _table_header(report):
 
 
 def test_table_names_the_second_column_by_the_presets_methods():
-    """Issue 25: the default preset (contrastive decoding behind a gate) is not labelled back-patched; the JSON keys
-    stay "plain"/"backpatched"."""
+    """Issue 25: the table's header names what the preset does (a preset without patches is not labelled
+    back-patched); the JSON keys stay "plain"/"backpatched"."""
     m = metrics([item("conflict"), item("audio_only")], ["text", "audio"])
     report = {"plain": m, "backpatched": m, "preset": backpatch.load_preset("smol-whisper").to_dict(),
               "settings": {"mitigation": "preset", "instruction": None}}
-    assert _table_header(report) == ["metric", "plain", "contrastive a=1 + gate"]
+    assert _table_header(report) == ["metric", "plain", "back-patched 20->18 + contrastive a=3 + gate"]
+    report["preset"] = Preset(contrastive=backpatch.Contrastive(alpha=1.0), name="c").to_dict()
+    assert _table_header(report) == ["metric", "plain", "contrastive a=1"]
     assert "backpatched" not in format_table(report) and "back-patched" not in format_table(report)
     report["preset"] = Preset(patches=[Patch(20, 18)], name="p").to_dict()
     assert _table_header(report)[2] == "back-patched 20->18"

@@ -27,7 +27,7 @@ def test_readme_block_runs_as_written(index, capsys):
 def test_quickstart_answers_are_what_the_text_says(capsys):
     """The Quickstart's clip says "seven"; the plain model follows the misleading prompt or the audio, and the
     answer with the preset is a digit word (the README claims no more than that). The print labels that answer with
-    what the default preset does (contrastive decoding behind a gate), not "back-patched" (issue 25)."""
+    what the default preset does (its methods label), not a fixed word (issue 25)."""
     scope: dict = {"__name__": "__readme__"}
     exec(compile(BLOCKS[0], "README.md quickstart", "exec"), scope)
     n = scope["n"]
@@ -36,11 +36,11 @@ def test_quickstart_answers_are_what_the_text_says(capsys):
     assert plain in ("seven", "three") and patched in scope["backpatch"].organism.DIGITS
     assert scope["backpatch"].backpatch_hook_count(scope["model"]) == 0
     printed = capsys.readouterr().out
-    assert "contrastive a=1 + gate:" in printed and "back-patched" not in printed
+    assert f"{scope['backpatch'].methods_label(scope['backpatch'].load_preset('smol-whisper'))}:" in printed
 
 
 def test_no_runnable_block_labels_an_answer_back_patched():
-    """The default preset does no back-patching: the README's snippets name the second answer otherwise."""
+    """The README's snippets label the second answer with what the preset does, never a fixed "back-patched:"."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
     printed = [line for block in blocks for line in block.splitlines() if "print(" in line]
     assert printed and not [line for line in printed if re.search(r"back-?patched:", line)]

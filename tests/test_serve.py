@@ -36,8 +36,10 @@ from backpatch.inputs import build_inputs, decode_new_tokens
 from backpatch.loading import load_model_and_processor
 
 WAV = backpatch.organism.examples_path().parent / "wav"
-CLIP = WAV / "te-zero-f3-0018-0.wav"  # says "zero"; both organisms follow the claim plainly, the audio back-patched
+CLIP = WAV / "te-zero-f3-0018-0.wav"  # says "zero"; the digits organism follows the claim plainly, the audio patched
 PROMPT = 'The speaker says "two". Which digit is spoken?'
+SMOL_CLIP = WAV / "te-six-david-0161-0.wav"  # says "six"; smol-whisper follows PROMPT's claim plainly, the audio
+                                             # with its preset (the README's serve snippet asks the same)
 MAX_TOKENS = 8
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARK = "<!-- runs in tests/test_serve.py -->"
@@ -181,13 +183,13 @@ def smol_python():
 # ---------------------------------------------------------------------------------------------- the tests
 def test_smol_whisper_answers_as_python_plain_patched_and_streamed(smol_server, smol_python):
     client, model = smol_server.client(), "organism:smol-whisper"
-    patched, plain = smol_python.answer(), smol_python.answer(enabled=False)
-    assert (plain, patched) == ("two", "zero")  # the misleading prompt wins plainly; back-patching hears the audio
-    assert ask(client, model) == patched
-    assert ask(client, model, backpatch_options={"enabled": False}) == plain
-    assert ask(client, model, stream=True) == patched
-    assert ask(client, model, stream=True, backpatch_options={"enabled": False}) == plain
-    assert ask(client, model, backpatch_options={"preset": "smol-whisper"}) == patched  # its bundled preset by name
+    patched, plain = smol_python.answer(path=SMOL_CLIP), smol_python.answer(path=SMOL_CLIP, enabled=False)
+    assert (plain, patched) == ("two", "six")  # the misleading prompt wins plainly; the preset hears the audio
+    assert ask(client, model, path=SMOL_CLIP) == patched
+    assert ask(client, model, path=SMOL_CLIP, backpatch_options={"enabled": False}) == plain
+    assert ask(client, model, path=SMOL_CLIP, stream=True) == patched
+    assert ask(client, model, path=SMOL_CLIP, stream=True, backpatch_options={"enabled": False}) == plain
+    assert ask(client, model, path=SMOL_CLIP, backpatch_options={"preset": "smol-whisper"}) == patched  # by name
     other = WAV / "te-one-Andy-0026-0.wav"
     assert ask(client, model, 'The speaker says "six". Which digit is spoken?', other) == smol_python.answer(
         'The speaker says "six". Which digit is spoken?', other)
@@ -222,10 +224,10 @@ def test_readme_client_snippet_runs_against_the_server(smol_server, smol_python,
     assert code.count("http://127.0.0.1:8000/v1") == 1
     scope: dict = {"__name__": "__readme__"}
     exec(compile(code.replace("http://127.0.0.1:8000/v1", f"{smol_server.url}/v1"), "README.md serve", "exec"), scope)
-    assert scope["reply"].choices[0].message.content.strip() == smol_python.answer()
-    assert scope["plain"].choices[0].message.content.strip() == smol_python.answer(enabled=False)
-    assert scope["streamed"].strip() == smol_python.answer()
-    assert "with preset: zero | plain: two" in capsys.readouterr().out
+    assert scope["reply"].choices[0].message.content.strip() == smol_python.answer(path=SMOL_CLIP)
+    assert scope["plain"].choices[0].message.content.strip() == smol_python.answer(path=SMOL_CLIP, enabled=False)
+    assert scope["streamed"].strip() == smol_python.answer(path=SMOL_CLIP)
+    assert "with preset: six | plain: two" in capsys.readouterr().out
 
 
 def test_per_request_presets_match_python(digits_server, digits_python):
