@@ -14,19 +14,21 @@ import backpatch
 from backpatch import Contrastive, Gate, Patch
 from backpatch.preset import Calibration
 
-COMMAND = ("python scripts/agreement_probe.py --data perturbed-families/validation/conflicts.jsonl --clean "
-           "conflicts/validation/conflicts.jsonl --out logits.pt && python scripts/agreement_frontier.py logits.pt "
-           "--out docs/stress/agreement-frontier.json && python scripts/agreement_preset.py "
-           "docs/stress/agreement-frontier.json presets/smol-whisper.yaml")
-#: the command when the frontier also scored back-patching (scripts/patch_probe.py, agreement_frontier.py --patched)
-PATCHED_COMMAND = (
-    "python scripts/agreement_probe.py --data perturbed-families/validation/conflicts.jsonl --clean "
-    "conflicts/validation/conflicts.jsonl --out logits.pt && python scripts/agreement_frontier.py logits.pt "
-    "--out docs/stress/agreement-frontier.json && python scripts/patch_probe.py logits.pt --data "
-    "perturbed-families/validation/conflicts.jsonl --clean conflicts/validation/conflicts.jsonl --out patched.pt "
-    "--scales 1.0 0.5 && python scripts/agreement_frontier.py logits.pt --patched patched.pt --with-rows "
-    "docs/stress/agreement-frontier.json --out docs/stress/patch-frontier.json && python scripts/agreement_preset.py "
-    "docs/stress/patch-frontier.json presets/smol-whisper.yaml")
+#: the contrastive-only frontier (scripts/agreement_probe.py, agreement_frontier.py)
+CONTRASTIVE_STEPS = ("python scripts/agreement_probe.py --data perturbed-families/validation/conflicts.jsonl --clean "
+                     "conflicts/validation/conflicts.jsonl --out logits.pt && python scripts/agreement_frontier.py "
+                     "logits.pt --out docs/stress/agreement-frontier.json")
+#: back-patching scored on top of it (scripts/patch_probe.py, agreement_frontier.py --patched)
+PATCHED_STEPS = ("python scripts/patch_probe.py logits.pt --data perturbed-families/validation/conflicts.jsonl "
+                 "--clean conflicts/validation/conflicts.jsonl --out patched.pt --scales 1.0 0.5 && python "
+                 "scripts/agreement_frontier.py logits.pt --patched patched.pt --with-rows "
+                 "docs/stress/agreement-frontier.json --out docs/stress/patch-frontier.json")
+
+
+def command(frontier: str, patched: bool) -> str:
+    """The commands that made the preset, ending with this script on ``frontier``."""
+    steps = [CONTRASTIVE_STEPS, *([PATCHED_STEPS] if patched else [])]
+    return " && ".join([*steps, f"python scripts/agreement_preset.py {frontier} presets/smol-whisper.yaml"])
 
 
 def main() -> None:
@@ -73,7 +75,7 @@ def main() -> None:
         contrastive=Contrastive(alpha=best["alpha"], null_audio="silence", plausibility=best["plausibility"],
                                 agreement=best["agreement"]) if best["alpha"] or gate else None,
         calibration=Calibration(
-            status="calibrated", metrics=metrics, command=PATCHED_COMMAND if patched else COMMAND,
+            status="calibrated", metrics=metrics, command=command(args.frontier, bool(patched)),
             data="conflicts/validation/conflicts.jsonl + perturbed-families/validation/conflicts.jsonl"))
     preset.to_yaml(args.out)
 

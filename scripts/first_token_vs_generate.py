@@ -37,6 +37,8 @@ def main() -> None:
     main_l, null_l, items = saved["main"].float(), saved["null"].float(), saved["items"]
     preset = backpatch.load_preset(args.preset)
     gate = preset.gate
+    if gate is not None and gate.signal != "audio_gap":
+        raise SystemExit(f"{args.preset}: gate signal {gate.signal!r}; the patch probe measured audio_gap gates only")
     bounds = (gate.low, gate.high) if gate is not None else None
     strength = gate_strength(gate, main_l, null_l) if gate is not None else None
     if preset.patches:
