@@ -48,8 +48,11 @@ MAX_SECONDS = 2.9  # the 3-s window of smol-audio
 FEMALE = frozenset({"f1", "f2", "f3", "f4", "f5", "Alicia", "Annie", "anika", "aunty", "linda", "belinda", "steph"})
 #: words per minute: a clip is ``slow`` or ``fast`` only well away from the boundary (``medium`` is not asked)
 SPEEDS = {"slow": (100, 130), "medium": (145, 195), "fast": (220, 270)}
-#: clips per split: (word clips per word, digit clips per digit, phrases, sounds)
-SIZES = {"train": (16, 40, 1200, 1200), "validation": (1, 10, 120, 200), "test": (1, 10, 120, 200)}
+#: clips per split: (word clips per word, digit clips per digit, phrases, sounds). Why 40 clips per training word
+#: and 2400 phrases (corpus v2; v1 had 16 and 1200): with 16 clips per word the word task fit the training voices
+#: (0.72) but not new ones (0.40), and counting words missed on the training voices too
+#: (``docs/smol-audio/fit-gap.json``)
+SIZES = {"train": (40, 40, 2400, 1200), "validation": (1, 10, 120, 200), "test": (1, 10, 120, 200)}
 #: held-out words get this many clips per word in validation and test (so they can be reported apart)
 HELD_OUT_CLIPS = 2
 SOUND_KINDS = ("beep", "tone", "sweep", "noise", "buzz")

@@ -265,8 +265,9 @@ def train(args: argparse.Namespace) -> dict:
     bar = tqdm(range(1, args.steps + 1), desc="train")
     for step in bar:
         picks = data.sample(rng, args.batch_size, args.hint_rate, args.task_weights)
-        batch = data.batch(model, picks)
-        out = model(**batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            batch = data.batch(model, picks)
+            out = model(**batch)
         optimizer_step(out.loss, opt, sched, projector.parameters())
         losses.append(out.loss.item())
         task_losses += zip((t for _, t, _ in picks), row_losses(out.logits, batch["labels"]).tolist(), strict=True)
@@ -318,6 +319,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--eval-clips", type=int, default=60, help="validation clips per task in the periodic check")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                   help="autocast of the training forward and backward (weights, checkpoints and evaluation stay "
+                        "fp32). bf16: 1.6x faster steps measured on this project's 2-core AVX512-BF16 CPU "
+                        "(4.5 s against 7.1 s at batch 16, 110 tokens); use fp32 on a CPU without bf16 support. "
+                        "Runs s0 and s1 were fp32")
     return p.parse_args(argv)
 
 
