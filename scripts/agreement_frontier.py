@@ -17,6 +17,16 @@ over both (about 15 min for two scales):
 
     python scripts/agreement_frontier.py /work/probe/logits.pt --patched /work/probe/patched.pt \
         --with-rows docs/stress/agreement-frontier.json --out docs/stress/patch-frontier.json
+
+``--patch-agreement`` adds the patch's agreement guard (``Patch.agreement``: a row whose plain answer the audio
+raised by at least the threshold over the null-audio stream is not patched, a 0/1 factor on top of the gate, so it
+needs no forward of its own); ``none`` among the thresholds keeps the unguarded rows. ``--patched`` may name several
+probes (their scales are pooled), and settings already in ``--with-rows`` are not scored again:
+
+    python scripts/agreement_frontier.py /work/probe/logits.pt \
+        --patched /work/probe/patched.pt /work/probe/patched-075.pt /work/probe/patched-15.pt \
+        --patch-agreement none 0.5 1 2 --with-rows docs/stress/patch-frontier-075.json \
+        --out docs/stress/guarded-patch-frontier.json
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from backpatch.evaluate import metrics
 from backpatch.items import judge
 from backpatch.loading import resolve_model_id
 from backpatch.methods import Gate
-from backpatch.methods.contrastive import agreement_signal, contrastive_logits
+from backpatch.methods.contrastive import agreement_signal
 from backpatch.methods.gate import gate_strength
 from backpatch.paired import harm_bound, tdr_reduction_bound
 
@@ -84,32 +94,77 @@ def patched_main(probe: dict, scale: float, gate, main_l: torch.Tensor, strength
     return patched
 
 
+def setting_key(setting: dict) -> str:
+    """A setting's identity across frontier files (a patch without ``agreement`` is an unguarded one)."""
+    patch = setting.get("patch")
+    patch = {"agreement": None, **patch} if patch else None
+    return json.dumps([patch, setting["alpha"], setting["gate"], setting["plausibility"], setting["agreement"]],
+                      sort_keys=True)
+
+
 def patched_rows(probe: dict, items: list[dict], main_l: torch.Tensor, null_l: torch.Tensor, strengths: dict,
-                 row) -> list[dict]:
-    """Back-patching alone (alpha 0) and with guarded contrastive decoding, each under no gate or an audio_gap gate;
-    the contrastive gate re-measured on the patched distribution, as ``generate()`` does."""
+                 row, guards=(None,), done: frozenset[str] = frozenset()) -> list[dict]:
+    """Back-patching alone (alpha 0) and with guarded contrastive decoding, each under no gate or an audio_gap gate
+    and each patch agreement guard in ``guards`` (None: unguarded); the contrastive gate re-measured on the patched
+    distribution, as ``generate()`` does. Settings whose key is in ``done`` are skipped."""
     if [it["id"] for it in probe["items"]] != [it["id"] for it in items]:
         raise ValueError("the patch probe's items differ from the logits' items")
+    agreement = agreement_signal(main_l, null_l)
     rows = []
-    for scale, gate in tqdm(list(itertools.product(probe["scales"], (None, (0.1, 0.3), (0.2, 0.4)))),
-                            desc="patch settings"):
+    for scale, gate, guard in tqdm(list(itertools.product(probe["scales"], (None, (0.1, 0.3), (0.2, 0.4)), guards)),
+                                   desc="patch settings"):
+        patch = {**probe["patch"], "scale": scale, **({"agreement": guard} if guard is not None else {})}
+        todo = [(alpha, plausibility, threshold) for alpha, plausibility, threshold in PATCHED_GRID
+                if setting_key({"patch": patch, "alpha": alpha, "gate": list(gate) if gate else None,
+                                "plausibility": plausibility, "agreement": threshold}) not in done]
+        if not todo:
+            continue
         main = patched_main(probe, scale, gate, main_l, strengths[gate])
+        if guard is not None:  # the patch's agreement guard: rows the audio already agrees on stay plain
+            main = torch.where((agreement >= guard).unsqueeze(-1), main_l, main)
         strength = gate_strength(Gate("audio_gap", *gate), main, null_l) if gate else None
-        for alpha, plausibility, threshold in PATCHED_GRID:
-            combined = main if not alpha else contrastive_logits(main, null_l, alpha, strength, plausibility,
-                                                                 threshold)
-            setting = {"patch": {**probe["patch"], "scale": scale}, "alpha": alpha,
-                       "gate": list(gate) if gate else None, "plausibility": plausibility, "agreement": threshold}
+        # contrastive_logits' math with its per-setting parts computed once per patched distribution
+        gap = main - null_l
+        probs = main.softmax(-1)
+        relative = probs / probs.amax(-1, keepdim=True)
+        del probs
+        kept = agreement_signal(main, null_l)
+        for alpha, plausibility, threshold in todo:
+            combined = main
+            if alpha:
+                scaled = alpha if strength is None else (alpha * strength).unsqueeze(-1)
+                combined = main + scaled * gap
+                if plausibility is not None:
+                    combined = combined.masked_fill(relative < plausibility, torch.finfo(combined.dtype).min)
+                if threshold is not None:
+                    combined = torch.where((kept >= threshold).unsqueeze(-1), main, combined)
+            setting = {"patch": patch, "alpha": alpha, "gate": list(gate) if gate else None,
+                       "plausibility": plausibility, "agreement": threshold}
             rows.append(row(setting, combined))
+        del gap, relative
     return rows
+
+
+def pooled_probe(paths: list[str]) -> dict:
+    """Several patch probes of the same patch and items as one, their scales pooled."""
+    probes = [torch.load(path) for path in paths]
+    first = probes[0]
+    for path, probe in zip(paths[1:], probes[1:], strict=True):
+        if probe["patch"] != first["patch"] or [it["id"] for it in probe["items"]] != [it["id"] for it in
+                                                                                      first["items"]]:
+            raise ValueError(f"{path}: another patch or other items than {paths[0]}")
+    return {**first, "scales": {scale: m for probe in probes for scale, m in probe["scales"].items()}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("logits")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--patched", help="scripts/patch_probe.py's output: score back-patching with contrastive decoding")
-    ap.add_argument("--with-rows", help="with --patched: the contrastive-only frontier's JSON, pooled in")
+    ap.add_argument("--patched", nargs="+",
+                    help="scripts/patch_probe.py's outputs: score back-patching with contrastive decoding")
+    ap.add_argument("--with-rows", help="with --patched: an earlier frontier's JSON, pooled in (not scored again)")
+    ap.add_argument("--patch-agreement", nargs="+", default=["none"],
+                    help="with --patched: the patch's agreement guards (nats; none: unguarded)")
     args = ap.parse_args()
     saved = torch.load(args.logits)
     main_l, null_l, items = saved["main"].float(), saved["null"].float(), saved["items"]
@@ -177,10 +232,13 @@ def main() -> None:
                              "agreement": threshold}, combined))
     else:
         del gap, relative
-        rows = patched_rows(torch.load(args.patched), items, main_l, null_l, strengths, row)
-        if args.with_rows:  # the contrastive-only frontier on the same items: one choice and one LOFO over both
+        earlier = []
+        if args.with_rows:  # an earlier frontier on the same items: one choice and one LOFO over both
             with open(args.with_rows) as f:
-                rows += json.load(f)["settings"]
+                earlier = json.load(f)["settings"]
+        guards = [None if g.lower() == "none" else float(g) for g in args.patch_agreement]
+        rows = patched_rows(pooled_probe(args.patched), items, main_l, null_l, strengths, row, guards,
+                            frozenset(setting_key(r) for r in earlier)) + earlier
     passing = sorted((r for r in rows if r["passes"]), key=lambda r: -r["clean_tdr_cut"])
     report = {"max_harm": MAX_HARM, "n_items": len(items), "best_passing": passing[:1],
               "plain": {split: {k: m[k] for k in METRICS} for split, m in plain_metrics.items()},

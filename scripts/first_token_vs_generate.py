@@ -3,8 +3,11 @@ holds (back-patch from scripts/patch_probe.py's file, contrastive with its guard
 that scripts/agreement_frontier.py computes from stored logits against the verdicts of a `backpatch eval --out`
 report on the same items (matched by id): how many agree, and the items that do not.
 
-    python scripts/first_token_vs_generate.py /work/probe/logits.pt /work/probe/patched.pt presets/smol-whisper.yaml \
-        docs/stress/patch-agreement/every-family-controls.json
+    python scripts/first_token_vs_generate.py /work/probe/logits.pt /work/probe/patched.pt \
+        --preset presets/smol-whisper.yaml --report docs/stress/patch-agreement/every-family-controls.json
+
+A preset whose patch has an agreement guard is scored as the frontier scores it (rows the audio already agrees on
+keep the plain logits). The probe arguments may be several files (their scales are pooled).
 """
 
 from __future__ import annotations
@@ -16,24 +19,24 @@ from collections import Counter
 from types import SimpleNamespace
 
 import torch
-from agreement_frontier import patched_main
+from agreement_frontier import patched_main, pooled_probe
 from transformers import AutoProcessor
 
 import backpatch
 from backpatch.items import judge
 from backpatch.loading import resolve_model_id
-from backpatch.methods.contrastive import contrastive_logits
+from backpatch.methods.contrastive import agreement_signal, contrastive_logits
 from backpatch.methods.gate import gate_strength
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("logits")
-    ap.add_argument("patched")
-    ap.add_argument("preset")
-    ap.add_argument("report")
+    ap.add_argument("patched", nargs="+", help="patch_probe.py outputs (their scales pooled)")
+    ap.add_argument("--preset", required=True)
+    ap.add_argument("--report", required=True)
     args = ap.parse_args()
-    saved, probe = torch.load(args.logits), torch.load(args.patched)
+    saved, probe = torch.load(args.logits), pooled_probe(args.patched)
     main_l, null_l, items = saved["main"].float(), saved["null"].float(), saved["items"]
     preset = backpatch.load_preset(args.preset)
     gate = preset.gate
@@ -44,6 +47,8 @@ def main() -> None:
     if preset.patches:
         (patch,) = preset.patches
         main = patched_main(probe, patch.scale, bounds, main_l, strength)
+        if patch.agreement is not None:  # the patch's agreement guard, as the frontier scores it
+            main = torch.where((agreement_signal(main_l, null_l) >= patch.agreement).unsqueeze(-1), main_l, main)
     else:
         main = main_l
     c = preset.contrastive

@@ -263,6 +263,63 @@ def test_gated_and_contrastive_scoring_equals_generate(setup, gate, alpha, plaus
     assert len(metrics["verdicts"]) == len(items)
 
 
+@pytest.mark.parametrize("gate", [None, "median"])
+@pytest.mark.parametrize("alpha", [0.0, 1.5])
+@pytest.mark.parametrize("short_path", [True, False])
+def test_a_patch_agreement_guard_scores_as_generate_runs_it(setup, gate, alpha, short_path):
+    """The patch's agreement guard (issue 28) folded into the row strength from the stored logits is what generate()
+    with the guarded patch gives, alone, under a gate step and with contrastive decoding."""
+    from backpatch.calibrate import Candidate, Scorer
+    from backpatch.calibrate.writing import candidate_preset
+    from backpatch.methods.contrastive import agreement_signal
+
+    _, data, model, processor = setup
+    setting = Setting(5, 1, 1.5, "add", "audio")
+    base = backpatch.wrap(model, backpatch.Preset(patches=[setting.patch()]), processor=processor)
+    batches, _ = prepare_batches(base, processor, load_conflict_set(data), {"sources": [5], "positions": ["audio"]},
+                                 batch_size=4, progress=False, layer_states=short_path, null=("zeros", None))
+    scorer = Scorer(model, processor, base.preset, "zeros", None, candidate_preset)
+    signal = torch.cat([agreement_signal(b.main_logits, b.null_logits) for b in batches])
+    threshold = float(signal.median())  # some rows guarded, some patched
+    assert 0 < int((signal < threshold).sum()) < len(signal)
+    if gate == "median":
+        gaps = torch.cat([0.5 * (b.main_logits.softmax(-1) - b.null_logits.softmax(-1)).abs().sum(-1)
+                          for b in batches])
+        gate = backpatch.Gate("audio_gap", float(gaps.median()), float(gaps.median()))
+    candidate = Candidate(setting, alpha, gate, patch_agreement=threshold)
+    preset = candidate_preset(base.preset, candidate, "zeros")
+    assert preset.patches[0].agreement == threshold and preset.contrastive.alpha == alpha
+    wrapped = backpatch.wrap(model, preset, processor=processor)
+    unguarded = Candidate(setting, alpha, gate)
+    differs = False
+    for index, batch in enumerate(batches):
+        with torch.no_grad():
+            want = wrapped.generate(**batch.inputs, max_new_tokens=1, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True).logits[0].float()
+            got = scorer.first_token_logits(candidate, batches, index)
+            differs |= not torch.allclose(got, scorer.first_token_logits(unguarded, batches, index), atol=1e-3)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert differs, "the guard must change some row"
+
+
+def test_a_patch_guard_candidate_reads_back_from_its_sweep_row_and_writes_its_guard():
+    from backpatch.calibrate import Candidate
+    from backpatch.calibrate.report import _row
+    from backpatch.calibrate.resume import candidate_of_row
+    from backpatch.calibrate.writing import candidate_preset
+
+    candidate = Candidate(Setting(5, 1, 1.0, "add", "audio"), patch_agreement=1.0)
+    assert candidate.null_rows
+    m = {"tdr": 0.1, "afr": 0.0, "other_rate": 0.0, "audio_only_acc": 1.0, "consistent_acc": 1.0}
+    row = _row(candidate, m, m, 0.02, bounded=False)
+    assert row["patch_agreement"] == 1.0 and row["setting"] == "5->1 add x1 @audio unless audio agrees by 1 nats"
+    assert candidate_of_row(json.loads(json.dumps(row))) == candidate
+    preset = candidate_preset(backpatch.Preset(patches=[backpatch.Patch(5, 1)]), candidate, "silence")
+    assert preset.patches == [backpatch.Patch(5, 1, 1.0, "add", "audio", agreement=1.0)]
+    assert preset.contrastive == backpatch.Contrastive(alpha=0.0, null_audio="silence")  # rows for the guard only
+    assert "unless audio agrees by 1 nats" in backpatch.preset.methods_details(preset)
+
+
 def test_staged_search_with_stress_data_and_gates(setup, tmp_path):
     """Perturbed items join the search as their own split of the no-harm rule; the refine stage tries gates on the
     strongest settings; every sweep row records its paired harm bound and TDR reduction bound."""
@@ -278,6 +335,7 @@ def test_staged_search_with_stress_data_and_gates(setup, tmp_path):
     assert summary["n_items"] == 2 * len(rows) and summary["stress_data"] == str(stress)
     refine = [row for row in summary["sweep"] if row["stage"] == "refine"]
     assert {row["gate"]["signal"] for row in refine if row["gate"]} == {"audio_gap", "certainty"}
+    assert {row.get("patch_agreement") for row in refine} >= {None, 0.5, 1.0, 2.0}
     assert {s["harm_rule"] for s in summary["search"]["stages"]} == {"point loss", "upper bound"}
     for row in summary["sweep"]:
         assert set(row["harm"]) == {"clean", "perturbed"}
@@ -290,6 +348,7 @@ def test_staged_search_with_stress_data_and_gates(setup, tmp_path):
     assert preset.calibration.metrics["harm_upper_bound"] == summary["chosen_paired"]["harm_upper"]
     assert "perturbed_consistent_acc_before" in preset.calibration.metrics  # (TDR is None on a random model)
     assert "audio-confidence gates" in summary["searched"] and summary["searched"] in preset.description
+    assert "patch agreement guards" in summary["searched"]
 
 
 def test_calibration_can_skip_the_full_stage_and_reuses_plain_answers_in_verification(setup, tmp_path, monkeypatch):

@@ -132,6 +132,15 @@ def test_controls_start_from_the_preset_and_change_what_runs(demo):
     assert r.preset.contrastive.agreement is None
     with pytest.raises(gr.Error, match="Agreement guard 'lots' is not one of: off, 0, 0.1"):
         demo.compare(str(clip.path), prompt, alpha=1.0, agreement="lots")
+    # the patch's agreement guard: its own control; at alpha 0 the null-audio rows stay for the guard alone
+    guard = first.agreement if first is not None else None
+    assert controls["patch_agreement"] == ("off" if guard is None else f"{guard:g}")
+    r = demo.compare(str(clip.path), prompt, source=20, target=18, scale=1.0, mode="add", positions="audio", alpha=0,
+                     patch_on=True, patch_agreement="1", gate_on=False)
+    assert r.preset.patches[0].agreement == 1.0 and r.preset.contrastive.alpha == 0.0
+    assert "unless audio agrees by 1 nats" in r.verdict_html
+    r = demo.compare(str(clip.path), prompt, alpha=0, patch_on=True, patch_agreement="off", gate_on=False)
+    assert r.preset.patches[0].agreement is None and r.preset.contrastive is None
 
 
 def test_compare_shows_what_the_audio_confidence_gate_did(demo):
@@ -542,8 +551,8 @@ def test_api_endpoint_with_gradio_client(server, showcase_item, tmp_path):
     names = [p["parameter_name"] for p in client.view_api(print_info=False, return_format="dict")[
         "named_endpoints"]["/compare"]["parameters"]]
     # (the controls added since, such as the plausibility guard, follow the released ones)
-    assert names[:2] == ["audio", "prompt"] and names[-6:] == ["gate_on", "gate_signal", "gate_low", "gate_high",
-                                                               "plausibility", "agreement"]
+    assert names[:2] == ["audio", "prompt"] and names[-7:] == ["gate_on", "gate_signal", "gate_low", "gate_high",
+                                                               "plausibility", "agreement", "patch_agreement"]
     out = client.predict(handle_file(str(showcase_item.audio)), showcase_item.prompt, gate_signal="certainty",
                          gate_low=1.0, gate_high=1.0, api_name="/compare")
     assert out[0] == out[1] == plain

@@ -73,6 +73,9 @@ def test_a_bundled_preset_vllm_cannot_run_makes_plain_the_default_and_says_why()
      "uses attention to audio, which backpatch cannot run inside vLLM: it biases raw attention scores", "backpatch"),
     ({"patches": [{"source": 20, "target": 18}], "gate": {"signal": "certainty"}},
      "uses audio-confidence gate, which backpatch cannot run inside vLLM", "backpatch"),
+    ({"patches": [{"source": 20, "target": 18, "agreement": 1.0}], "contrastive": {"alpha": 0.0}},
+     "sets patches\\[0\\].agreement, the patch's agreement guard, which backpatch cannot run inside vLLM",
+     "backpatch"),
 ])
 def test_a_bad_value_is_refused_with_one_sentence_naming_the_key(value, message, parameter):
     with pytest.raises(SettingError, match=message) as info:

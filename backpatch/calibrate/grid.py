@@ -29,8 +29,9 @@ class Setting:
     mode: str
     positions: str
 
-    def patch(self) -> Patch:
-        return Patch(self.source, self.target, self.scale, self.mode, self.positions)
+    def patch(self, agreement: float | None = None) -> Patch:
+        """This setting as a preset's patch, with the agreement guard ``agreement`` (None: none)."""
+        return Patch(self.source, self.target, self.scale, self.mode, self.positions, agreement=agreement)
 
     def label(self) -> str:
         return patch_label(self)
@@ -50,17 +51,21 @@ class Candidate:
     plausibility: float | None = None
     #: contrastive decoding's agreement guard: an answer the audio raised by >= this (nats) over null audio is kept
     agreement: float | None = None
+    #: the patch's agreement guard (``Patch.agreement``): rows whose unpatched answer the audio raised by >= this
+    #: (nats) over null audio are not patched
+    patch_agreement: float | None = None
 
     @classmethod
     def of(cls, setting: Setting | None = None, alpha: float = 0.0, gate: Gate | None = None,
-           plausibility: float | None = None, agreement: float | None = None, **blocks: Any) -> Candidate:
+           plausibility: float | None = None, agreement: float | None = None, patch_agreement: float | None = None,
+           **blocks: Any) -> Candidate:
         """A candidate with blocks given by method key (``Candidate.of(attention=Attention(...))``); None leaves a
         block out."""
         order = {m.key: i for i, m in enumerate(registered_methods())}
         for key in blocks:
             get_method(key)  # a PresetError naming the registered keys
         pairs = sorted(((k, v) for k, v in blocks.items() if v is not None), key=lambda kv: order[kv[0]])
-        return cls(setting, alpha, gate, tuple(pairs), plausibility, agreement)
+        return cls(setting, alpha, gate, tuple(pairs), plausibility, agreement, patch_agreement)
 
     def block(self, key: str) -> Any:
         """This candidate's setting of block method ``key`` (None when it has none)."""
@@ -68,17 +73,17 @@ class Candidate:
 
     def with_blocks(self, **blocks: Any) -> Candidate:
         return Candidate.of(self.setting, self.alpha, self.gate, self.plausibility, self.agreement,
-                            **{**dict(self.blocks), **blocks})
+                            self.patch_agreement, **{**dict(self.blocks), **blocks})
 
     def __hash__(self) -> int:  # a plugin's config need not be hashable: hash what its method writes
-        return hash((self.setting, self.alpha, self.gate, self.plausibility, self.agreement,
+        return hash((self.setting, self.alpha, self.gate, self.plausibility, self.agreement, self.patch_agreement,
                      tuple((k, _frozen(get_method(k).dump(c))) for k, c in self.blocks)))
 
     def sections(self, null_audio: str) -> dict[str, Any]:
         """The preset sections this candidate sets, by method key (contrastive at alpha 0 where a setting reads its
         null-audio rows; None where it sets nothing)."""
         rows = self.null_rows
-        return {"patches": [self.setting.patch()] if self.setting else [],
+        return {"patches": [self.setting.patch(self.patch_agreement)] if self.setting else [],
                 "contrastive": Contrastive(alpha=self.alpha, null_audio=null_audio,
                                            plausibility=self.plausibility if self.alpha else None,
                                            agreement=self.agreement if self.alpha else None) if rows else None,
@@ -87,8 +92,8 @@ class Candidate:
     def label(self) -> str:
         guard = f" plausibility {self.plausibility:g}" if self.plausibility is not None else ""
         guard += f" agreement {self.agreement:g}" if self.agreement is not None else ""
-        parts = ([self.setting.label()] if self.setting else []) + ([f"contrastive a={self.alpha:g}{guard}"]
-                                                                     if self.alpha else [])
+        parts = ([patch_label(self.setting.patch(self.patch_agreement))] if self.setting else []) + (
+            [f"contrastive a={self.alpha:g}{guard}"] if self.alpha else [])
         parts += [line for key, config in self.blocks for line in get_method(key).details(config)]
         text = " + ".join(parts) or "plain"
         return f"{text} | {gate_label(self.gate)}" if self.gate is not None else text
@@ -101,7 +106,8 @@ class Candidate:
     def null_rows(self) -> bool:
         """Whether its preset rides null-audio rows (each method's own rule: contrastive decoding, an audio_gap gate
         and steering read them)."""
-        sections = {"contrastive": Contrastive(alpha=self.alpha) if self.alpha else None, "gate": self.gate,
+        sections = {"patches": [self.setting.patch(self.patch_agreement)] if self.setting else None,
+                    "contrastive": Contrastive(alpha=self.alpha) if self.alpha else None, "gate": self.gate,
                     **dict(self.blocks)}
         return any(get_method(key).needs_null_rows(config) for key, config in sections.items() if config is not None)
 
@@ -128,6 +134,12 @@ PLAUSIBILITY_GRID = (0.1, 0.3, 0.5)
 #: agreement guards (nats) it tries on every contrastive candidate: 0 keeps every answer the audio raised at all;
 #: on smol-whisper's every-family validation only these made the per-family rule satisfiable (issue 28)
 AGREEMENT_GRID = (0.0, 0.1, 0.2, 0.3)
+
+
+#: the patch's agreement guards (nats) the refine stage tries on the strongest and the best patches: on
+#: smol-whisper's every-family validation a 1-nat guard kept the scale-1 patch's whole TDR cut and removed its harm
+#: on noisy audio-only items (issue 28); a guard is a 0/1 step per row, so it reuses the patch's logits
+PATCH_AGREEMENT_GRID = (0.5, 1.0, 2.0)
 
 
 #: the gate stage's steps per signal: audio_gap is a total variation distance, certainty exp(-entropy)

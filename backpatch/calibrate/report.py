@@ -25,6 +25,7 @@ def _row(candidate: Candidate, m: dict[str, Any], plain: dict[str, Any], max_har
             "alpha": candidate.alpha, "gate": asdict(candidate.gate) if candidate.gate else None,
             **({"plausibility": candidate.plausibility} if candidate.plausibility is not None else {}),
             **({"agreement": candidate.agreement} if candidate.agreement is not None else {}),
+            **({"patch_agreement": candidate.patch_agreement} if candidate.patch_agreement is not None else {}),
             **({"blocks": {key: get_method(key).dump(config) for key, config in candidate.blocks}}
                if candidate.blocks else {}),
             "no_harm": passes_no_harm(m, plain, max_harm, bounded), **extra,
@@ -56,6 +57,8 @@ def _kinds(candidates: Sequence[Candidate]) -> list[str]:
         kinds.append("plausibility guards")
     if any(c.agreement is not None for c in candidates):
         kinds.append("agreement guards")
+    if any(c.patch_agreement is not None for c in candidates):
+        kinds.append("patch agreement guards")
     if any(c.gate is not None for c in candidates):
         kinds.append("audio-confidence gates")
     block_keys = dict.fromkeys(key for c in candidates for key, _ in c.blocks)

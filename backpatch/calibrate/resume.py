@@ -26,6 +26,7 @@ def candidate_of_row(row: dict[str, Any]) -> Candidate:
     blocks = row.get("blocks") or {key: row[key] for key in ("attention", "steering") if row.get(key)}
     return Candidate.of(Setting(**row["patch"]) if row.get("patch") else None, float(row.get("alpha") or 0.0),
                         Gate(**row["gate"]) if row.get("gate") else None, row.get("plausibility"), row.get("agreement"),
+                        row.get("patch_agreement"),
                         **{key: get_method(key).parse(data, key, None) for key, data in blocks.items()})
 
 

@@ -246,7 +246,7 @@ def _calibrate(model, processor, data, out, base_preset, grid, batch_size, verif
     scored_candidates = [c for r in (records if staged else [record]) for c, _ in r.results]
     planned = ["back-patching"] + (["contrastive decoding", "both"] if any(grid["alphas"]) else []) + (
         ["plausibility guards", "agreement guards"] if any(grid["alphas"]) and staged else []) + (
-        ["audio-confidence gates"] if gates else []) + (
+        ["audio-confidence gates", "patch agreement guards"] if gates else []) + (
         [m.title for m in registered_methods() if m.calibration_grid(num_layers)] if blocks and staged else [])
     skipped = budget.skipped + [f"{kind} (the budget ran out before it)" for kind in planned
                                 if kind not in _kinds(scored_candidates) and cut]

@@ -9,7 +9,8 @@ successive halving: most settings are discarded on little data, the few that mat
 Stage 2 also tries the audio-confidence gate (:func:`.grid.gate_grid`) on the strongest settings of stage 1
 (by TDR reduction, whether or not they passed the no-harm rule: a gate is how a strong but harmful setting can
 become harmless) and on the best ones; a step gate reuses its setting's patched logits, so it costs no forward.
-Stage 3 re-scores the finalists, gated ones included, on every item; it can be skipped (``full=False``) where a
+The patch's agreement guard (:data:`.grid.PATCH_AGREEMENT_GRID`) is tried on the same patches, also from stored
+logits. Stage 3 re-scores the finalists, gated ones included, on every item; it can be skipped (``full=False``) where a
 forward over every item is expensive, since the ``generate()`` verification checks the finalists on every item.
 
 No-harm rule (:mod:`backpatch.paired`): every scored setting gets a paired report against the plain answers of the
@@ -47,7 +48,17 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..paired import paired_report
-from .grid import AGREEMENT_GRID, PLAUSIBILITY_GRID, Candidate, Setting, band_grid, block_grid, gate_grid, refinements
+from .grid import (
+    AGREEMENT_GRID,
+    PATCH_AGREEMENT_GRID,
+    PLAUSIBILITY_GRID,
+    Candidate,
+    Setting,
+    band_grid,
+    block_grid,
+    gate_grid,
+    refinements,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +280,9 @@ def staged_search(
     if gates:
         gated = [c for c in refine if c.setting in (*top_patches[:1], *strongest) or (c.setting is None)]
         refine += [replace(c, gate=g) for c in gated for g in gate_grid()]
+        # the patch's agreement guard on the same patches: a 0/1 step per row, so no forward of its own
+        refine += [Candidate(s, patch_agreement=g) for s in dict.fromkeys((*top_patches, *strongest))
+                   if s is not None for g in PATCH_AGREEMENT_GRID]
     if blocks:  # the peer methods' small grids (a full forward each: no stored states serve them)
         refine += block_grid(num_layers)
     refine = by_priority(refine)

@@ -36,7 +36,7 @@ from ..engine import (
 )
 from ..evaluate import encode_items, judge, metrics
 from ..methods.backpatching import ResolvedPatch, combine, gated
-from ..methods.contrastive import contrastive_logits, null_features
+from ..methods.contrastive import agreement_signal, contrastive_logits, null_features
 from ..methods.gate import gate_strength
 from ..wrapper import BackpatchedModel
 from .grid import Candidate
@@ -281,10 +281,15 @@ class Scorer:
         main, null, gate = batch.main_logits, batch.null_logits, candidate.gate
         if (candidate.alpha or (gate is not None and gate.signal == "audio_gap")) and null is None:
             raise ValueError("scoring contrastive or audio_gap-gated candidates needs the null-audio logits")
+        if candidate.patch_agreement is not None and null is None:
+            raise ValueError("scoring a patch's agreement guard needs the null-audio logits")
         if candidate.setting is None:
             patched = main
         else:
             strength = gate_strength(gate, main, null) if gate is not None else None
+            if candidate.patch_agreement is not None:  # the guard: a 0/1 factor per row, from the same stored logits
+                keep = (agreement_signal(main, null) < candidate.patch_agreement).float()
+                strength = keep if strength is None else strength * keep
             patched = self._patched_logits(candidate, batches, index, strength)
         if not candidate.alpha:
             return patched

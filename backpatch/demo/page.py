@@ -27,7 +27,8 @@ def _view(demo: Demo, preset: Preset) -> tuple[Any, ...]:
 #: alpha, the back-patching switch); every other control follows the preset and uploads arguments
 _API_HEAD = ("source", "target", "scale", "mode", "positions", "alpha", "patch_on")
 #: the controls that followed preset and uploads when they were added, in that order; newer ones come after them
-_API_TAIL = ("attention_alpha", "steering_beta", "gate_on", "gate_signal", "gate_low", "gate_high")
+_API_TAIL = ("attention_alpha", "steering_beta", "gate_on", "gate_signal", "gate_low", "gate_high", "plausibility",
+             "agreement")
 
 
 def _signature(*names: str) -> inspect.Signature:

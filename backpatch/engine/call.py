@@ -24,7 +24,8 @@ class Call:
     """What one call's methods share. Built by :func:`generation_session`; methods read it in ``Method.open``."""
 
     def __init__(self, resolved: Resolved, settings: Mapping[str, Any], hooks: CallHooks, *, null_rows: bool,
-                 resources: Mapping[str, Any], precaptured: Any = None, gate_values: Any = None) -> None:
+                 resources: Mapping[str, Any], precaptured: Any = None, gate_values: Any = None,
+                 agreement_values: Any = None) -> None:
         #: the model's modules and facts (layers, generator, audio token)
         self.resolved = resolved
         #: preset key -> resolved setting of every method the preset sets (acting or not)
@@ -40,6 +41,9 @@ class Call:
         self.precaptured = precaptured
         #: gate strength per main row measured by the caller (goes with ``precaptured``)
         self.gate_values = gate_values
+        #: the agreement signal per main row measured by the caller (goes with ``precaptured`` when a patch has an
+        #: agreement guard)
+        self.agreement_values = agreement_values
         #: True while a capture pass runs: its states are not the answer's, and steering-like methods skip it
         self.capturing = False
         #: preset key -> the session its method opened in this call
@@ -71,7 +75,7 @@ def running_methods(settings: Mapping[str, Any]) -> tuple[list[tuple[Method, Any
 @contextmanager
 def generation_session(resolved: Resolved, settings: Mapping[str, Any] | None = None, *,
                        resources: Mapping[str, Any] | None = None, precaptured: Any = None,
-                       gate_values: Any = None) -> Iterator[Call]:
+                       gate_values: Any = None, agreement_values: Any = None) -> Iterator[Call]:
     """Open every method of ``settings`` (default: the preset's, ``resolved.methods``) for one call on the model,
     under the model's lock; yield the :class:`Call`. Everything is removed on exit, whatever happens, each
     session even if an earlier one fails to close."""
@@ -81,7 +85,7 @@ def generation_session(resolved: Resolved, settings: Mapping[str, Any] | None = 
         hooks = CallHooks()
         stack.callback(hooks.close)  # last: whatever a session may have missed
         call = Call(resolved, settings, hooks, null_rows=null_rows, resources=resources or {},
-                    precaptured=precaptured, gate_values=gate_values)
+                    precaptured=precaptured, gate_values=gate_values, agreement_values=agreement_values)
         stack.enter_context(current_call(hooks))
         for method, config in running:
             session = method.open(call, config)

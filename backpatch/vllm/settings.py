@@ -139,6 +139,12 @@ class EngineSettings:
 
     def setting_of(self, preset: Preset, where: str) -> RequestSetting:
         """``preset`` as a request setting: patches only (each other method refused with why), resolved here."""
+        guarded = [i for i, p in enumerate(preset.patches) if p.agreement is not None]
+        if guarded:
+            raise SettingError(f"{where} sets patches[{guarded[0]}].agreement, the patch's agreement guard, which "
+                               "backpatch cannot run inside vLLM: it reads the unpatched answer with and without the "
+                               "audio, which the in-layer short path does not compute; drop the key, or run it "
+                               "around transformers' generate()")
         for method, _ in preset.methods():
             if method.key != "patches":
                 why = _CANNOT_RUN.get(method.key, "backpatch's vLLM engine runs patches only")

@@ -19,7 +19,9 @@ def patch_label(patch: Any) -> str:
     Takes anything with the five patch fields (a :class:`Patch`, a resolved patch, a calibration setting).
     """
     norm = " norm-matched" if getattr(patch, "match_norm", False) else ""
-    return f"{patch.source}->{patch.target} {patch.mode} x{patch.scale:g} @{patch.positions}{norm}"
+    agreement = getattr(patch, "agreement", None)
+    guard = f" unless audio agrees by {agreement:g} nats" if agreement is not None else ""
+    return f"{patch.source}->{patch.target} {patch.mode} x{patch.scale:g} @{patch.positions}{norm}{guard}"
 
 
 @dataclass
@@ -39,6 +41,13 @@ class Patch:
     #: Late-layer states are much larger than early ones; on smol-whisper norm matching made 14 more of 104
     #: settings harmless (README, "Norm-matched combine"). Default off, and then bit-identical to no key at all.
     match_norm: bool = False
+    #: the agreement guard (nats): a row whose unpatched answer the audio raised by at least this much over the
+    #: null-audio stream (``log p(m | audio) - log p(m | null audio)`` of its top token ``m``, the signal of
+    #: contrastive decoding's guard) is not patched: the audio already carries that answer, so the patch can only
+    #: overturn it. Needs the null-audio rows of a ``contrastive`` block (its ``alpha`` may be 0). On smol-whisper's
+    #: every-family validation a guard of 1 nat kept the full TDR cut of the scale-1 patch and removed its harm on
+    #: noisy audio-only items (issue 28). None (default): every row patched, bit-identical to no key at all.
+    agreement: float | None = None
 
     def __post_init__(self) -> None:
         self._validate("Patch", None)
@@ -52,6 +61,8 @@ class Patch:
         if not isinstance(self.match_norm, bool):
             raise fail(join(where, "match_norm"), f"expected true or false, got {self.match_norm!r} "
                         f"({type_name(self.match_norm)})", origin)
+        if self.agreement is not None:
+            self.agreement = check_float(self.agreement, join(where, "agreement"), origin)
         # With both indices on the same side of zero the order is known without the model.
         if (self.source >= 0) == (self.target >= 0) and self.source <= self.target:
             raise fail(

@@ -24,6 +24,7 @@ class ResolvedPatch:
     mode: str
     positions: str
     match_norm: bool = False
+    agreement: float | None = None
 
 
 def combine(current: torch.Tensor, captured: torch.Tensor, patch: ResolvedPatch) -> torch.Tensor:

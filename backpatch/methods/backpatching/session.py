@@ -54,6 +54,7 @@ from ...engine import (
     select,
     with_hidden,
 )
+from ..contrastive.math import agreement_signal
 from ..gate.math import gate_strength
 from .math import ResolvedPatch, combine, gated
 
@@ -102,6 +103,12 @@ class PatchSession:
         #: the gate's strength per main row in this prefill ([B] floats in [0, 1]); given by the caller with
         #: ``precaptured`` states (calibration), else measured by the capture pass
         self.gate_values: torch.Tensor | None = call.gate_values
+        #: patches with an agreement guard need the unpatched answer of every row (main and null-audio stream)
+        self._guarded = any(p.agreement is not None for p in patches)
+        #: the agreement signal per main row in this prefill ([B] nats: how far the audio raised the unpatched
+        #: answer over the null-audio stream); given by the caller with ``precaptured`` states, else measured by
+        #: the capture pass. A patch skips the rows where it reaches the patch's ``agreement``.
+        self.agreement_values: torch.Tensor | None = call.agreement_values
 
     # ------------------------------------------------------------------------------------------ install
     def install(self) -> None:
@@ -193,6 +200,9 @@ class PatchSession:
         if self._precaptured is not None:
             if self._gate is not None and self.gate_values is None:
                 raise BackpatchRuntimeError("a gated preset with precaptured states needs the gate values too")
+            if self._guarded and self.agreement_values is None:
+                raise BackpatchRuntimeError("patches with an agreement guard and precaptured states need the "
+                                            "agreement values too")
             patches = self.patches
             self._captured = {i: self._precaptured[(p.source, p.positions)] for i, p in enumerate(patches)}
             self.path = "precaptured"
@@ -220,7 +230,7 @@ class PatchSession:
     def _short_path_fits(self, module: nn.Module, kwargs: dict) -> bool:
         """Whether this prefill can share layers 0..t_min between capture and patched pass (module docstring)."""
         resolved = self.resolved
-        if self._gate is not None:  # the gate needs the unpatched answer distribution: the capture runs every layer
+        if self._measures_answer:  # gate and guard need the unpatched answer: the capture runs every layer
             return False
         if not resolved.short_path or any(kwargs.get(key) is not None for key in resolved.per_layer_inputs):
             return False
@@ -296,7 +306,7 @@ class PatchSession:
         captured: dict[int, torch.Tensor] = {}
         handles = []
         capture_kwargs = dict(kwargs)
-        gated = self._gate is not None
+        gated = self._measures_answer
         rows = next(iter(masks.values())).shape[0] // 2 if self._doubled else None
         if self._doubled and not gated:
             # The null-audio rows of contrastive decoding are never patched: capture the main rows only.
@@ -327,7 +337,7 @@ class PatchSession:
         try:
             output = module(*args, **capture_kwargs)
             if gated:
-                self.gate_values = self._measure_gate(output, rows)
+                self._measure_answer(output, rows)
         except _StopCapture as stop:
             if stop.session is not self:  # pragma: no cover - hooks act for their own call only
                 raise
@@ -342,16 +352,33 @@ class PatchSession:
                 f"{type(module).__name__}.forward run every layer in that ModuleList?"
             )
 
-    def _measure_gate(self, text_output: Any, rows: int | None) -> torch.Tensor:
-        """The gate per main row from the unpatched text model's output at the last prompt position (read out as
-        the model's own head does; with contrastive rows in the batch, rows ``rows:`` are the null-audio ones)."""
+    @property
+    def _measures_answer(self) -> bool:
+        """Whether the capture pass must run to the answer: the gate and the agreement guard read it."""
+        return self._gate is not None or self._guarded
+
+    def _measure_answer(self, text_output: Any, rows: int | None) -> None:
+        """The gate and the agreement signal per main row from the unpatched text model's output at the last prompt
+        position (read out as the model's own head does; with contrastive rows in the batch, rows ``rows:`` are the
+        null-audio ones)."""
         last = getattr(text_output, "last_hidden_state", None)
         if last is None:
             last = text_output[0]
         logits = readout(self.resolved.generator, last[:, -1:])[:, -1]
-        if rows is None:
-            return gate_strength(self._gate, logits, None).detach()
-        return gate_strength(self._gate, logits[:rows], logits[rows:]).detach()
+        main, null = (logits, None) if rows is None else (logits[:rows], logits[rows:])
+        if self._gate is not None:
+            self.gate_values = gate_strength(self._gate, main, null).detach()
+        if self._guarded:  # the preset check guarantees the null-audio rows (a contrastive block)
+            self.agreement_values = agreement_signal(main, null).detach()
+
+    def _strength(self, patch: ResolvedPatch) -> torch.Tensor | None:
+        """Per main row, how strongly ``patch`` acts: the gate's strength, zeroed where its agreement guard holds
+        (None: full strength on every row)."""
+        strength = self.gate_values
+        if patch.agreement is not None:
+            keep = (self.agreement_values < patch.agreement).to(torch.float32)
+            strength = keep if strength is None else strength.float() * keep.to(strength.device)
+        return strength
 
     def _make_patch_hook(self, target: int):
         def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
@@ -373,9 +400,10 @@ class PatchSession:
             where = at(patched, mask)
             current = patched[where]
             combined = combine(current, states, patch)
-            if self.gate_values is not None:  # per row: h + g (patched - h); g = 0 leaves h exactly as it was
+            strength = self._strength(patch)
+            if strength is not None:  # per row: h + g (patched - h); g = 0 leaves h exactly as it was
                 rows = mask.nonzero(as_tuple=True)[0]
-                strength = self.gate_values.to(device=hidden.device, dtype=hidden.dtype)[rows].unsqueeze(-1)
+                strength = strength.to(device=hidden.device, dtype=hidden.dtype)[rows].unsqueeze(-1)
                 combined = gated(current, combined, strength)
             patched[where] = combined
         return with_hidden(output, patched)
