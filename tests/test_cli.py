@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny import tiny_checkpoint, write_tone
@@ -49,7 +51,10 @@ def test_methods_label_names_what_a_preset_does():
     label = backpatch.methods_label
     contrastive = backpatch.Contrastive(alpha=2.0)
     gate = backpatch.Gate("audio_gap", 0.1, 0.3)
-    assert label(backpatch.load_preset("smol-whisper")) == "back-patched 20->18 + contrastive a=3 + gate"
+    # (its contrastive block is at alpha 0: rows for the patch's agreement guard, which the patch's details name)
+    assert label(backpatch.load_preset("smol-whisper")) == "back-patched 20->18"
+    previous = Path(__file__).parents[1] / "docs" / "stress" / "smol-whisper-patch-agreement.yaml"
+    assert label(backpatch.load_preset(previous)) == "back-patched 20->18 + contrastive a=3 + gate"
     assert label(Preset(name="c", contrastive=contrastive)) == "contrastive a=2"
     assert label(Preset(name="c0", contrastive=backpatch.Contrastive(alpha=0.0))) == "contrastive a=0"
     assert label(Preset(name="p", patches=[Patch(20, 18)])) == "back-patched 20->18"

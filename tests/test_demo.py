@@ -36,6 +36,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run"]
 PRESET = "smol-whisper"  # the default model's preset: the demo a new user starts
+#: the previous default (patch + contrastive decoding behind an audio_gap gate), for the gate's controls
+GATED = Path(__file__).parents[1] / "docs" / "stress" / "smol-whisper-patch-agreement.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +110,12 @@ def test_controls_start_from_the_preset_and_change_what_runs(demo):
     clip, prompt = _clip(demo)
     r = demo.compare(str(clip.path), prompt, source=-1, target=0, scale=0.0, mode="add", positions="audio+last",
                      alpha=0, patch_on=True)
-    assert r.preset.patches[0] == backpatch.Patch(source=-1, target=0, scale=0.0, mode="add", positions="audio+last")
-    # (an audio_gap gate keeps the null-audio rows at alpha 0: they only feed the gate)
-    assert r.preset.contrastive is None or (r.preset.contrastive.alpha == 0 and r.preset.gate is not None)
+    # (the preset's patch agreement guard stays with the edited patch: a control left alone keeps its value)
+    assert r.preset.patches[0] == backpatch.Patch(source=-1, target=0, scale=0.0, mode="add", positions="audio+last",
+                                                  agreement=first.agreement if first else None)
+    # (an audio_gap gate or a patch agreement guard keeps the null-audio rows at alpha 0: they only feed it)
+    assert r.preset.contrastive is None or (r.preset.contrastive.alpha == 0 and (
+        r.preset.gate is not None or r.preset.patches[0].agreement is not None))
     assert r.preset.calibration.status == "uncalibrated"
     assert r.plain == r.patched and r.plain_top == r.patched_top
     assert "Same answer" in r.verdict_html
@@ -199,13 +204,15 @@ def test_gate_controls_start_from_the_preset_and_change_what_runs(demo):
     in compare() (and left at None, the preset's gate is kept)."""
     import dataclasses
 
-    preset = backpatch.load_preset(PRESET)
+    preset = dataclasses.replace(backpatch.load_preset(GATED), name="gated")
+    assert demo.controls(backpatch.load_preset(PRESET))["gate_on"] is False  # the default has no gate
+    gated = {"gated": preset}
     controls = demo.controls(preset)
-    assert preset.gate is not None  # smol-whisper's preset: contrastive decoding behind an audio_gap gate
+    assert preset.gate is not None  # the previous default: contrastive decoding behind an audio_gap gate
     assert (controls["gate_on"], controls["gate_signal"], controls["gate_low"], controls["gate_high"]) == \
         (True, preset.gate.signal, preset.gate.low, preset.gate.high)
     clip, prompt = _clip(demo)
-    off = demo.compare(str(clip.path), prompt, gate_on=False)
+    off = demo.compare(str(clip.path), prompt, gate_on=False, preset_name="gated", uploaded=gated)
     assert off.preset.gate is None and off.preset.contrastive == preset.contrastive
     assert off.preset.patches == preset.patches
     ungated = dataclasses.replace(preset, gate=None)
@@ -213,7 +220,8 @@ def test_gate_controls_start_from_the_preset_and_change_what_runs(demo):
     plain, patched, _, _ = _library_answers(demo.model, demo.processor, clip.wave, prompt, preset=ungated)
     assert (off.plain, off.patched) == (plain, patched)
     # thresholds no signal reaches: the gate closes, and the answer is the plain model's
-    closed = demo.compare(str(clip.path), prompt, gate_signal="certainty", gate_low=1.0, gate_high=1.0)
+    closed = demo.compare(str(clip.path), prompt, gate_signal="certainty", gate_low=1.0, gate_high=1.0,
+                          preset_name="gated", uploaded=gated)
     assert closed.preset.gate == backpatch.Gate("certainty", 1.0, 1.0) and closed.plain == closed.patched
     assert "gate closed" in closed.extra["gate"] and closed.plain_top == closed.patched_top
     # a preset without a gate gets the schema's default gate when the switch is turned on
@@ -227,9 +235,13 @@ def test_gate_controls_start_from_the_preset_and_change_what_runs(demo):
 def test_methods_line_names_what_is_on_and_off(demo):
     from backpatch.demo import methods_status
 
-    line = methods_status(backpatch.load_preset(PRESET))
+    line = methods_status(backpatch.load_preset(GATED))
     assert line == ("**On:** back-patching (1 patch), contrastive decoding α 3 (agreement guard 0), audio-confidence "
                     "gate audio_gap 0.2..0.4. **Off:** attention to audio, audio-silence steering.")
+    # the default's contrastive block is at alpha 0 (rows for the patch's guard): the term itself is off
+    assert methods_status(backpatch.load_preset(PRESET)) == (
+        "**On:** back-patching (1 patch) under an agreement guard. **Off:** contrastive decoding, attention to audio, "
+        "audio-silence steering, audio-confidence gate.")
     patched = backpatch.Preset(name="p", patches=[backpatch.Patch(20, 18)])
     assert methods_status(patched).startswith("**On:** back-patching (1 patch). **Off:** contrastive decoding")
 
@@ -265,7 +277,9 @@ def test_save_preset_writes_the_controls_as_yaml(demo, tmp_path):
     assert path.name == "my-organism.yaml"
     loaded = backpatch.Preset.from_yaml(path)
     assert loaded.name == "my-organism"
-    assert loaded.patches[0] == backpatch.Patch(source=10, target=2, scale=0.5, mode="add", positions="audio")
+    guard = backpatch.load_preset(PRESET).patches[0].agreement  # the guard control was left at the preset's value
+    assert loaded.patches[0] == backpatch.Patch(source=10, target=2, scale=0.5, mode="add", positions="audio",
+                                                agreement=guard)
     assert loaded.contrastive.alpha == 2.0 and loaded.calibration.status == "uncalibrated"
     assert loaded.match == backpatch.load_preset(PRESET).match
     # unchanged controls save the preset as it is (its calibration block included)
@@ -486,7 +500,7 @@ def test_app_queues_compare_one_at_a_time_and_names_the_endpoint(server):
     assert [c.label for c in compare[0].inputs[:2]] == ["Audio clip", "Prompt"]
     # the right answer is labelled with what the preset does
     assert [c.label for c in compare[0].outputs[:2]] == [
-        "Plain model", "With the preset: back-patched 20->18 + contrastive a=3 + gate"]
+        "Plain model", "With the preset: back-patched 20->18"]
     # every event that runs the model shares one concurrency slot
     model_fns = [fn for fn in app.fns.values() if fn.fn is not None and fn.fn.__name__ == "on_compare"]
     assert len(model_fns) == 2 and {fn.concurrency_id for fn in model_fns} == {"model"}
@@ -510,17 +524,20 @@ def test_controls_follow_the_preset_and_grey_out_the_patch_for_a_patchless_one(s
     for key in ("source", "target", "scale", "mode", "positions"):
         component = _component(app, f"bp-{key}")
         assert component.interactive is not False and component.value == getattr(patch, key), key
-    assert _component(app, "bp-gate-on").value is True
+    # the default has no gate: its switch is off and the thresholds show the schema's defaults
+    assert _component(app, "bp-gate-on").value is (preset.gate is not None)
     gate = [_component(app, f"bp-gate-{key}") for key in ("signal", "low", "high")]
-    assert [c.value for c in gate] == [preset.gate.signal, preset.gate.low, preset.gate.high]
-    assert all(c.interactive is not False for c in gate)
+    shown = preset.gate or backpatch.Gate()
+    assert [c.value for c in gate] == [shown.signal, shown.low, shown.high]
+    assert _component(app, "bp-patch-agreement").value == f"{patch.agreement:g}"
     assert _component(app, "bp-intro").value.startswith(
         f"# backpatch: plain vs {backpatch.methods_label(preset)}, side by side")
     assert _component(app, "bp-methods").value.startswith("**On:** back-patching (1 patch)")
 
-    patchless = build_app(*organism_model, dataclasses.replace(preset, name="patchless", patches=[]))
+    patchless = build_app(*organism_model, dataclasses.replace(backpatch.load_preset(GATED), name="patchless",
+                                                               patches=[]))
     assert _component(patchless, "bp-patch-on").value is False
-    for elem_id in ("bp-source", "bp-target", "bp-scale", "bp-mode", "bp-positions"):
+    for elem_id in ("bp-source", "bp-target", "bp-scale", "bp-mode", "bp-positions", "bp-patch-agreement"):
         assert _component(patchless, elem_id).interactive is False, elem_id
     intro = _component(patchless, "bp-intro").value
     assert intro.startswith("# backpatch: plain vs contrastive a=3 + gate, side by side")
@@ -553,14 +570,15 @@ def test_api_endpoint_with_gradio_client(server, showcase_item, tmp_path):
     # (the controls added since, such as the plausibility guard, follow the released ones)
     assert names[:2] == ["audio", "prompt"] and names[-7:] == ["gate_on", "gate_signal", "gate_low", "gate_high",
                                                                "plausibility", "agreement", "patch_agreement"]
-    out = client.predict(handle_file(str(showcase_item.audio)), showcase_item.prompt, gate_signal="certainty",
-                         gate_low=1.0, gate_high=1.0, api_name="/compare")
+    out = client.predict(handle_file(str(showcase_item.audio)), showcase_item.prompt, gate_on=True,
+                         gate_signal="certainty", gate_low=1.0, gate_high=1.0, api_name="/compare")
     assert out[0] == out[1] == plain
     # the save button's endpoint returns the controls as a preset YAML file
     saved = client.predict(10, 2, 0.5, "add", "audio", 0, True, PRESET, "from-api", api_name="/save_preset")
     loaded = backpatch.Preset.from_yaml(saved)
     assert Path(saved).name == "from-api.yaml" and loaded.name == "from-api"
-    assert loaded.patches[0] == backpatch.Patch(source=10, target=2, scale=0.5, mode="add", positions="audio")
+    assert loaded.patches[0] == backpatch.Patch(source=10, target=2, scale=0.5, mode="add", positions="audio",
+                                                agreement=backpatch.load_preset(PRESET).patches[0].agreement)
 
 
 def test_browser_compare_shows_plain_following_text_and_backpatched_following_audio(server, showcase_item, tmp_path):
@@ -588,12 +606,12 @@ def test_browser_compare_shows_plain_following_text_and_backpatched_following_au
             page.route("**/*", only_local)
             page.goto(url, wait_until="domcontentloaded")
             expect(page.locator("#bp-compare")).to_be_visible(timeout=30_000)
-            # the page names what the preset does; its patch controls are live, its gate is on
+            # the page names what the preset does; its patch controls are live, the gate (it has none) is off
             preset = backpatch.load_preset(PRESET)
             expect(page.locator("#bp-intro")).to_contain_text(f"plain vs {backpatch.methods_label(preset)}")
             expect(page.locator("#bp-source input").first).to_be_enabled()
-            expect(page.locator("#bp-gate-on input[type=checkbox]")).to_be_checked()
-            expect(page.locator("#bp-gate-low input")).to_be_enabled()
+            expect(page.locator("#bp-gate-on input[type=checkbox]")).not_to_be_checked()
+            expect(page.locator("#bp-gate-low input")).to_be_disabled()
 
             def pick(elem_id, text):
                 box = page.locator(f"#{elem_id} input")
@@ -637,10 +655,13 @@ def test_browser_compare_shows_plain_following_text_and_backpatched_following_au
             expect(page.locator("#bp-intro")).to_contain_text("plain vs back-patched", timeout=10_000)
             expect(page.locator("#bp-methods")).to_contain_text("back-patching (1 patch)")
             expect(page.locator("#bp-patched-answer")).to_contain_text("With the preset: back-patched")
+            page.locator("#bp-gate-on input[type=checkbox]").check()
+            expect(page.locator("#bp-gate-low input")).to_be_enabled(timeout=10_000)
+            expect(page.locator("#bp-methods")).to_contain_text("audio-confidence gate audio_gap 0.1..0.3")
             page.locator("#bp-gate-on input[type=checkbox]").uncheck()
             expect(page.locator("#bp-gate-low input")).to_be_disabled(timeout=10_000)
-            expect(page.locator("#bp-methods")).to_contain_text("Off: attention to audio, audio-silence steering, "
-                                                                "audio-confidence gate")
+            expect(page.locator("#bp-methods")).to_contain_text("Off: contrastive decoding, attention to audio, "
+                                                                "audio-silence steering, audio-confidence gate")
         finally:
             browser.close()
     assert judge(plain, showcase_item) == "text", (showcase_item.id, plain)

@@ -171,7 +171,7 @@ def test_table_names_the_second_column_by_the_presets_methods():
     m = metrics([item("conflict"), item("audio_only")], ["text", "audio"])
     report = {"plain": m, "backpatched": m, "preset": backpatch.load_preset("smol-whisper").to_dict(),
               "settings": {"mitigation": "preset", "instruction": None}}
-    assert _table_header(report) == ["metric", "plain", "back-patched 20->18 + contrastive a=3 + gate"]
+    assert _table_header(report) == ["metric", "plain", "back-patched 20->18"]
     report["preset"] = Preset(contrastive=backpatch.Contrastive(alpha=1.0), name="c").to_dict()
     assert _table_header(report) == ["metric", "plain", "contrastive a=1"]
     assert "backpatched" not in format_table(report) and "back-patched" not in format_table(report)

@@ -48,14 +48,15 @@ def test_the_default_is_the_engines_and_enabled_false_is_plain(monkeypatch, tmp_
 
 
 def test_a_bundled_preset_vllm_cannot_run_makes_plain_the_default_and_says_why():
-    """smol-whisper's bundled preset decodes contrastively behind a gate: vLLM cannot run it, so requests without a
-    key run plain and the engine says so (logged once by the plugin); naming it per request is refused."""
+    """smol-whisper's bundled preset guards its patch by the agreement of the answers with and without the audio:
+    vLLM cannot run it, so requests without a key run plain and the engine says so (logged once by the plugin);
+    naming it per request is refused."""
     found = settings()
     assert found.default == RequestSetting("plain")
-    assert "smol-whisper" in found.default_note and "contrastive decoding" in found.default_note
+    assert "smol-whisper" in found.default_note and "agreement guard" in found.default_note
     assert "requests without a backpatch key run plain" in found.default_note
-    with pytest.raises(SettingError, match="BACKPATCH_PRESET='smol-whisper': .*contrastive decoding, which backpatch "
-                                           "cannot run inside vLLM: it needs a null-audio copy"):
+    with pytest.raises(SettingError, match="BACKPATCH_PRESET='smol-whisper': .*patches\\[0\\].agreement, the "
+                                           "patch's agreement guard, which backpatch cannot run inside vLLM"):
         settings("smol-whisper")
 
 

@@ -108,7 +108,8 @@ class BackPatching(Method):
         return [patch_label(p) for p in config]
 
     def summary(self, config: Any) -> str:
-        return f"back-patching ({len(config)} patch{'es' if len(config) > 1 else ''})"
+        guarded = " under an agreement guard" if any(p.agreement is not None for p in config) else ""
+        return f"back-patching ({len(config)} patch{'es' if len(config) > 1 else ''}){guarded}"
 
 
 METHOD = register_method(BackPatching())
