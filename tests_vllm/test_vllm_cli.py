@@ -46,4 +46,6 @@ def test_run_prints_both_answers_and_a_preset_vllm_cannot_run_is_refused_before_
     refused = subprocess.run([sys.executable, "-m", "backpatch", "run", "--audio", str(clip), "--prompt", "Which?",
                               "--engine", "vllm"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2
-    assert "preset 'smol-whisper' uses contrastive decoding, which backpatch cannot run inside vLLM" in refused.stderr
+    # (the bundled default guards its patch by the answers with and without the audio, which vLLM does not compute)
+    assert ("preset 'smol-whisper' sets patches[0].agreement, the patch's agreement guard, which backpatch cannot run "
+            "inside vLLM") in refused.stderr

@@ -138,7 +138,8 @@ def test_bad_values_are_refused_naming_the_key_and_the_engine_keeps_serving(hf, 
     with pytest.raises(VLLMValidationError, match="backpatch: no bundled preset is named 'nonesuch'") as info:
         llm.generate(*vllm_request(processor, *items[0], "nonesuch"), use_tqdm=False)
     assert info.value.parameter == "backpatch"
-    with pytest.raises(VLLMValidationError, match="uses contrastive decoding, which backpatch cannot run inside vLLM"):
+    with pytest.raises(VLLMValidationError, match="the patch's agreement guard, which backpatch cannot run inside "
+                                                  "vLLM"):
         llm.generate(*vllm_request(processor, *items[0], "smol-whisper"), use_tqdm=False)
     out = llm.generate(*vllm_request(processor, *items[0], {"enabled": False}), use_tqdm=False)
     assert out[0].outputs[0].token_ids
