@@ -58,6 +58,21 @@ GRID = list(itertools.product((1.0, 2.0, 3.0, 4.0, 6.0), (None, (0.1, 0.3), (0.2
 PATCHED_GRID = [(0.0, None, None)] + list(itertools.product((1.0, 2.0, 3.0), (None, 0.1), (None, 0.0, 0.1, 0.2, 0.3)))
 
 
+def combined_logits(main: torch.Tensor, gap: torch.Tensor, relative: torch.Tensor, agreement: torch.Tensor,
+                    alpha: float, strength, plausibility, threshold) -> torch.Tensor:
+    """``contrastive_logits``' math from its parts computed once per distribution (``gap = main - null``,
+    ``relative = p / max p``, ``agreement = agreement_signal(main, null)``), so a grid pays for them once."""
+    if not alpha:
+        return main
+    scale = alpha if strength is None else (alpha * strength).unsqueeze(-1)
+    combined = main + scale * gap
+    if plausibility is not None:
+        combined = combined.masked_fill(relative < plausibility, torch.finfo(combined.dtype).min)
+    if threshold is not None:
+        combined = torch.where((agreement >= threshold).unsqueeze(-1), main, combined)
+    return combined
+
+
 def leave_one_family_out(rows: list[dict], families: list[str]) -> dict[str, dict]:
     """For each family F: the setting the rule chooses without F (highest clean TDR cut among those within the bound
     on clean data and every other family), its bound on F, and how many settings that passed without F harm F."""
@@ -130,14 +145,7 @@ def patched_rows(probe: dict, items: list[dict], main_l: torch.Tensor, null_l: t
         del probs
         kept = agreement_signal(main, null_l)
         for alpha, plausibility, threshold in todo:
-            combined = main
-            if alpha:
-                scaled = alpha if strength is None else (alpha * strength).unsqueeze(-1)
-                combined = main + scaled * gap
-                if plausibility is not None:
-                    combined = combined.masked_fill(relative < plausibility, torch.finfo(combined.dtype).min)
-                if threshold is not None:
-                    combined = torch.where((kept >= threshold).unsqueeze(-1), main, combined)
+            combined = combined_logits(main, gap, relative, kept, alpha, strength, plausibility, threshold)
             setting = {"patch": patch, "alpha": alpha, "gate": list(gate) if gate else None,
                        "plausibility": plausibility, "agreement": threshold}
             rows.append(row(setting, combined))
@@ -221,13 +229,8 @@ def main() -> None:
     rows = []
     if args.patched is None:
         for alpha, gate, plausibility, threshold in tqdm(GRID, desc="settings", mininterval=30):
-            strength = strengths[gate]
-            scale = alpha if strength is None else (alpha * strength).unsqueeze(-1)
-            combined = main_l + scale * gap
-            if plausibility is not None:
-                combined = combined.masked_fill(relative < plausibility, torch.finfo(combined.dtype).min)
-            if threshold is not None:
-                combined = torch.where((agreement >= threshold).unsqueeze(-1), main_l, combined)
+            combined = combined_logits(main_l, gap, relative, agreement, alpha, strengths[gate], plausibility,
+                                       threshold)
             rows.append(row({"alpha": alpha, "gate": list(gate) if gate else None, "plausibility": plausibility,
                              "agreement": threshold}, combined))
     else:

@@ -25,6 +25,13 @@ def _tv(a, b):
     return 0.5 * (a.float().softmax(-1) - b.float().softmax(-1)).abs().sum(-1)
 
 
+def _assert_same_generation(got, want):
+    """Same tokens, and each step's logits equal to float tolerance."""
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def _certainty(logits):
     log_p = logits.float().log_softmax(-1)
     return torch.exp((log_p.exp() * log_p).sum(-1))
@@ -136,9 +143,7 @@ def test_an_open_gate_equals_the_ungated_preset(model, batch):
     with torch.no_grad():
         a = gated.generate(**batch, max_new_tokens=4, **GEN)
         b = ungated.generate(**batch, max_new_tokens=4, **GEN)
-    assert torch.equal(a.sequences, b.sequences)
-    for x, y in zip(a.logits, b.logits, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    _assert_same_generation(a, b)
     assert all(v == 1.0 for row in gated.last_gate()["contrastive"] for v in row)
 
 
@@ -150,9 +155,7 @@ def test_gate_only_null_rows_leave_the_answer_alone_where_the_gate_is_closed(mod
     with torch.no_grad():
         got = wrapped.generate(**batch, max_new_tokens=3, **GEN)
         plain = model.generate(**batch, max_new_tokens=3, **GEN)
-    assert torch.equal(got.sequences, plain.sequences)
-    for a, b in zip(got.logits, plain.logits, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same_generation(got, plain)
     assert wrapped.last_contrastive is not None  # the null rows did ride along
     assert wrapped.last_gate()["contrastive"] is None  # alpha 0: nothing for the gate to scale per step
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 from reference import reference_logits
-from test_gate import GEN, PATCH, _null, _tv
+from test_gate import GEN, PATCH, _assert_same_generation, _null, _tv
 from tiny import AUDIO_TOKEN
 
 import backpatch
@@ -94,6 +94,4 @@ def test_a_guard_that_holds_everywhere_is_plain_and_one_that_never_holds_is_the_
     with torch.no_grad():
         got = guarded.generate(**batch, max_new_tokens=3, **GEN)
         want = reference.generate(**batch, max_new_tokens=3, **GEN)
-    assert torch.equal(got.sequences, want.sequences)
-    for a, b in zip(got.logits, want.logits, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _assert_same_generation(got, want)
